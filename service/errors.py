@@ -1,0 +1,35 @@
+"""Domain errors carry their HTTP meaning; app.py turns them into Litestar-shaped JSON in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    status_code = 400
+    code = "bad_request"
+
+    def __init__(self, detail: str, *, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra or {}
+
+
+class InvalidInput(ServiceError):
+    status_code = 400
+    code = "invalid_input"
+
+
+class NotFound(ServiceError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(ServiceError):
+    status_code = 409
+    code = "conflict"
+
+
+class UpstreamUnavailable(ServiceError):
+    status_code = 502
+    code = "upstream_unavailable"

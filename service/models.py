@@ -1,0 +1,187 @@
+"""Every table of the service (one metadata for Alembic). Models carry no behaviour."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    LargeBinary,
+    SmallInteger,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.types import TIMESTAMP
+
+from service.db import Base
+
+STATUSES = ("submitted", "queued", "in_progress", "complete", "failed", "timed_out", "cancelled")
+TERMINAL = ("complete", "failed", "timed_out", "cancelled")
+KINDS = ("music", "lyrics", "stems")
+SOURCES = ("register", "poll", "callback", "api", "deadline")
+EVENT_TYPES = ("transition", "anomaly")
+DELIVERY_STATUSES = ("pending", "delivered", "failed", "dead")
+NOTIFY_FORMATS = ("sunotrack", "relay")
+
+
+def _one_of(column: str, values: tuple[str, ...], *, nullable: bool = False) -> str:
+    allowed = ", ".join(f"'{value}'" for value in values)
+    check = f"{column} IN ({allowed})"
+    return f"{column} IS NULL OR {check}" if nullable else check
+
+
+Timestamp = TIMESTAMP(timezone=True)
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    task_id: Mapped[str] = mapped_column(Text, unique=True)
+    kind: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    upstream_status: Mapped[str | None] = mapped_column(Text)
+    progress: Mapped[int | None] = mapped_column(SmallInteger)
+    fail_reason: Mapped[str | None] = mapped_column(Text)
+    notify_hook: Mapped[str | None] = mapped_column(Text)
+    notify_format: Mapped[str] = mapped_column(Text, server_default="sunotrack")
+    client_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB)
+    last_payload: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # Highest event seq handed out for this task; bumping it in the same UPDATE allocates seqs without max().
+    last_seq: Mapped[int] = mapped_column(Integer, server_default="0")
+
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+    # Poll bookkeeping. next_poll_at is NULL once the task is terminal; while a process polls the task it
+    # holds the row by pushing next_poll_at one lease ahead, so a crashed poller's work comes back by itself.
+    next_poll_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    poll_interval_s: Mapped[float | None] = mapped_column(Float)
+    last_polled_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    poll_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    consecutive_errors: Mapped[int] = mapped_column(Integer, server_default="0")
+    missing_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        CheckConstraint(_one_of("kind", KINDS), name="kind"),
+        CheckConstraint(_one_of("status", STATUSES), name="status"),
+        CheckConstraint(_one_of("notify_format", NOTIFY_FORMATS), name="notify_format"),
+        # The poller's claim: due, not terminal. Partial so claimed and finished rows never bloat the scan.
+        Index("ix_tasks_due", "next_poll_at", postgresql_where=text("next_poll_at IS NOT NULL")),
+        # The API's newest-first keyset listing, optionally filtered by status or kind.
+        Index("ix_tasks_created_at_id", "created_at", "id"),
+        Index("ix_tasks_status_created_at_id", "status", "created_at", "id"),
+        Index("ix_tasks_kind_created_at_id", "kind", "created_at", "id"),
+    )
+
+
+class Clip(Base):
+    __tablename__ = "clips"
+
+    task_pk: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True)
+    clip_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    position: Mapped[int] = mapped_column(SmallInteger)
+    status: Mapped[str | None] = mapped_column(Text)
+    upstream_status: Mapped[str | None] = mapped_column(Text)
+    title: Mapped[str | None] = mapped_column(Text)
+    audio_url: Mapped[str | None] = mapped_column(Text)
+    image_url: Mapped[str | None] = mapped_column(Text)
+    video_url: Mapped[str | None] = mapped_column(Text)
+    duration: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+    __table_args__ = (CheckConstraint(_one_of("status", STATUSES, nullable=True), name="status"),)
+
+
+class TaskEvent(Base):
+    """Append-only history: every transition and anomaly of a task and its clips, numbered per task."""
+
+    __tablename__ = "task_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    task_pk: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    type: Mapped[str] = mapped_column(Text, server_default="transition")
+    from_status: Mapped[str | None] = mapped_column(Text)
+    to_status: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(Text)
+    clip_id: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+
+    __table_args__ = (
+        UniqueConstraint("task_pk", "seq"),
+        CheckConstraint(_one_of("type", EVENT_TYPES), name="type"),
+        CheckConstraint(_one_of("source", SOURCES), name="source"),
+    )
+
+
+class Delivery(Base):
+    """Outbox row: one webhook announcing one task-level transition, written in the event's transaction."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    task_pk: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    event_seq: Mapped[int] = mapped_column(Integer)
+    webhook_id: Mapped[str] = mapped_column(Text, unique=True)
+    url: Mapped[str] = mapped_column(Text)
+    # The exact bytes signed and sent, frozen at transition time so every retry carries the same body.
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    status: Mapped[str] = mapped_column(Text, server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    # Like tasks.next_poll_at: NULL once settled, pushed one lease ahead while a dispatcher holds it.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(Timestamp, server_default=func.now())
+    last_status_code: Mapped[int | None] = mapped_column(SmallInteger)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    delivered_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+    __table_args__ = (
+        UniqueConstraint("task_pk", "event_seq"),
+        CheckConstraint(_one_of("status", DELIVERY_STATUSES), name="status"),
+        Index("ix_deliveries_due", "next_attempt_at", postgresql_where=text("next_attempt_at IS NOT NULL")),
+        Index("ix_deliveries_status_id", "status", "id"),
+        Index("ix_deliveries_task_pk", "task_pk"),
+    )
+
+
+class DeliveryAttempt(Base):
+    __tablename__ = "delivery_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    duration_ms: Mapped[float | None] = mapped_column(Float)
+    status_code: Mapped[int | None] = mapped_column(SmallInteger)
+    error_class: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    response_body: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class HookHost(Base):
+    """Circuit breaker state per webhook host, shared by every process through the database."""
+
+    __tablename__ = "hook_hosts"
+
+    host: Mapped[str] = mapped_column(Text, primary_key=True)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, server_default="0")
+    paused_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
