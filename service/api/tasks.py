@@ -1,0 +1,120 @@
+"""Task endpoints: register, read, list, history."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import UTC, datetime
+from typing import Annotated
+
+import msgspec
+from litestar import Response, get, post
+from litestar.params import Parameter
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.api.schemas import (
+    METADATA_MAX_BYTES,
+    EventList,
+    KindStr,
+    RegisterTask,
+    StatusStr,
+    TaskOut,
+    TaskPage,
+    event_out,
+    task_out,
+)
+from service.errors import InvalidInput, NotFound
+from service.models import Task
+from service.runtime import Runtime
+from service.tracking import repository
+from service.tracking.service import register_task
+from service.webhooks.service import check_hook_url
+
+TaskIdPath = Annotated[str, Parameter(description="The relay's task id", max_length=128)]
+
+
+async def load_task_out(session: AsyncSession, task: Task) -> TaskOut:
+    clips = await repository.clips_by_task(session, [task.id])
+    return task_out(task, clips[task.id])
+
+
+async def require_task(session: AsyncSession, task_id: str) -> Task:
+    task = await repository.get_task(session, task_id)
+    if task is None:
+        raise NotFound(f"task {task_id!r} is not tracked", extra={"task_id": task_id})
+    return task
+
+
+@post("/api/v1/tasks", status_code=201, summary="Start tracking a relay task")
+async def create_task(data: RegisterTask, session: AsyncSession, runtime: Runtime) -> Response[TaskOut]:
+    if data.metadata is not None and len(msgspec.json.encode(data.metadata)) > METADATA_MAX_BYTES:
+        raise InvalidInput(f"metadata: must encode to at most {METADATA_MAX_BYTES} bytes of JSON")
+    if data.notify_hook is not None:
+        await check_hook_url(data.notify_hook, allow_private=runtime.settings.allow_private_hooks)
+    task, created = await register_task(
+        session,
+        task_id=data.task_id,
+        kind=data.kind,
+        notify_hook=data.notify_hook,
+        notify_format=data.notify_format,
+        metadata=data.metadata,
+        settings=runtime.settings,
+        now=datetime.now(UTC),
+    )
+    return Response(await load_task_out(session, task), status_code=201 if created else 200)
+
+
+@get("/api/v1/tasks/{task_id:str}", summary="One task with its clips")
+async def read_task(task_id: TaskIdPath, session: AsyncSession) -> TaskOut:
+    return await load_task_out(session, await require_task(session, task_id))
+
+
+def encode_cursor(task_pk: int) -> str:
+    return base64.urlsafe_b64encode(f"t{task_pk}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not raw.startswith("t"):
+            raise ValueError(raw)
+        return int(raw[1:])
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidInput("cursor: not a cursor this API returned") from None
+
+
+@get("/api/v1/tasks", summary="Tasks, newest first, with keyset pagination")
+async def list_tasks(
+    session: AsyncSession,
+    status: StatusStr | None = None,
+    kind: KindStr | None = None,
+    limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Parameter(max_length=64)] = None,
+) -> TaskPage:
+    tasks = await repository.list_tasks(
+        session,
+        status=status,
+        kind=kind,
+        limit=limit + 1,
+        before_pk=decode_cursor(cursor) if cursor else None,
+    )
+    page, more = tasks[:limit], len(tasks) > limit
+    clips = await repository.clips_by_task(session, [task.id for task in page])
+    return TaskPage(
+        items=[task_out(task, clips[task.id]) for task in page],
+        next_cursor=encode_cursor(page[-1].id) if more else None,
+    )
+
+
+@get("/api/v1/tasks/{task_id:str}/events", summary="A task's history in seq order")
+async def list_task_events(
+    task_id: TaskIdPath,
+    session: AsyncSession,
+    after: Annotated[int, Parameter(ge=0, description="Only events with a greater seq")] = 0,
+) -> EventList:
+    task = await require_task(session, task_id)
+    events = await repository.list_events(session, task.id, after_seq=after)
+    return EventList(items=[event_out(event) for event in events])
+
+
+TASK_ROUTES = [create_task, read_task, list_tasks, list_task_events]

@@ -1,0 +1,165 @@
+"""create_app(settings) -> Litestar. The lifespan builds every long-lived resource and disposes of it."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from litestar import Litestar, Request, Response, Router
+from litestar.connection import ASGIConnection
+from litestar.di import Provide
+from litestar.exceptions import NotAuthorizedException, ValidationException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.api.callbacks import CALLBACK_ROUTES
+from service.api.deliveries import DELIVERY_ROUTES
+from service.api.health import HEALTH_ROUTES
+from service.api.tasks import TASK_ROUTES
+from service.config import Settings
+from service.db import create_engine, create_session_maker, migrate, start_embedded_postgres, transaction
+from service.errors import ServiceError
+from service.runtime import Runtime
+from service.tracking.jobs import start_poller
+from service.upstream.client import RelayClient
+from service.webhooks.jobs import start_dispatcher
+
+log = structlog.get_logger()
+
+REQUEST_MAX_BODY_BYTES = 1024 * 1024
+
+
+def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    expected = connection.app.state.runtime.settings.admin_token
+    scheme, _sep, presented = connection.headers.get("authorization", "").partition(" ")
+    if (
+        expected is None
+        or scheme.lower() != "bearer"
+        or not hmac.compare_digest(presented.strip().encode(), expected.get_secret_value().encode())
+    ):
+        raise NotAuthorizedException("missing or invalid bearer token in the Authorization header")
+
+
+def service_error_response(_: Request[Any, Any, Any], exc: ServiceError) -> Response[dict[str, Any]]:
+    return Response(
+        {"status_code": exc.status_code, "detail": exc.detail, "extra": {"code": exc.code, **exc.extra}},
+        status_code=exc.status_code,
+    )
+
+
+def validation_error_response(
+    _: Request[Any, Any, Any], exc: ValidationException
+) -> Response[dict[str, Any]]:
+    """Litestar says only 'Validation failed'; the detail should name the offending field."""
+    problems = exc.extra if isinstance(exc.extra, list) else []
+    named = [
+        f"{problem.get('key') or problem.get('source')}: {problem.get('message')}" for problem in problems
+    ]
+    detail = "; ".join(named) if named else exc.detail
+    return Response({"status_code": 400, "detail": detail, "extra": problems}, status_code=exc.status_code)
+
+
+async def provide_session(runtime: Runtime) -> AsyncIterator[AsyncSession]:
+    """The request owns the transaction: committed after the handler returns, rolled back if it raises."""
+    async with transaction(runtime.sessions) as session:
+        yield session
+
+
+def provide_runtime(request: Request[Any, Any, Any]) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        embedded = None
+        database_url = settings.database_url
+        if database_url is None:
+            database_url, embedded = start_embedded_postgres(settings.data_dir)
+        engine = create_engine(database_url)
+        http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=settings.upstream_concurrency * 2, ttl_dns_cache=60),
+            raise_for_status=False,
+        )
+        scheduler = AsyncIOScheduler(timezone="UTC")
+        stoppables: list[Any] = []
+        try:
+            await migrate(engine)
+            relay = None
+            if settings.suno_base_url is not None:
+                relay = RelayClient(
+                    http,
+                    base_url=settings.suno_base_url,
+                    api_key=settings.suno_api_key.get_secret_value() if settings.suno_api_key else None,
+                    batch_size=settings.poll_batch_size,
+                    max_in_flight=settings.upstream_concurrency,
+                    timeout_s=settings.upstream_timeout_s,
+                )
+            scheduler.start()
+            runtime = Runtime(
+                settings=settings,
+                engine=engine,
+                sessions=create_session_maker(engine),
+                http=http,
+                relay=relay,
+                scheduler=scheduler,
+                instance_id=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
+            )
+            app.state.runtime = runtime
+            if run_jobs:
+                if relay is None:
+                    log.warning("poll.disabled", reason="SUNO_BASE_URL is not set")
+                else:
+                    stoppables.append(await start_poller(runtime))
+                stoppables.append(await start_dispatcher(runtime))
+            log.info("app.started", instance_id=runtime.instance_id, jobs=run_jobs)
+            yield
+        finally:
+            # Jobs first (stop claiming, drain), then the scheduler that ticks them, then what they used.
+            for job in reversed(stoppables):
+                await job.stop()
+            if scheduler.running:
+                scheduler.shutdown(wait=False)
+            await http.close()
+            await engine.dispose()
+            if embedded is not None:
+                embedded.cleanup()
+            log.info("app.stopped")
+
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    return Litestar(
+        route_handlers=[
+            *HEALTH_ROUTES,
+            *CALLBACK_ROUTES,
+            Router(path="/", route_handlers=[*TASK_ROUTES, *DELIVERY_ROUTES], guards=[require_admin]),
+        ],
+        lifespan=[lifespan],
+        dependencies={
+            "runtime": Provide(provide_runtime, sync_to_thread=False),
+            "session": Provide(provide_session),
+        },
+        exception_handlers={
+            ServiceError: service_error_response,
+            ValidationException: validation_error_response,
+        },
+        request_max_body_size=REQUEST_MAX_BODY_BYTES,
+        openapi_config=OpenAPIConfig(
+            title="sunotrack",
+            version="0.1.0",
+            path="/schema",
+            components=Components(security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}),
+            security=[{"bearer": []}],
+        ),
+    )

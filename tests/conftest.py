@@ -1,0 +1,117 @@
+"""Real PostgreSQL for every test: the embedded server by default, TEST_DATABASE_URL when set.
+
+The schema is migrated once into a template database; each test that asks for `database_url` gets a
+fresh copy (CREATE DATABASE ... TEMPLATE), so tests can commit for real, run pollers and several
+processes, and never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+
+from service.config import Settings
+from service.db import create_engine, migrate
+
+TEST_ADMIN_TOKEN = "test-admin-token"
+TEST_WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def _driver_url(url: str, database: str | None = None) -> str:
+    """asyncpg wants a plain postgresql:// URL; SQLAlchemy gets the +asyncpg one."""
+    parsed = make_url(url).set(drivername="postgresql")
+    if database is not None:
+        parsed = parsed.set(database=database)
+    return parsed.render_as_string(hide_password=False)
+
+
+def _async_url(url: str) -> str:
+    return make_url(url).set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    configured = os.environ.get("TEST_DATABASE_URL")
+    if configured:
+        yield _driver_url(configured)
+        return
+    # Short path: the server's unix socket lives in this directory and socket paths are limited to 107 bytes.
+    root = Path(tempfile.mkdtemp(prefix="st-pg-", dir="/tmp"))
+    runtime = root / "run"
+    runtime.mkdir(mode=0o700)
+    os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+    import pgserver  # noqa: PLC0415  (needs XDG_RUNTIME_DIR set first)
+
+    server = pgserver.get_server(root / "pg", cleanup_mode="stop")
+    try:
+        yield _driver_url(server.get_uri())
+    finally:
+        # A postgres left running would hold CI's output open and keep the run from finishing.
+        server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+async def template_database(postgres_server_url: str) -> AsyncIterator[str]:
+    name = f"st_template_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(postgres_server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        engine = create_engine(_async_url(_driver_url(postgres_server_url, name)), pool_size=1)
+        try:
+            await migrate(engine)
+        finally:
+            await engine.dispose()
+        yield name
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def database_url(postgres_server_url: str, template_database: str) -> AsyncIterator[str]:
+    """A fresh, migrated, empty database for this test (postgresql+asyncpg:// URL)."""
+    name = f"st_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres_server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+        yield _async_url(_driver_url(postgres_server_url, name))
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def make_settings(database_url: str, tmp_path: Path) -> Callable[..., Settings]:
+    """Settings with fast intervals and loopback everything; keyword overrides use the env var names."""
+
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "DATABASE_URL": database_url,
+            "SUNOTRACK_DATA_DIR": str(tmp_path / "data"),
+            "SUNO_BASE_URL": "http://127.0.0.1:9",
+            "SUNO_API_KEY": "test-relay-key",
+            "SUNOTRACK_ADMIN_TOKEN": TEST_ADMIN_TOKEN,
+            "SUNOTRACK_WEBHOOK_SECRET": TEST_WEBHOOK_SECRET,
+            "SUNOTRACK_ALLOW_PRIVATE_HOOKS": "true",
+            "SUNOTRACK_POLL_MIN_INTERVAL_S": "0.05",
+            "SUNOTRACK_POLL_MAX_INTERVAL_S": "0.2",
+            "SUNOTRACK_POLL_TICK_S": "0.05",
+            "SUNOTRACK_LEASE_S": "2",
+            "SUNOTRACK_NOT_FOUND_GRACE_S": "0",
+            "SUNOTRACK_WEBHOOK_RETRY_SCHEDULE": "0.05,0.1",
+            "SUNOTRACK_WEBHOOK_SWEEP_S": "0.2",
+        }
+        values.update(overrides)
+        return Settings.from_env(**values)
+
+    return build
