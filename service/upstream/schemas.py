@@ -1,0 +1,129 @@
+"""The normalised vocabulary every other part of the service speaks about relay tasks."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from datetime import datetime
+from types import MappingProxyType
+from typing import ClassVar
+
+import msgspec
+
+
+class TaskStatus(enum.StrEnum):
+    """Normalised status of a task, and of each of its clips."""
+
+    SUBMITTED = "submitted"
+    QUEUED = "queued"
+    IN_PROGRESS = "in_progress"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATUSES: frozenset[TaskStatus] = frozenset(
+    {TaskStatus.COMPLETE, TaskStatus.FAILED, TaskStatus.TIMED_OUT, TaskStatus.CANCELLED}
+)
+
+# Terminal statuses share one rank: none of them is "more finished" than another.
+STATUS_RANK: Mapping[TaskStatus, int] = MappingProxyType(
+    {
+        TaskStatus.SUBMITTED: 0,
+        TaskStatus.QUEUED: 1,
+        TaskStatus.IN_PROGRESS: 2,
+        TaskStatus.COMPLETE: 3,
+        TaskStatus.FAILED: 3,
+        TaskStatus.TIMED_OUT: 3,
+        TaskStatus.CANCELLED: 3,
+    }
+)
+
+
+class TaskKind(enum.StrEnum):
+    MUSIC = "music"
+    LYRICS = "lyrics"
+    STEMS = "stems"
+
+
+class Dialect(enum.StrEnum):
+    """Which relay document shape a task is read in."""
+
+    FETCH = "fetch"
+    V1 = "v1"
+
+
+class ClipSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    status: TaskStatus | None
+    raw_status: str | None
+    title: str | None
+    audio_url: str | None
+    image_url: str | None
+    video_url: str | None
+    duration: float | None
+    error: str | None
+
+
+class TaskSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """One relay answer about one task, normalised.
+
+    `status` is None when the relay gave no usable status and none could be derived from the clips:
+    the caller keeps the previous status and records an anomaly. `raw` is the task object's JSON
+    exactly as received.
+    """
+
+    task_id: str
+    status: TaskStatus | None
+    raw_status: str | None
+    progress: int | None
+    fail_reason: str | None
+    submitted_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    clips: tuple[ClipSnapshot, ...]
+    lyrics: str | None
+    raw: bytes
+
+
+class UpstreamError(Exception):
+    """Anything that went wrong talking to the relay or reading its answer.
+
+    `error_class` says what the caller may do: retry later (transient), stop asking (permanent), or
+    treat the answer as unusable (malformed). `code` is a stable machine-readable reason.
+    """
+
+    error_class: ClassVar[str]
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        http_status: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.http_status = http_status
+        self.retry_after_s = retry_after_s
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(code={self.code!r}, message={self.message!r}, "
+            f"http_status={self.http_status!r}, retry_after_s={self.retry_after_s!r})"
+        )
+
+
+class TransientUpstreamError(UpstreamError):
+    error_class = "transient"
+
+
+class PermanentUpstreamError(UpstreamError):
+    error_class = "permanent"
+
+
+class MalformedUpstreamError(UpstreamError):
+    error_class = "malformed"
