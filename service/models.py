@@ -81,10 +81,9 @@ class Task(Base):
         CheckConstraint(_one_of("notify_format", NOTIFY_FORMATS), name="notify_format"),
         # The poller's claim: due, not terminal. Partial so claimed and finished rows never bloat the scan.
         Index("ix_tasks_due", "next_poll_at", postgresql_where=text("next_poll_at IS NOT NULL")),
-        # The API's newest-first keyset listing, optionally filtered by status or kind.
-        Index("ix_tasks_created_at_id", "created_at", "id"),
-        Index("ix_tasks_status_created_at_id", "status", "created_at", "id"),
-        Index("ix_tasks_kind_created_at_id", "kind", "created_at", "id"),
+        # The API's newest-first keyset listing (by id) filtered by status or kind; unfiltered uses the pkey.
+        Index("ix_tasks_status_id", "status", "id"),
+        Index("ix_tasks_kind_id", "kind", "id"),
     )
 
 

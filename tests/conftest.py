@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -115,3 +117,61 @@ def make_settings(database_url: str, tmp_path: Path) -> Callable[..., Settings]:
         return Settings.from_env(**values)
 
     return build
+
+
+class LiveServer:
+    """The real app under uvicorn on a loopback port, in a thread with its own event loop."""
+
+    def __init__(self, settings: Settings, *, run_jobs: bool) -> None:
+        import uvicorn  # noqa: PLC0415
+
+        from service.app import create_app  # noqa: PLC0415
+
+        self._uvicorn = uvicorn
+        self.app = create_app(settings, run_jobs=run_jobs)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def runtime(self) -> Any:
+        return self.app.state.runtime
+
+    def start(self, timeout: float = 30) -> str:
+        self._thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the app did not start (see the log above)")
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{port}"
+        return self.base_url
+
+    def stop(self, timeout: float = 15) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise RuntimeError("the app did not stop in time")
+
+
+@pytest.fixture
+def live_server() -> Iterator[Callable[..., LiveServer]]:
+    """Start the real app: `base = live_server(settings).base_url`. Stopped at test end."""
+    started: list[LiveServer] = []
+
+    def start(settings: Settings, *, run_jobs: bool = False) -> LiveServer:
+        server = LiveServer(settings, run_jobs=run_jobs)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in reversed(started):
+        server.stop()
+
+
+def auth_headers(token: str = TEST_ADMIN_TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}

@@ -63,7 +63,6 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_tasks")),
         sa.UniqueConstraint("task_id", name=op.f("uq_tasks_task_id")),
     )
-    op.create_index("ix_tasks_created_at_id", "tasks", ["created_at", "id"], unique=False)
     op.create_index(
         "ix_tasks_due",
         "tasks",
@@ -71,8 +70,8 @@ def upgrade() -> None:
         unique=False,
         postgresql_where=sa.text("next_poll_at IS NOT NULL"),
     )
-    op.create_index("ix_tasks_kind_created_at_id", "tasks", ["kind", "created_at", "id"], unique=False)
-    op.create_index("ix_tasks_status_created_at_id", "tasks", ["status", "created_at", "id"], unique=False)
+    op.create_index("ix_tasks_kind_id", "tasks", ["kind", "id"], unique=False)
+    op.create_index("ix_tasks_status_id", "tasks", ["status", "id"], unique=False)
     op.create_table(
         "clips",
         sa.Column("task_pk", sa.BigInteger(), nullable=False),
@@ -195,10 +194,9 @@ def downgrade() -> None:
     )
     op.drop_table("deliveries")
     op.drop_table("clips")
-    op.drop_index("ix_tasks_status_created_at_id", table_name="tasks")
-    op.drop_index("ix_tasks_kind_created_at_id", table_name="tasks")
+    op.drop_index("ix_tasks_status_id", table_name="tasks")
+    op.drop_index("ix_tasks_kind_id", table_name="tasks")
     op.drop_index("ix_tasks_due", table_name="tasks", postgresql_where=sa.text("next_poll_at IS NOT NULL"))
-    op.drop_index("ix_tasks_created_at_id", table_name="tasks")
     op.drop_table("tasks")
     op.drop_table("hook_hosts")
     # ### end Alembic commands ###

@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from service.config import Settings
+from tests.conftest import LiveServer, auth_headers
+
+TASK_KEYS = {
+    "task_id", "kind", "status", "upstream_status", "progress", "fail_reason", "notify_hook",
+    "notify_format", "metadata", "clips", "created_at", "updated_at", "finished_at",
+    "last_polled_at", "next_poll_at", "poll_count", "last_error",
+}  # fmt: skip
+
+
+@pytest.fixture
+async def api(
+    make_settings: Callable[..., Settings], live_server: Callable[..., LiveServer]
+) -> AsyncIterator[httpx.AsyncClient]:
+    server = live_server(make_settings())
+    async with httpx.AsyncClient(base_url=server.base_url, headers=auth_headers(), timeout=30) as client:
+        yield client
+
+
+async def db_rows(database_url: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    connection = await asyncpg.connect(database_url.replace("+asyncpg", ""))
+    try:
+        return await connection.fetch(query, *args)
+    finally:
+        await connection.close()
+
+
+async def test_register_returns_the_task_and_records_the_registration_event(api: httpx.AsyncClient) -> None:
+    response = await api.post(
+        "/api/v1/tasks",
+        json={"task_id": "task_0123456789abcdef0123456789abcdef", "metadata": {"order": 7}},
+    )
+
+    assert response.status_code == 201
+    body = response.json()
+    assert set(body) == TASK_KEYS
+    assert (body["task_id"], body["kind"], body["status"], body["metadata"], body["clips"]) == (
+        "task_0123456789abcdef0123456789abcdef", "music", "submitted", {"order": 7}, [],
+    )  # fmt: skip
+    assert body["created_at"].endswith("Z")
+    events = (await api.get(f"/api/v1/tasks/{body['task_id']}/events")).json()["items"]
+    assert [(e["seq"], e["type"], e["from_status"], e["to_status"], e["source"]) for e in events] == [
+        (1, "transition", None, "submitted", "register")
+    ]
+
+
+async def test_registering_again_is_idempotent_and_updates_the_hook(
+    api: httpx.AsyncClient, database_url: str
+) -> None:
+    first = await api.post("/api/v1/tasks", json={"task_id": "t-1", "kind": "lyrics"})
+    again = await api.post(
+        "/api/v1/tasks", json={"task_id": "t-1", "kind": "lyrics", "notify_hook": "http://127.0.0.1:9/hook"}
+    )
+    other_kind = await api.post("/api/v1/tasks", json={"task_id": "t-1", "kind": "stems"})
+
+    assert (first.status_code, again.status_code, other_kind.status_code) == (201, 200, 409)
+    assert again.json()["notify_hook"] == "http://127.0.0.1:9/hook"
+    assert "lyrics" in other_kind.json()["detail"]
+    assert len(await db_rows(database_url, "SELECT 1 FROM task_events")) == 1
+
+
+async def test_twenty_concurrent_registrations_make_one_row_and_one_event(
+    api: httpx.AsyncClient, database_url: str
+) -> None:
+    responses = await asyncio.gather(
+        *(api.post("/api/v1/tasks", json={"task_id": "same-task"}) for _ in range(20))
+    )
+
+    assert sorted(r.status_code for r in responses) == [200] * 19 + [201]
+    assert len(await db_rows(database_url, "SELECT 1 FROM tasks")) == 1
+    assert len(await db_rows(database_url, "SELECT 1 FROM task_events")) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({}, "task_id"),
+        ({"task_id": ""}, "task_id"),
+        ({"task_id": "x" * 129}, "task_id"),
+        ({"task_id": "has space"}, "task_id"),
+        ({"task_id": "ok", "kind": "video"}, "kind"),
+        ({"task_id": "ok", "notify_hook": "not a url"}, "notify_hook"),
+        ({"task_id": "ok", "notify_hook": "ftp://example.com/x"}, "notify_hook"),
+        ({"task_id": "ok", "notify_hook": "/relative/path"}, "notify_hook"),
+        ({"task_id": "ok", "notify_format": "xml"}, "notify_format"),
+        ({"task_id": "ok", "metadata": "nope"}, "metadata"),
+        ({"task_id": "ok", "metadata": {"blob": "x" * 16_400}}, "metadata"),
+        ({"task_id": "ok", "surprise": 1}, "surprise"),
+    ],
+)
+async def test_each_invalid_registration_is_refused_naming_the_field(
+    api: httpx.AsyncClient, database_url: str, body: dict[str, Any], named: str
+) -> None:
+    response = await api.post("/api/v1/tasks", json=body)
+
+    assert response.status_code in (400, 422), response.text
+    assert named in response.json()["detail"]
+    assert await db_rows(database_url, "SELECT 1 FROM tasks") == []
+
+
+async def test_a_body_that_is_not_json_is_refused(api: httpx.AsyncClient) -> None:
+    response = await api.post(
+        "/api/v1/tasks", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+
+    assert response.status_code == 400
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic dGVzdC1hZG1pbi10b2tlbg=="}],
+)
+async def test_the_api_needs_the_admin_token(api: httpx.AsyncClient, headers: dict[str, str]) -> None:
+    for method, path in (("GET", "/api/v1/tasks"), ("POST", "/api/v1/tasks"), ("GET", "/api/v1/tasks/x")):
+        response = await api.request(method, path, headers=headers | {"Authorization": headers.get("Authorization", "")})
+        assert response.status_code == 401, (method, path)
+
+
+async def test_health_readiness_and_schema_are_public(api: httpx.AsyncClient) -> None:
+    anonymous = {"Authorization": ""}
+    assert (await api.get("/healthz", headers=anonymous)).json() == {"status": "ok"}
+    assert (await api.get("/readyz", headers=anonymous)).status_code == 200
+    schema = (await api.get("/schema/openapi.json", headers=anonymous)).json()
+    assert "/api/v1/tasks" in schema["paths"]
+
+
+async def test_an_unknown_task_is_404(api: httpx.AsyncClient) -> None:
+    assert (await api.get("/api/v1/tasks/nope")).status_code == 404
+    assert (await api.get("/api/v1/tasks/nope/events")).status_code == 404
+
+
+async def test_pages_cover_every_task_once_newest_first_while_tasks_are_added(api: httpx.AsyncClient) -> None:
+    for number in range(25):
+        kind = "lyrics" if number % 5 == 0 else "music"
+        assert (await api.post("/api/v1/tasks", json={"task_id": f"t{number:02}", "kind": kind})).status_code == 201
+
+    seen: list[str] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        params: dict[str, Any] = {"limit": 10} | ({"cursor": cursor} if cursor else {})
+        page = (await api.get("/api/v1/tasks", params=params)).json()
+        seen += [item["task_id"] for item in page["items"]]
+        pages += 1
+        if pages == 1:
+            # A task registered mid-listing lands before the cursor and must not shift later pages.
+            await api.post("/api/v1/tasks", json={"task_id": "late"})
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+
+    assert pages == 3
+    assert seen == [f"t{number:02}" for number in reversed(range(25))]
+    lyrics = (await api.get("/api/v1/tasks", params={"kind": "lyrics"})).json()
+    assert [item["task_id"] for item in lyrics["items"]] == ["t20", "t15", "t10", "t05", "t00"]
+    assert lyrics["next_cursor"] is None
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"cursor": "garbage!"}, "cursor"),
+        ({"limit": 0}, "limit"),
+        ({"limit": 201}, "limit"),
+        ({"status": "done"}, "status"),
+        ({"kind": "video"}, "kind"),
+    ],
+)
+async def test_bad_list_parameters_are_refused_naming_them(
+    api: httpx.AsyncClient, params: dict[str, Any], named: str
+) -> None:
+    response = await api.get("/api/v1/tasks", params=params)
+
+    assert response.status_code == 400
+    assert named in response.json()["detail"]

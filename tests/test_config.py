@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from service.config import DEFAULT_RETRY_SCHEDULE, ConfigError, Settings
+
+
+def test_defaults_match_the_documented_contract() -> None:
+    settings = Settings.from_env()
+
+    assert settings.suno_api_dialect == "fetch"
+    assert (settings.poll_min_interval_s, settings.poll_max_interval_s) == (3.0, 60.0)
+    assert settings.task_deadline_s == 3600.0
+    assert settings.webhook_retry_schedule == DEFAULT_RETRY_SCHEDULE
+    assert settings.allow_private_hooks is False
+    assert (settings.lease_s, settings.not_found_grace_s) == (30.0, 600.0)
+    assert (settings.hook_breaker_failures, settings.hook_breaker_pause_s) == (20, 60.0)
+
+
+def test_values_are_parsed_from_their_variables() -> None:
+    settings = Settings.from_env(
+        DATABASE_URL="postgresql://user:pw@db:5432/sunotrack",
+        SUNOTRACK_WEBHOOK_RETRY_SCHEDULE="0.5, 2,10",
+        SUNOTRACK_WEBHOOK_SECRET="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw whsec_c2Vjb25k",
+        SUNOTRACK_POLL_MIN_INTERVAL_S="0.2",
+        SUNOTRACK_ALLOW_PRIVATE_HOOKS="true",
+        SUNO_BASE_URL="https://relay.example/",
+    )
+
+    assert settings.database_url == "postgresql+asyncpg://user:pw@db:5432/sunotrack"
+    assert settings.webhook_retry_schedule == (0.5, 2.0, 10.0)
+    assert len(settings.webhook_secrets) == 2
+    assert settings.poll_min_interval_s == 0.2
+    assert settings.allow_private_hooks is True
+    assert settings.suno_base_url == "https://relay.example"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("DATABASE_URL", "mysql://localhost/db"),
+        ("SUNO_BASE_URL", "relay.example"),
+        ("SUNO_API_DIALECT", "v2"),
+        ("SUNOTRACK_POLL_MIN_INTERVAL_S", "0"),
+        ("SUNOTRACK_POLL_MAX_INTERVAL_S", "fast"),
+        ("SUNOTRACK_TASK_DEADLINE_S", "-1"),
+        ("SUNOTRACK_WEBHOOK_RETRY_SCHEDULE", "5,soon"),
+        ("SUNOTRACK_WEBHOOK_RETRY_SCHEDULE", "5,-1"),
+        ("SUNOTRACK_WEBHOOK_SECRET", "not-a-whsec"),
+        ("SUNOTRACK_WEBHOOK_SECRET", "whsec_%%%"),
+        ("SUNOTRACK_ALLOW_PRIVATE_HOOKS", "maybe"),
+        ("SUNOTRACK_LEASE_S", "abc"),
+    ],
+)
+def test_a_bad_value_is_refused_naming_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env(**{variable: value})
+
+
+def test_max_interval_below_min_is_refused() -> None:
+    with pytest.raises(ConfigError, match="SUNOTRACK_POLL_MAX_INTERVAL_S"):
+        Settings.from_env(SUNOTRACK_POLL_MIN_INTERVAL_S="10", SUNOTRACK_POLL_MAX_INTERVAL_S="5")
+
+
+def test_secrets_never_show_in_the_settings_repr() -> None:
+    settings = Settings.from_env(
+        SUNO_API_KEY="sk-relay-secret", SUNOTRACK_ADMIN_TOKEN="admin-secret",
+        SUNOTRACK_WEBHOOK_SECRET="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    )  # fmt: skip
+
+    shown = repr(settings)
+    assert "sk-relay-secret" not in shown
+    assert "admin-secret" not in shown
+    assert "MfKQ9r8" not in shown
+
+
+def _run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from service.cli import main; main()", *args],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_serve_exits_with_a_message_on_bad_config_or_without_an_admin_token() -> None:
+    bad = _run_cli("serve", env={"PATH": "/usr/bin:/bin", "SUNOTRACK_LEASE_S": "soon"})
+    no_token = _run_cli("serve", env={"PATH": "/usr/bin:/bin"})
+
+    assert bad.returncode == 2
+    assert "SUNOTRACK_LEASE_S" in bad.stderr
+    assert no_token.returncode == 2
+    assert "SUNOTRACK_ADMIN_TOKEN" in no_token.stderr
