@@ -33,6 +33,7 @@ from service.upstream.schemas import (
 __all__ = [
     "BatchParse",
     "derive_status",
+    "error_code",
     "parse_callback",
     "parse_fetch",
     "parse_fetch_batch",
@@ -334,6 +335,15 @@ def parse_submit(body: bytes) -> str:
     if not task_id:
         raise MalformedUpstreamError("bad_shape", "submit answer has an empty task id")
     return task_id
+
+
+def error_code(body: bytes) -> str | None:
+    """The relay's error code in an error answer (`{"code": "task_not_exist", ...}`), if it has one."""
+    try:
+        code = _envelope.decode(body).code
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    return code if isinstance(code, str) else None
 
 
 def derive_status(statuses: Sequence[TaskStatus | None]) -> TaskStatus | None:

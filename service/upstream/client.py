@@ -1,0 +1,251 @@
+"""The relay HTTP client: one pooled aiohttp session, bounded concurrency, classified errors."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import msgspec
+import structlog
+from yarl import URL
+
+from service.upstream.dialects import (
+    BatchParse,
+    error_code,
+    parse_fetch,
+    parse_fetch_batch,
+    parse_stems,
+    parse_submit,
+    parse_v1,
+)
+from service.upstream.schemas import (
+    MalformedUpstreamError,
+    PermanentUpstreamError,
+    TaskSnapshot,
+    TransientUpstreamError,
+    UpstreamError,
+)
+
+__all__ = ["BatchResult", "RelayClient"]
+
+log = structlog.get_logger()
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
+_MAX_MESSAGE = 200
+
+
+@dataclass(slots=True)
+class BatchResult:
+    snapshots: dict[str, TaskSnapshot] = field(default_factory=dict)
+    # Ids absent from a successful answer: not failed, the caller polls them again.
+    missing: list[str] = field(default_factory=list)
+    # Every id of a failed chunk maps to that chunk's error; an unreadable task to its own.
+    errors: dict[str, UpstreamError] = field(default_factory=dict)
+
+
+class RelayClient:
+    """Speaks to one relay. The aiohttp session belongs to the caller (the app lifespan).
+
+    Every method returns parsed data or raises an UpstreamError subclass; the semaphore bounds
+    requests in flight across all methods, and a request's timeout starts once it holds a slot.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        batch_size: int = 50,
+        max_in_flight: int = 32,
+        timeout_s: float = 10.0,
+        batch_path: str = "/suno/fetch",
+    ) -> None:
+        if batch_size < 1 or max_in_flight < 1 or not timeout_s > 0:
+            raise ValueError("batch_size, max_in_flight and timeout_s must be positive")
+        self._session = session
+        self._base = str(URL(base_url)).rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._post_headers = {**self._headers, **_JSON_HEADERS}
+        self.batch_size = batch_size
+        self._batch_path = "/" + batch_path.strip("/")
+        self._semaphore = asyncio.Semaphore(max_in_flight)
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    def __repr__(self) -> str:
+        return f"RelayClient(base_url={self._base!r})"
+
+    async def fetch(self, task_id: str) -> TaskSnapshot:
+        """`GET /suno/fetch/{task_id}`."""
+        body = await self._get("/suno/fetch/", task_id)
+        return _same_task(parse_fetch(body), task_id)
+
+    async def fetch_v1(self, task_id: str) -> TaskSnapshot:
+        """`GET /suno/v1/v3.0/music/{task_id}`."""
+        body = await self._get("/suno/v1/v3.0/music/", task_id)
+        return _same_task(parse_v1(body), task_id)
+
+    async def fetch_stems(self, clip_id: str) -> TaskSnapshot:
+        """`GET /suno/act/stems/{clip_id}`: a snapshot whose task_id is the source clip id."""
+        body = await self._get("/suno/act/stems/", clip_id)
+        return parse_stems(body, clip_id)
+
+    async def fetch_batch(self, task_ids: Sequence[str], action: str = "MUSIC") -> BatchResult:
+        """`POST {batch_path}` in chunks of `batch_size`, the chunks concurrently."""
+        ids = list(dict.fromkeys(task_ids))
+        chunks = [ids[i : i + self.batch_size] for i in range(0, len(ids), self.batch_size)]
+        if len(chunks) <= 1:
+            answers = [await self._fetch_chunk(chunk, action) for chunk in chunks]
+        else:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._fetch_chunk(chunk, action)) for chunk in chunks]
+            answers = [task.result() for task in tasks]
+        result = BatchResult()
+        for chunk, answer in zip(chunks, answers, strict=True):
+            if isinstance(answer, UpstreamError):
+                result.errors.update(dict.fromkeys(chunk, answer))
+                continue
+            wanted = set(chunk)
+            for snapshot in answer.snapshots:
+                if snapshot.task_id in wanted:
+                    result.snapshots[snapshot.task_id] = snapshot
+            for task_id, error in answer.errors.items():
+                if task_id in wanted and task_id not in result.snapshots:
+                    result.errors[task_id] = error
+            result.missing.extend(
+                task_id
+                for task_id in chunk
+                if task_id not in result.snapshots and task_id not in result.errors
+            )
+        return result
+
+    async def submit_music(self, payload: dict[str, Any]) -> str:
+        """`POST /suno/submit/music`: the new task's id."""
+        return await self._submit("/suno/submit/music", payload)
+
+    async def submit_lyrics(self, payload: dict[str, Any]) -> str:
+        """`POST /suno/submit/lyrics`: the new task's id."""
+        return await self._submit("/suno/submit/lyrics", payload)
+
+    async def _fetch_chunk(self, chunk: list[str], action: str) -> BatchParse | UpstreamError:
+        body = msgspec.json.encode({"ids": chunk, "action": action})
+        try:
+            answer = await self._request("POST", self._batch_path, body)
+            return parse_fetch_batch(answer)
+        except UpstreamError as exc:
+            return exc
+
+    async def _submit(self, path: str, payload: dict[str, Any]) -> str:
+        answer = await self._request("POST", path, msgspec.json.encode(payload))
+        return parse_submit(answer)
+
+    async def _get(self, prefix: str, item_id: str) -> bytes:
+        if not item_id:
+            raise PermanentUpstreamError("invalid_id", "empty task or clip id")
+        return await self._request("GET", prefix + quote(item_id, safe=""))
+
+    async def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
+        if self._session.closed:
+            raise TransientUpstreamError("client_closed", "the HTTP session is closed (shutting down?)")
+        url = URL(self._base + path, encoded=True)
+        headers = self._headers if body is None else self._post_headers
+        try:
+            async with (
+                self._semaphore,
+                self._session.request(
+                    method, url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
+                ) as response,
+            ):
+                answer = await response.read()
+                status = response.status
+                retry_after = response.headers.get("Retry-After")
+        except TimeoutError as exc:
+            raise _failed(TransientUpstreamError("timeout", f"{method} {path}: timed out")) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise _failed(TransientUpstreamError("connect", f"{method} {path}: cannot connect")) from exc
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, OSError) as exc:
+            error = TransientUpstreamError("disconnected", f"{method} {path}: connection lost: {exc}")
+            raise _failed(error) from exc
+        except aiohttp.ClientPayloadError as exc:
+            raise _failed(TransientUpstreamError("bad_json", f"{method} {path}: truncated body")) from exc
+        except aiohttp.ClientResponseError as exc:
+            # Only reachable when the session owner turned on raise_for_status.
+            raise _failed(_status_error(method, path, exc.status, None, b"")) from exc
+        except aiohttp.InvalidURL as exc:
+            raise _failed(PermanentUpstreamError("invalid_url", f"{method} {path}: invalid URL")) from exc
+        except aiohttp.ClientError as exc:
+            error = TransientUpstreamError("client_error", f"{method} {path}: {type(exc).__name__}")
+            raise _failed(error) from exc
+        if not 200 <= status < 300:
+            raise _failed(_status_error(method, path, status, retry_after, answer))
+        return answer
+
+
+def _failed(error: UpstreamError) -> UpstreamError:
+    log.debug(
+        "upstream.request_failed",
+        error_class=error.error_class,
+        code=error.code,
+        http_status=error.http_status,
+        detail=error.message,
+    )
+    return error
+
+
+def _status_error(method: str, path: str, status: int, retry_after: str | None, body: bytes) -> UpstreamError:
+    code = error_code(body)
+    where = f"{method} {path}: HTTP {status}"
+    if code == "task_not_exist":
+        return PermanentUpstreamError("task_not_exist", f"{where} task_not_exist", http_status=status)
+    if code:
+        where = f"{where} ({code[:_MAX_MESSAGE]})"
+    error_type: type[UpstreamError] = PermanentUpstreamError
+    if status == 429:
+        error_type, name = TransientUpstreamError, "rate_limited"
+    elif status >= 500 or status == 408:
+        error_type, name = TransientUpstreamError, f"http_{status}"
+    elif status in (401, 403):
+        name = "unauthorized"
+    elif status == 404:
+        name = "not_found"
+    elif 300 <= status < 400:
+        name, where = "redirect", f"{where}: redirects are not followed"
+    else:
+        name = f"http_{status}"
+    # Only a retry can honour Retry-After; 503 and 429 are the statuses that usually carry it.
+    delay = _retry_after_s(retry_after) if error_type is TransientUpstreamError else None
+    return error_type(name, where, http_status=status, retry_after_s=delay)
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """`Retry-After` as seconds from now: either delay-seconds or an HTTP-date."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _same_task(snapshot: TaskSnapshot, task_id: str) -> TaskSnapshot:
+    if snapshot.task_id != task_id:
+        raise MalformedUpstreamError(
+            "bad_shape", f"asked for task {task_id!r}, relay answered for {snapshot.task_id!r}"
+        )
+    return snapshot
