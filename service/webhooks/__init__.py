@@ -1,0 +1,1 @@
+"""Outbound webhooks: the transactional outbox (service.py), the dispatcher (jobs.py), the SSRF guard."""

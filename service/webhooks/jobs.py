@@ -1,0 +1,432 @@
+"""The webhook dispatcher: wakes on NOTIFY (or the sweep), claims due deliveries, POSTs them, settles them.
+
+Safe on many replicas by construction: the scheduler and the LISTEN connection only wake this process,
+and the lease each claim writes into `deliveries.next_attempt_at` decides who sends what.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import math
+import ssl
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import asyncpg  # type: ignore[import-untyped]  # no stubs; only connect/listen is used here
+import structlog
+from apscheduler.jobstores.base import JobLookupError
+from sqlalchemy.exc import SQLAlchemyError
+from yarl import URL
+
+from service.db import transaction
+from service.metrics import DELIVERY_ATTEMPTS, DELIVERY_LATENCY, HOSTS_PAUSED
+from service.runtime import Runtime
+from service.webhooks.service import (
+    CHANNEL,
+    RESPONSE_BODY_LIMIT,
+    AttemptResult,
+    ClaimedDelivery,
+    Settlement,
+    claim_due,
+    count_paused_hosts,
+    record_results,
+    release_claims,
+    secret_keys,
+    settle,
+    signature_header,
+)
+from service.webhooks.ssrf import HookAddressRefused, refuse_literal_host, webhook_connector
+
+log = structlog.get_logger()
+
+USER_AGENT = "sunotrack-webhooks/1"
+STOP_GRACE_S = 5.0
+LISTEN_HEARTBEAT_S = 10.0
+LISTEN_RETRY_MAX_S = 5.0
+WRITE_RETRIES = 3
+DB_ERRORS = (SQLAlchemyError, OSError, asyncpg.PostgresError)
+
+
+async def start_dispatcher(runtime: Runtime) -> Dispatcher:
+    dispatcher = Dispatcher(runtime)
+    await dispatcher.start()
+    return dispatcher
+
+
+def _elapsed_ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
+
+
+def _retry_after_s(value: str | None, now: datetime) -> float | None:
+    """Retry-After as delta-seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = (email.utils.parsedate_to_datetime(value) - now).total_seconds()
+        except (TypeError, ValueError):
+            return None
+    return max(seconds, 0.0) if math.isfinite(seconds) else None
+
+
+def classify(exc: BaseException) -> tuple[str, str]:
+    """(error class, message) for a failed attempt: ssrf, timeout, tls, dns, connect or http."""
+    cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+    if isinstance(cause, HookAddressRefused):
+        return "ssrf", str(cause)
+    if isinstance(exc, TimeoutError):
+        return "timeout", "no complete response within the timeout"
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        error_class = "tls"
+    elif isinstance(exc, aiohttp.ClientConnectorDNSError):
+        error_class = "dns"
+    elif isinstance(exc, aiohttp.ClientConnectionError | OSError):
+        error_class = "connect"
+    else:
+        return "http", f"{type(exc).__name__}: {exc}"
+    return error_class, str(exc) or type(exc).__name__
+
+
+async def _read_prefix(response: aiohttp.ClientResponse) -> str:
+    chunks: list[bytes] = []
+    size = 0
+    while size < RESPONSE_BODY_LIMIT:
+        chunk = await response.content.read(RESPONSE_BODY_LIMIT - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+async def attempt_delivery(
+    http: aiohttp.ClientSession,
+    delivery: ClaimedDelivery,
+    *,
+    keys: Sequence[bytes],
+    timeout_s: float,
+    allow_private: bool,
+) -> AttemptResult:
+    """One signed POST; never raises for anything the receiver or the network does."""
+    at = datetime.now(UTC)
+    timestamp = int(at.timestamp())
+    headers = {
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+        "webhook-id": delivery.webhook_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": signature_header(keys, delivery.webhook_id, timestamp, delivery.body),
+    }
+    started = time.perf_counter()
+    try:
+        url = URL(delivery.url)
+        if not allow_private:
+            # IP literals never reach the guarded resolver.
+            refuse_literal_host(url.raw_host or "")
+        async with (
+            asyncio.timeout(timeout_s),
+            http.post(url, data=delivery.body, headers=headers, allow_redirects=False) as response,
+        ):
+            body = await _read_prefix(response)
+            retry_after = None
+            if response.status in (429, 503):
+                retry_after = _retry_after_s(response.headers.get("retry-after"), at)
+            return AttemptResult(
+                at=at,
+                duration_ms=_elapsed_ms(started),
+                status_code=response.status,
+                response_body=body,
+                retry_after_s=retry_after,
+            )
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+        error_class, message = classify(exc)
+        return AttemptResult(at=at, duration_ms=_elapsed_ms(started), error_class=error_class, error=message)
+
+
+class Dispatcher:
+    """One per process. `stop()` stops claiming, lets in-flight sends finish briefly, releases the rest."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._settings = runtime.settings
+        self._keys = secret_keys(runtime.settings.webhook_secrets)
+        self._job_id = f"webhooks.sweep:{runtime.instance_id}"
+        self._wake = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._results_ready = asyncio.Event()
+        self._stopping = False
+        self._closing = False
+        self._held = False
+        self._in_flight: dict[int, ClaimedDelivery] = {}
+        self._sends: set[asyncio.Task[None]] = set()
+        self._results: list[tuple[ClaimedDelivery, AttemptResult, Settlement]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = math.inf
+        self._loops: dict[str, asyncio.Task[None]] = {}
+        self._http: aiohttp.ClientSession | None = None
+        self._log = log.bind(instance_id=runtime.instance_id)
+
+    @property
+    def held(self) -> bool:
+        """True when no secret is configured: deliveries stay queued rather than going out unsigned."""
+        return self._held
+
+    async def start(self) -> None:
+        settings = self._settings
+        if not self._keys:
+            self._held = True
+            self._log.error(
+                "webhooks.unsigned_refused",
+                reason="SUNOTRACK_WEBHOOK_SECRET is not set: deliveries stay pending until it is",
+            )
+            return
+        if settings.lease_s <= settings.webhook_timeout_s:
+            self._log.warning(
+                "webhooks.lease_shorter_than_timeout",
+                lease_s=settings.lease_s,
+                timeout_s=settings.webhook_timeout_s,
+                risk="a slow receiver may get a delivery twice",
+            )
+        self._http = aiohttp.ClientSession(
+            connector=webhook_connector(
+                allow_private=settings.allow_private_hooks, limit=settings.webhook_concurrency
+            ),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            raise_for_status=False,
+        )
+        self._loops = {
+            "listen": asyncio.create_task(self._listen_loop(), name="webhooks.listen"),
+            "claim": asyncio.create_task(self._claim_loop(), name="webhooks.claim"),
+            "flush": asyncio.create_task(self._flush_loop(), name="webhooks.flush"),
+        }
+        self._runtime.scheduler.add_job(
+            self._sweep,
+            "interval",
+            seconds=settings.webhook_sweep_s,
+            id=self._job_id,
+            max_instances=1,
+            coalesce=True,
+            replace_existing=True,
+        )
+        self.wake()
+        self._log.info("webhooks.dispatcher_started", concurrency=settings.webhook_concurrency)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self._held or self._stopping:
+            return
+        self._stopping = True
+        with contextlib.suppress(JobLookupError):
+            self._runtime.scheduler.remove_job(self._job_id)
+        self._wake.set()
+        self._slot_freed.set()
+        await self._finish(self._loops["claim"])
+        if self._sends:
+            _, unfinished = await asyncio.wait(set(self._sends), timeout=STOP_GRACE_S)
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*unfinished, return_exceptions=True)
+        unsent = list(self._in_flight.values())
+        self._closing = True
+        self._results_ready.set()
+        await self._finish(self._loops["flush"])
+        if unsent:
+            try:
+                async with transaction(self._runtime.sessions) as session:
+                    await release_claims(session, unsent)
+            except DB_ERRORS as exc:
+                self._log.warning("webhooks.release_failed", count=len(unsent), error=str(exc))
+        self._loops["listen"].cancel()
+        await asyncio.gather(self._loops["listen"], return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._http is not None:
+            await self._http.close()
+        self._log.info("webhooks.dispatcher_stopped", released=len(unsent))
+
+    @staticmethod
+    async def _finish(task: asyncio.Task[None]) -> None:
+        _, pending = await asyncio.wait({task}, timeout=STOP_GRACE_S)
+        if pending:
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    # --- waking ---------------------------------------------------------------------------------------
+
+    def _wake_at(self, when: datetime) -> None:
+        """Arm one timer for the earliest retry or pause end this process knows of."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + max((when - datetime.now(UTC)).total_seconds(), 0.0)
+        if due >= self._timer_due:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_due = due
+        self._timer = loop.call_at(due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_due = math.inf
+        self.wake()
+
+    async def _sweep(self) -> None:
+        """Fallback tick: catches rows whose NOTIFY was missed and leases left by crashed processes."""
+        self.wake()
+        try:
+            async with transaction(self._runtime.sessions) as session:
+                HOSTS_PAUSED.set(await count_paused_hosts(session))
+        except DB_ERRORS as exc:
+            self._log.warning("webhooks.sweep_failed", error=str(exc))
+
+    def _on_notify(self, *_: Any) -> None:
+        self._wake.set()
+
+    async def _listen_loop(self) -> None:
+        dsn = self._runtime.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        backoff = 0.1
+        while True:
+            try:
+                connection = await asyncpg.connect(
+                    dsn, timeout=5, server_settings={"application_name": "sunotrack-listen"}
+                )
+            except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+                self._log.warning("webhooks.listen_connect_failed", error=str(exc), retry_in_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, LISTEN_RETRY_MAX_S)
+                continue
+            lost = asyncio.Event()
+            connection.add_termination_listener(lambda _, lost=lost: lost.set())
+            try:
+                await connection.add_listener(CHANNEL, self._on_notify)
+                backoff = 0.1
+                # Anything committed while we were not listening.
+                self.wake()
+                while not lost.is_set():
+                    try:
+                        await asyncio.wait_for(lost.wait(), LISTEN_HEARTBEAT_S)
+                    except TimeoutError:
+                        # A dead peer does not always close the socket: ask, and reconnect if no answer.
+                        await connection.fetchval("SELECT 1", timeout=5)
+                self._log.warning("webhooks.listen_lost")
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                self._log.warning("webhooks.listen_lost", error=str(exc))
+            finally:
+                connection.terminate()
+
+    # --- claiming and sending -------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        settings = self._settings
+        while not self._stopping:
+            await self._wake.wait()
+            self._wake.clear()
+            while not self._stopping:
+                free = settings.webhook_concurrency - len(self._in_flight)
+                if free <= 0:
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
+                    continue
+                try:
+                    async with transaction(self._runtime.sessions) as session:
+                        claim = await claim_due(
+                            session,
+                            limit=free,
+                            lease_s=settings.lease_s,
+                            breaker_failures=settings.hook_breaker_failures,
+                            probe_s=settings.webhook_timeout_s + 1,
+                        )
+                except DB_ERRORS as exc:
+                    # The sweep wakes us again; the rows are unclaimed or come back with their lease.
+                    self._log.warning("webhooks.claim_failed", error=str(exc))
+                    break
+                if claim.wake_at is not None:
+                    self._wake_at(claim.wake_at)
+                for delivery in claim.deliveries:
+                    self._in_flight[delivery.id] = delivery
+                    task = asyncio.create_task(self._send(delivery))
+                    self._sends.add(task)
+                    task.add_done_callback(self._sends.discard)
+                if len(claim.deliveries) + claim.deferred < free:
+                    break
+
+    async def _send(self, delivery: ClaimedDelivery) -> None:
+        assert self._http is not None
+        settings = self._settings
+        result = await attempt_delivery(
+            self._http,
+            delivery,
+            keys=self._keys,
+            timeout_s=settings.webhook_timeout_s,
+            allow_private=settings.allow_private_hooks,
+        )
+        settlement = settle(delivery, result, settings.webhook_retry_schedule)
+        self._results.append((delivery, result, settlement))
+        del self._in_flight[delivery.id]
+        self._slot_freed.set()
+        self._results_ready.set()
+        self._observe(delivery, result, settlement)
+
+    def _observe(self, delivery: ClaimedDelivery, result: AttemptResult, settlement: Settlement) -> None:
+        outcome = result.error_class or f"{(result.status_code or 0) // 100}xx"
+        DELIVERY_ATTEMPTS.labels(outcome=outcome).inc()
+        DELIVERY_LATENCY.observe(result.duration_ms / 1000)
+        if result.ok:
+            return
+        event = "webhooks.delivery_dead" if settlement.status == "dead" else "webhooks.attempt_failed"
+        self._log.warning(
+            event,
+            delivery_id=delivery.id,
+            task_id=delivery.task_id,
+            webhook_id=delivery.webhook_id,
+            attempt=delivery.attempts + 1,
+            status_code=result.status_code,
+            error_class=result.error_class,
+            error=result.error,
+            next_attempt_at=settlement.next_attempt_at,
+        )
+
+    # --- writing results ------------------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._results_ready.wait()
+            self._results_ready.clear()
+            batch, self._results = self._results, []
+            if batch:
+                await self._write(batch)
+            if self._closing and not self._results:
+                return
+
+    async def _write(self, batch: list[tuple[ClaimedDelivery, AttemptResult, Settlement]]) -> None:
+        settings = self._settings
+        for attempt in range(1, WRITE_RETRIES + 1):
+            try:
+                async with transaction(self._runtime.sessions) as session:
+                    paused = await record_results(
+                        session,
+                        batch,
+                        breaker_failures=settings.hook_breaker_failures,
+                        breaker_pause_s=settings.hook_breaker_pause_s,
+                    )
+                break
+            except DB_ERRORS as exc:
+                if attempt == WRITE_RETRIES:
+                    # The rows keep their lease and are sent again once it expires: at least once.
+                    self._log.error("webhooks.results_lost", count=len(batch), error=str(exc))
+                    return
+                await asyncio.sleep(0.1 * attempt)
+        for host, until in paused:
+            self._log.warning("webhooks.host_paused", host=host, paused_until=until)
+            self._wake_at(until)
+        retries = [s.next_attempt_at for _, _, s in batch if s.next_attempt_at is not None]
+        if retries:
+            self._wake_at(min(retries))

@@ -1,0 +1,634 @@
+"""The webhook outbox: enqueue in the caller's transaction, sign, claim, settle attempts, re-queue.
+
+Functions take the session first and never commit; the dispatcher (jobs.py) and the API own transactions.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import random
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+from pydantic import SecretStr
+from sqlalchemy import select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.errors import NotFound
+from service.models import TERMINAL, Delivery, DeliveryAttempt, HookHost, Task
+from service.webhooks.ssrf import check_hook_url, hook_host
+
+__all__ = [
+    "CHANNEL",
+    "AttemptResult",
+    "ClaimedDelivery",
+    "TransitionNotice",
+    "build_body",
+    "check_hook_url",
+    "enqueue_deliveries",
+]
+
+# Postgres NOTIFY channel the dispatchers LISTEN on; a notification is sent only when the writer commits.
+CHANNEL = "sunotrack_deliveries"
+RESPONSE_BODY_LIMIT = 4096
+# Retries wait their scheduled delay plus up to this fraction, so receivers coming back are not stampeded.
+JITTER = 0.2
+# A Retry-After may stretch the schedule, but not park a delivery beyond a day.
+RETRY_AFTER_CAP_S = 86_400.0
+# Statuses that count against a host's health: it is down, overloaded or too slow.
+BREAKER_STATUS_CODES = frozenset({408, 429})
+BREAKER_ERROR_CLASSES = frozenset({"dns", "connect", "timeout", "tls", "http"})
+
+_RELAY_STATUS = {
+    "submitted": "SUBMITTED",
+    "queued": "QUEUED",
+    "in_progress": "IN_PROGRESS",
+    "complete": "SUCCESS",
+    "failed": "FAILURE",
+    "timed_out": "FAILURE",
+    "cancelled": "FAILURE",
+}
+_RELAY_CLIP_STATUS = {
+    "submitted": "submitted",
+    "queued": "queued",
+    "in_progress": "streaming",
+    "complete": "complete",
+    "failed": "error",
+    "timed_out": "error",
+    "cancelled": "error",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionNotice:
+    task_pk: int
+    task_id: str
+    kind: str
+    seq: int
+    status: str
+    previous_status: str | None
+    progress: int | None
+    fail_reason: str | None
+    clips: list[dict[str, Any]]
+    metadata: dict[str, Any] | None
+    at: datetime
+    notify_hook: str
+    notify_format: str
+    relay_payload: bytes | None
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _relay_object(notice: TransitionNotice) -> dict[str, Any]:
+    """What the relay's fetch endpoint would return for this state, for transitions the relay never saw."""
+    progress = notice.progress if notice.progress is not None else (100 if notice.status == "complete" else 0)
+    finished = int(_utc(notice.at).timestamp()) if notice.status in TERMINAL else None
+    return {
+        "task_id": notice.task_id,
+        "notify_hook": notice.notify_hook,
+        "action": notice.kind.upper(),
+        "status": _RELAY_STATUS.get(notice.status, notice.status.upper()),
+        "fail_reason": notice.fail_reason or "",
+        "submit_time": None,
+        "start_time": None,
+        "finish_time": finished,
+        "progress": f"{progress}%",
+        "data": [
+            {
+                "id": clip.get("id"),
+                "clip_id": clip.get("id"),
+                "status": _RELAY_CLIP_STATUS.get(str(clip.get("status")), clip.get("status")),
+                "title": clip.get("title"),
+                "audio_url": clip.get("audio_url"),
+                "image_url": clip.get("image_url"),
+                "video_url": clip.get("video_url"),
+                "duration": clip.get("duration"),
+                "metadata": {"error_message": clip.get("error")},
+            }
+            for clip in notice.clips
+        ],
+    }
+
+
+def build_body(notice: TransitionNotice) -> bytes:
+    if notice.notify_format == "relay":
+        if notice.relay_payload is not None:
+            return notice.relay_payload
+        return msgspec.json.encode(_relay_object(notice))
+    return msgspec.json.encode(
+        {
+            "type": "task.status_changed",
+            "timestamp": _utc(notice.at),
+            "data": {
+                "task_id": notice.task_id,
+                "kind": notice.kind,
+                "seq": notice.seq,
+                "status": notice.status,
+                "previous_status": notice.previous_status,
+                "progress": notice.progress,
+                "fail_reason": notice.fail_reason,
+                "clips": notice.clips,
+                # Receivers get an object whether or not the client attached metadata.
+                "metadata": notice.metadata or {},
+            },
+        }
+    )
+
+
+def new_webhook_id() -> str:
+    return f"msg_{uuid.uuid4().hex}"
+
+
+async def notify_dispatchers(session: AsyncSession) -> None:
+    """Wake every dispatcher once this transaction commits (Postgres folds repeats into one)."""
+    await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
+
+
+async def enqueue_deliveries(session: AsyncSession, notices: Sequence[TransitionNotice]) -> None:
+    """Insert one outbox row per notice in the caller's transaction and wake the dispatchers on commit."""
+    if not notices:
+        return
+    rows = [
+        {
+            "task_pk": notice.task_pk,
+            "event_seq": notice.seq,
+            "webhook_id": new_webhook_id(),
+            "url": notice.notify_hook,
+            "body": build_body(notice),
+        }
+        for notice in notices
+    ]
+    await session.execute(
+        pg_insert(Delivery).values(rows).on_conflict_do_nothing(index_elements=["task_pk", "event_seq"])
+    )
+    await notify_dispatchers(session)
+
+
+# --- signing ------------------------------------------------------------------------------------------
+
+
+def secret_keys(secrets: Sequence[SecretStr]) -> tuple[bytes, ...]:
+    """HMAC keys from whsec_ secrets, decoded the way the standardwebhooks package decodes them."""
+    keys = []
+    for secret in secrets:
+        raw = secret.get_secret_value().removeprefix("whsec_")
+        keys.append(base64.b64decode(raw + "=="))
+    return tuple(keys)
+
+
+def signature_header(keys: Sequence[bytes], webhook_id: str, timestamp: int, body: bytes) -> str:
+    """`v1,<sig>` per key, space separated: receivers accept a message if any signature matches."""
+    signed = f"{webhook_id}.{timestamp}.".encode() + body
+    return " ".join(
+        "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode() for key in keys
+    )
+
+
+# --- claiming and settling ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedDelivery:
+    id: int
+    task_id: str
+    webhook_id: str
+    url: str
+    body: bytes
+    attempts: int  # attempts made before this one, in the current round
+    host: str
+    # The next_attempt_at our claim wrote: writes back only land while the row still carries it.
+    lease: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    at: datetime
+    duration_ms: float
+    status_code: int | None = None
+    error_class: str | None = None  # dns | connect | timeout | tls | http | ssrf
+    error: str | None = None
+    response_body: str | None = None
+    retry_after_s: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+    @property
+    def host_failed(self) -> bool:
+        """Whether this attempt says the host is unhealthy (a refused address never reached it)."""
+        if self.status_code is not None:
+            return self.status_code >= 500 or self.status_code in BREAKER_STATUS_CODES
+        return self.error_class in BREAKER_ERROR_CLASSES
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    status: str
+    next_attempt_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    deliveries: list[ClaimedDelivery]
+    # Rows put back because their host is paused, and when the earliest of them becomes due again.
+    deferred: int
+    wake_at: datetime | None
+
+
+def settle(
+    delivery: ClaimedDelivery,
+    result: AttemptResult,
+    schedule: Sequence[float],
+    *,
+    rng: random.Random | None = None,
+) -> Settlement:
+    """The delivery's state after this attempt: delivered, dead, or failed with its next attempt time."""
+    if result.ok:
+        return Settlement("delivered", None)
+    attempt = delivery.attempts + 1
+    if result.status_code == 410 or attempt > len(schedule):
+        return Settlement("dead", None)
+    delay = schedule[attempt - 1] * (1 + (rng or random).uniform(0, JITTER))
+    if result.retry_after_s is not None:
+        delay = max(delay, min(result.retry_after_s, RETRY_AFTER_CAP_S))
+    finished = result.at + timedelta(milliseconds=result.duration_ms)
+    return Settlement("failed", finished + timedelta(seconds=delay))
+
+
+_CLAIM = text(
+    """
+    WITH due AS (
+        SELECT id FROM deliveries
+        WHERE next_attempt_at <= now()
+        ORDER BY next_attempt_at
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE deliveries AS d
+    SET next_attempt_at = now() + make_interval(secs => :lease_s)
+    FROM due
+    WHERE d.id = due.id
+    RETURNING d.id, (SELECT t.task_id FROM tasks AS t WHERE t.id = d.task_pk), d.webhook_id, d.url, d.body,
+        d.attempts, d.next_attempt_at, now()
+    """
+)
+
+_TRIPPED_HOSTS = text(
+    """
+    SELECT host, paused_until FROM hook_hosts
+    WHERE host = ANY(CAST(:hosts AS text[])) AND consecutive_failures >= :failures
+    """
+)
+
+# Only one process wins the probe of a host whose pause is over: the row lock serialises the others,
+# which then see the new paused_until and defer.
+_TAKE_PROBES = text(
+    """
+    UPDATE hook_hosts SET paused_until = now() + make_interval(secs => :probe_s), updated_at = now()
+    WHERE host = ANY(CAST(:hosts AS text[])) AND (paused_until IS NULL OR paused_until <= now())
+    RETURNING host, paused_until
+    """
+)
+
+_DEFER = text(
+    """
+    UPDATE deliveries AS d SET next_attempt_at = v.until
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:untils AS timestamptz[])) AS v(id, until)
+    WHERE d.id = v.id
+    """
+)
+
+
+async def claim_due(
+    session: AsyncSession, *, limit: int, lease_s: float, breaker_failures: int, probe_s: float
+) -> Claim:
+    """Lease up to `limit` due deliveries to this process, putting back those whose host is paused.
+
+    A host tripped by the circuit breaker gets one probe delivery once its pause is over; its other
+    deliveries wait for the probe's outcome instead of each burning an attempt on a host that is down.
+    """
+    rows = (await session.execute(_CLAIM, {"limit": limit, "lease_s": lease_s})).all()
+    if not rows:
+        return Claim([], 0, None)
+    now: datetime = rows[0][7]
+    claimed = [
+        ClaimedDelivery(
+            id=row[0],
+            task_id=row[1],
+            webhook_id=row[2],
+            url=row[3],
+            body=bytes(row[4]),
+            attempts=row[5],
+            host=hook_host(row[3]),
+            lease=row[6],
+        )
+        for row in rows
+    ]
+    hosts = sorted({delivery.host for delivery in claimed})
+    tripped: dict[str, datetime | None] = {
+        host: paused_until
+        for host, paused_until in await session.execute(
+            _TRIPPED_HOSTS, {"hosts": hosts, "failures": breaker_failures}
+        )
+    }
+    if not tripped:
+        return Claim(claimed, 0, None)
+
+    probes: set[str] = set()
+    half_open = [host for host, until in tripped.items() if until is None or until <= now]
+    if half_open:
+        for host, until in await session.execute(_TAKE_PROBES, {"hosts": half_open, "probe_s": probe_s}):
+            probes.add(host)
+            tripped[host] = until
+    sendable: list[ClaimedDelivery] = []
+    deferred_ids: list[int] = []
+    deferred_until: list[datetime] = []
+    for delivery in claimed:
+        if delivery.host not in tripped:
+            sendable.append(delivery)
+        elif delivery.host in probes:
+            probes.discard(delivery.host)
+            sendable.append(delivery)
+        else:
+            until = tripped[delivery.host]
+            # Lost the probe race to another process: its pause (the probe's lease) is moments old.
+            deferred_ids.append(delivery.id)
+            deferred_until.append(
+                until if until is not None and until > now else now + timedelta(seconds=probe_s)
+            )
+    if deferred_ids:
+        await session.execute(_DEFER, {"ids": deferred_ids, "untils": deferred_until})
+    return Claim(sendable, len(deferred_ids), min(deferred_until) if deferred_until else None)
+
+
+_SETTLE = text(
+    """
+    UPDATE deliveries AS d
+    SET status = v.status,
+        attempts = d.attempts + 1,
+        next_attempt_at = v.next_attempt_at,
+        last_status_code = v.status_code,
+        last_error = v.error,
+        delivered_at = COALESCE(v.delivered_at, d.delivered_at)
+    FROM unnest(
+        CAST(:ids AS bigint[]), CAST(:leases AS timestamptz[]), CAST(:statuses AS text[]),
+        CAST(:nexts AS timestamptz[]), CAST(:codes AS smallint[]), CAST(:errors AS text[]),
+        CAST(:delivered AS timestamptz[])
+    ) AS v(id, lease, status, next_attempt_at, status_code, error, delivered_at)
+    WHERE d.id = v.id AND d.next_attempt_at = v.lease
+    """
+)
+
+_LOG_ATTEMPTS = text(
+    """
+    INSERT INTO delivery_attempts (
+        delivery_id, attempt, at, duration_ms, status_code, error_class, error, response_body,
+        next_attempt_at
+    )
+    SELECT * FROM unnest(
+        CAST(:ids AS bigint[]), CAST(:attempts AS integer[]), CAST(:ats AS timestamptz[]),
+        CAST(:durations AS float8[]), CAST(:codes AS smallint[]), CAST(:classes AS text[]),
+        CAST(:errors AS text[]), CAST(:bodies AS text[]), CAST(:nexts AS timestamptz[])
+    )
+    """
+)
+
+_HOSTS_RECOVERED = text(
+    """
+    UPDATE hook_hosts SET consecutive_failures = 0, paused_until = NULL, updated_at = now()
+    WHERE host = ANY(CAST(:hosts AS text[])) AND (consecutive_failures > 0 OR paused_until IS NOT NULL)
+    """
+)
+
+_HOSTS_FAILED = text(
+    """
+    INSERT INTO hook_hosts AS h (host, consecutive_failures, paused_until, updated_at)
+    SELECT v.host, v.failures,
+        CASE WHEN v.failures >= :threshold THEN now() + make_interval(secs => :pause_s) END, now()
+    FROM unnest(CAST(:hosts AS text[]), CAST(:failures AS integer[])) AS v(host, failures)
+    ON CONFLICT (host) DO UPDATE SET
+        consecutive_failures = h.consecutive_failures + excluded.consecutive_failures,
+        paused_until = CASE
+            WHEN h.consecutive_failures + excluded.consecutive_failures >= :threshold
+            THEN now() + make_interval(secs => :pause_s)
+            ELSE h.paused_until END,
+        updated_at = now()
+    RETURNING host, paused_until
+    """
+)
+
+
+def _error_text(result: AttemptResult) -> str | None:
+    if result.error is not None:
+        return result.error
+    if result.status_code is not None and not result.ok:
+        return f"HTTP {result.status_code}"
+    return None
+
+
+async def record_results(
+    session: AsyncSession,
+    outcomes: Sequence[tuple[ClaimedDelivery, AttemptResult, Settlement]],
+    *,
+    breaker_failures: int,
+    breaker_pause_s: float,
+) -> list[tuple[str, datetime]]:
+    """Write a batch of attempts in three statements; returns the hosts this batch paused.
+
+    Outcomes must be in completion order: a host's failures count from its last success in the batch.
+    A row whose lease was lost (expired and claimed again elsewhere) keeps the other process's state;
+    its attempt is still logged, since it happened.
+    """
+    if not outcomes:
+        return []
+    await session.execute(
+        _SETTLE,
+        {
+            "ids": [delivery.id for delivery, _, _ in outcomes],
+            "leases": [delivery.lease for delivery, _, _ in outcomes],
+            "statuses": [settlement.status for _, _, settlement in outcomes],
+            "nexts": [settlement.next_attempt_at for _, _, settlement in outcomes],
+            "codes": [result.status_code for _, result, _ in outcomes],
+            "errors": [_error_text(result) for _, result, _ in outcomes],
+            "delivered": [result.at if result.ok else None for _, result, _ in outcomes],
+        },
+    )
+    await session.execute(
+        _LOG_ATTEMPTS,
+        {
+            "ids": [delivery.id for delivery, _, _ in outcomes],
+            "attempts": [delivery.attempts + 1 for delivery, _, _ in outcomes],
+            "ats": [result.at for _, result, _ in outcomes],
+            "durations": [result.duration_ms for _, result, _ in outcomes],
+            "codes": [result.status_code for _, result, _ in outcomes],
+            "classes": [result.error_class for _, result, _ in outcomes],
+            "errors": [result.error for _, result, _ in outcomes],
+            "bodies": [result.response_body for _, result, _ in outcomes],
+            "nexts": [settlement.next_attempt_at for _, _, settlement in outcomes],
+        },
+    )
+
+    recovered: set[str] = set()
+    failures: dict[str, int] = {}
+    for delivery, result, _ in outcomes:
+        if result.host_failed:
+            failures[delivery.host] = failures.get(delivery.host, 0) + 1
+        elif result.error_class is None:
+            recovered.add(delivery.host)
+            failures.pop(delivery.host, None)
+    if recovered:
+        await session.execute(_HOSTS_RECOVERED, {"hosts": sorted(recovered)})
+    if not failures:
+        return []
+    hosts = sorted(failures)
+    paused = await session.execute(
+        _HOSTS_FAILED,
+        {
+            "hosts": hosts,
+            "failures": [failures[host] for host in hosts],
+            "threshold": breaker_failures,
+            "pause_s": breaker_pause_s,
+        },
+    )
+    return [(host, until) for host, until in paused if until is not None and host in failures]
+
+
+_RELEASE = text(
+    """
+    UPDATE deliveries AS d SET next_attempt_at = now()
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:leases AS timestamptz[])) AS v(id, lease)
+    WHERE d.id = v.id AND d.next_attempt_at = v.lease
+    """
+)
+
+
+async def release_claims(session: AsyncSession, deliveries: Sequence[ClaimedDelivery]) -> None:
+    """Hand unsent claimed rows back at once instead of making them wait out the lease."""
+    if deliveries:
+        await session.execute(
+            _RELEASE,
+            {
+                "ids": [delivery.id for delivery in deliveries],
+                "leases": [delivery.lease for delivery in deliveries],
+            },
+        )
+    await notify_dispatchers(session)
+
+
+async def count_paused_hosts(session: AsyncSession) -> int:
+    query = text("SELECT count(*) FROM hook_hosts WHERE paused_until > now()")
+    return int((await session.execute(query)).scalar_one())
+
+
+# --- the API's reads and re-queues --------------------------------------------------------------------
+
+
+async def task_pk_of(session: AsyncSession, task_id: str) -> int:
+    pk = (await session.execute(select(Task.id).where(Task.task_id == task_id))).scalar_one_or_none()
+    if pk is None:
+        raise NotFound(f"task {task_id!r} is not tracked", extra={"task_id": task_id})
+    return pk
+
+
+async def deliveries_of_task(
+    session: AsyncSession, task_pk: int
+) -> list[tuple[Delivery, list[DeliveryAttempt]]]:
+    deliveries = list(
+        (
+            await session.execute(
+                select(Delivery).where(Delivery.task_pk == task_pk).order_by(Delivery.event_seq, Delivery.id)
+            )
+        ).scalars()
+    )
+    attempts: dict[int, list[DeliveryAttempt]] = {delivery.id: [] for delivery in deliveries}
+    if deliveries:
+        rows = await session.execute(
+            select(DeliveryAttempt)
+            .where(DeliveryAttempt.delivery_id.in_(list(attempts)))
+            .order_by(DeliveryAttempt.delivery_id, DeliveryAttempt.id)
+        )
+        for attempt in rows.scalars():
+            attempts[attempt.delivery_id].append(attempt)
+    return [(delivery, attempts[delivery.id]) for delivery in deliveries]
+
+
+async def list_deliveries(
+    session: AsyncSession, *, status: str | None, limit: int, before_id: int | None
+) -> list[tuple[Delivery, str]]:
+    """Newest first by id (a stable keyset cursor), each with its task's task_id."""
+    query = (
+        select(Delivery, Task.task_id)
+        .join(Task, Task.id == Delivery.task_pk)
+        .order_by(Delivery.id.desc())
+        .limit(limit)
+    )
+    if status is not None:
+        query = query.where(Delivery.status == status)
+    if before_id is not None:
+        query = query.where(Delivery.id < before_id)
+    return [(delivery, task_id) for delivery, task_id in (await session.execute(query)).tuples()]
+
+
+async def requeue(
+    session: AsyncSession,
+    *,
+    task_pk: int | None = None,
+    delivery_id: int | None = None,
+    statuses: Sequence[str],
+) -> list[Delivery]:
+    """Make matching deliveries due now with a fresh round of attempts; wakes the dispatchers on commit.
+
+    `attempts` restarts at 0 so the retry schedule applies again; the attempt log keeps every earlier try.
+    """
+    query = (
+        update(Delivery)
+        .where(Delivery.status.in_(statuses))
+        .values(status="pending", attempts=0, next_attempt_at=text("now()"))
+        .returning(Delivery)
+        .execution_options(synchronize_session=False)
+    )
+    if task_pk is not None:
+        query = query.where(Delivery.task_pk == task_pk)
+    if delivery_id is not None:
+        query = query.where(Delivery.id == delivery_id)
+    requeued = list((await session.execute(query)).scalars())
+    if requeued:
+        await notify_dispatchers(session)
+    return sorted(requeued, key=lambda delivery: delivery.id)
+
+
+async def get_delivery(session: AsyncSession, delivery_id: int) -> tuple[Delivery, str]:
+    row = (
+        (
+            await session.execute(
+                select(Delivery, Task.task_id)
+                .join(Task, Task.id == Delivery.task_pk)
+                .where(Delivery.id == delivery_id)
+            )
+        )
+        .tuples()
+        .one_or_none()
+    )
+    if row is None:
+        raise NotFound(f"delivery {delivery_id} does not exist", extra={"delivery_id": delivery_id})
+    return row
+
+
+async def list_hook_hosts(session: AsyncSession) -> list[HookHost]:
+    query = select(HookHost).order_by(HookHost.paused_until.desc().nulls_last(), HookHost.host)
+    return list((await session.execute(query)).scalars())
+
+
+async def database_now(session: AsyncSession) -> datetime:
+    now: datetime = (await session.execute(text("SELECT now()"))).scalar_one()
+    return now
