@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -37,6 +38,7 @@ __all__ = ["BatchResult", "RelayClient"]
 
 log = structlog.get_logger()
 
+_T = TypeVar("_T")
 _JSON_HEADERS = {"Content-Type": "application/json"}
 _MAX_MESSAGE = 200
 
@@ -85,17 +87,17 @@ class RelayClient:
     async def fetch(self, task_id: str) -> TaskSnapshot:
         """`GET /suno/fetch/{task_id}`."""
         body = await self._get("/suno/fetch/", task_id)
-        return _same_task(parse_fetch(body), task_id)
+        return _same_task(_parse(parse_fetch, body), task_id)
 
     async def fetch_v1(self, task_id: str) -> TaskSnapshot:
         """`GET /suno/v1/v3.0/music/{task_id}`."""
         body = await self._get("/suno/v1/v3.0/music/", task_id)
-        return _same_task(parse_v1(body), task_id)
+        return _same_task(_parse(parse_v1, body), task_id)
 
     async def fetch_stems(self, clip_id: str) -> TaskSnapshot:
         """`GET /suno/act/stems/{clip_id}`: a snapshot whose task_id is the source clip id."""
         body = await self._get("/suno/act/stems/", clip_id)
-        return parse_stems(body, clip_id)
+        return _parse(functools.partial(parse_stems, clip_id=clip_id), body)
 
     async def fetch_batch(self, task_ids: Sequence[str], action: str = "MUSIC") -> BatchResult:
         """`POST {batch_path}` in chunks of `batch_size`, the chunks concurrently."""
@@ -138,13 +140,13 @@ class RelayClient:
         body = msgspec.json.encode({"ids": chunk, "action": action})
         try:
             answer = await self._request("POST", self._batch_path, body)
-            return parse_fetch_batch(answer)
+            return _parse(parse_fetch_batch, answer)
         except UpstreamError as exc:
             return exc
 
     async def _submit(self, path: str, payload: dict[str, Any]) -> str:
         answer = await self._request("POST", path, msgspec.json.encode(payload))
-        return parse_submit(answer)
+        return _parse(parse_submit, answer)
 
     async def _get(self, prefix: str, item_id: str) -> bytes:
         if not item_id:
@@ -186,6 +188,14 @@ class RelayClient:
         if not 200 <= status < 300:
             raise _failed(_status_error(method, path, status, retry_after, answer))
         return answer
+
+
+def _parse(parser: Callable[[bytes], _T], body: bytes) -> _T:
+    try:
+        return parser(body)
+    except UpstreamError as exc:
+        _failed(exc)
+        raise
 
 
 def _failed(error: UpstreamError) -> UpstreamError:
@@ -245,7 +255,8 @@ def _retry_after_s(value: str | None) -> float | None:
 
 def _same_task(snapshot: TaskSnapshot, task_id: str) -> TaskSnapshot:
     if snapshot.task_id != task_id:
-        raise MalformedUpstreamError(
+        error = MalformedUpstreamError(
             "bad_shape", f"asked for task {task_id!r}, relay answered for {snapshot.task_id!r}"
         )
+        raise _failed(error)
     return snapshot
