@@ -1,18 +1,492 @@
-"""Recording what happens to a task: registration and every transition. Never commits."""
+"""Recording what happens to a task: registration and every transition. Never commits.
+
+Every writer (the poller, the relay's callbacks, the API) goes through `_Recorder` while holding the
+task rows' locks: it compares what the relay said with the stored state, appends one event per real
+change with the next seqs, and writes tasks, clips, events and outbox rows in a few array statements.
+Because the comparison happens under the lock, a poll and a callback racing each other cannot record
+the same change twice.
+"""
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
+import structlog
 from sqlalchemy import insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.config import Settings
-from service.errors import Conflict
-from service.models import Task, TaskEvent
+from service.errors import Conflict, NotFound, UpstreamUnavailable
+from service.metrics import ANOMALIES, TRANSITIONS
+from service.models import TERMINAL, Task, TaskEvent
 from service.tracking import repository
+from service.tracking.repository import ClipState, EventRow, TaskState
+from service.upstream.client import RelayClient
+from service.upstream.schemas import STATUS_RANK, TaskSnapshot, TaskStatus, UpstreamError
+from service.webhooks.service import TransitionNotice, enqueue_deliveries
+
+log = structlog.get_logger()
+
+Source = Literal["poll", "callback", "api", "deadline"]
+Endpoint = Literal["batch", "single", "v1", "stems"]
+
+# Unchanged answers stretch the interval by this factor up to the maximum; a change resets it.
+BACKOFF_FACTOR = 1.5
+# +-10 %: tasks registered together drift apart instead of hitting the relay in lockstep forever.
+JITTER = 0.1
+# Relays lag right after a submit, so "no such task" fails a task only when it repeats (and only
+# after settings.not_found_grace_s since registration); other refusals (401...) get a longer rope.
+NOT_FOUND_CODES = frozenset({"task_not_exist", "not_found"})
+NOT_FOUND_LIMIT = 3
+PERMANENT_LIMIT = 5
+# A task left out of this many batch answers in a row is worth an anomaly (it is still polled singly).
+MISSING_ANOMALY_AFTER = 3
+# last_error of a task the batch answer left out: the next turn polls it on its own.
+MISSING_FROM_BATCH = "missing_from_batch"
+LAST_ERROR_MAX = 500
+
+_TERMINAL = frozenset(TERMINAL)
+_RANK = {str(status): rank for status, rank in STATUS_RANK.items()}
+
+
+def polls_singly(last_error: str | None) -> bool:
+    """Tasks the batch answer left out, or that the relay says do not exist, are asked for one by one."""
+    if last_error is None:
+        return False
+    code = last_error.partition(":")[0]
+    return code == MISSING_FROM_BATCH or code in NOT_FOUND_CODES
+
+
+async def fetch_snapshot(relay: RelayClient, dialect: str, kind: str, task_id: str) -> TaskSnapshot:
+    """One task from the endpoint that serves it alone (stems and v1 have no batch form)."""
+    if kind == "stems":
+        return await relay.fetch_stems(task_id)
+    if dialect == "v1":
+        return await relay.fetch_v1(task_id)
+    return await relay.fetch(task_id)
+
+
+@dataclass(frozen=True, slots=True)
+class PollResult:
+    """What one poll of one claimed task produced: a snapshot, an error, or absence from a batch."""
+
+    pk: int
+    lease_until: datetime
+    endpoint: Endpoint
+    snapshot: TaskSnapshot | None = None
+    error: UpstreamError | None = None
+
+
+@dataclass(slots=True)
+class RecordStats:
+    tasks: int = 0
+    transitions: int = 0
+    events: int = 0
+
+
+@dataclass(slots=True)
+class _Recorder:
+    now: datetime
+    settings: Settings
+    dirty: dict[int, TaskState] = field(default_factory=dict)
+    clips: list[tuple[int, ClipState]] = field(default_factory=list)
+    events: list[EventRow] = field(default_factory=list)
+    notices: list[TransitionNotice] = field(default_factory=list)
+    transitions: int = 0
+
+    # -- what the relay said ----------------------------------------------------------------------
+
+    def snapshot(self, state: TaskState, snapshot: TaskSnapshot, source: Source) -> bool:
+        """Merge one relay answer; True when anything about the task changed."""
+        if state.status in _TERMINAL:
+            self._after_terminal(state, snapshot, source)
+            return False
+        clip_moves, new_clip_ids, clip_news, clips_changed = self._merge_clips(state, snapshot)
+        news = clip_news or snapshot.raw_status != state.upstream_status
+        changed = clips_changed or news
+        state.upstream_status = snapshot.raw_status
+        if snapshot.progress is not None and snapshot.progress != state.progress:
+            state.progress = snapshot.progress
+            changed = True
+
+        reported = snapshot.status
+        if reported is None:
+            if news:
+                self._anomaly(state, "unknown_status", source, upstream_status=snapshot.raw_status)
+        elif _RANK[reported] < _RANK[state.status]:
+            if news:
+                self._anomaly(
+                    state, "regression", source, upstream_status=snapshot.raw_status, reported=str(reported)
+                )
+        elif reported != state.status:
+            fail_reason = snapshot.fail_reason if reported is TaskStatus.FAILED else None
+            self.transition(
+                state,
+                str(reported),
+                source,
+                detail=_upstream_detail(snapshot.raw_status),
+                fail_reason=fail_reason,
+                relay_payload=snapshot.raw,
+            )
+            changed = True
+
+        for clip_id, before, after, raw in clip_moves:
+            self._event(
+                state,
+                "transition",
+                before,
+                after,
+                source=source,
+                clip_id=clip_id,
+                detail=_upstream_detail(raw),
+            )
+        if new_clip_ids and state.kind == "stems" and len(state.clips) > len(new_clip_ids):
+            # Some relays start a new separation job per call: the first-seen stems stay the task's.
+            self._anomaly(state, "new_stem_clips", source, clip_ids=new_clip_ids)
+        if changed:
+            state.payload = snapshot.raw
+            state.updated_at = self.now
+            self.dirty[state.pk] = state
+        return changed
+
+    def _after_terminal(self, state: TaskState, snapshot: TaskSnapshot, source: Source) -> None:
+        """Terminal is for good; a later answer that disagrees is only worth noting, once."""
+        if snapshot.raw_status == state.upstream_status:
+            return
+        state.upstream_status = snapshot.raw_status
+        self.dirty[state.pk] = state
+        reported = snapshot.status
+        if reported is not None and reported != state.status:
+            kind = "regression" if _RANK[reported] < _RANK[state.status] else "after_terminal"
+            self._anomaly(state, kind, source, upstream_status=snapshot.raw_status, reported=str(reported))
+
+    def _merge_clips(
+        self, state: TaskState, snapshot: TaskSnapshot
+    ) -> tuple[list[tuple[str, str | None, str, str | None]], list[str], bool, bool]:
+        """Clip statuses only move forward; fields the relay stops sending keep their last value."""
+        stored = {clip.clip_id: clip for clip in state.clips}
+        moves: list[tuple[str, str | None, str, str | None]] = []
+        new_ids: list[str] = []
+        news = changed = False
+        for seen in snapshot.clips:
+            status = None if seen.status is None else str(seen.status)
+            clip = stored.get(seen.id)
+            if clip is None:
+                clip = ClipState(
+                    seen.id, len(state.clips), status, seen.raw_status, seen.title, seen.audio_url,
+                    seen.image_url, seen.video_url, seen.duration, seen.error,
+                )  # fmt: skip
+                state.clips.append(clip)
+                stored[seen.id] = clip
+                new_ids.append(seen.id)
+                if status is not None:
+                    moves.append((seen.id, None, status, seen.raw_status))
+                self._clip_dirty(state, clip)
+                news = changed = True
+                continue
+            touched = False
+            if seen.raw_status != clip.upstream_status:
+                clip.upstream_status = seen.raw_status
+                news = touched = True
+            if status is not None and (
+                clip.status is None or (clip.status not in _TERMINAL and _RANK[status] > _RANK[clip.status])
+            ):
+                moves.append((seen.id, clip.status, status, seen.raw_status))
+                clip.status = status
+                touched = True
+            for name in ("title", "audio_url", "image_url", "video_url", "duration", "error"):
+                value = getattr(seen, name)
+                if value is not None and value != getattr(clip, name):
+                    setattr(clip, name, value)
+                    touched = True
+            if touched:
+                self._clip_dirty(state, clip)
+                changed = True
+        return moves, new_ids, news, changed
+
+    def _clip_dirty(self, state: TaskState, clip: ClipState) -> None:
+        clip.updated_at = self.now
+        if not clip.dirty:
+            clip.dirty = True
+            self.clips.append((state.pk, clip))
+
+    # -- what the poller saw ----------------------------------------------------------------------
+
+    def poll(self, state: TaskState, result: PollResult) -> None:
+        if state.status in _TERMINAL and result.snapshot is None:
+            return  # finished meanwhile (callback, API, another poller): nothing left to say
+        had_errors = state.consecutive_errors > 0
+        state.last_polled_at = self.now
+        state.poll_count += 1
+        changed = False
+        error = result.error
+        if result.snapshot is not None:
+            changed = self.snapshot(state, result.snapshot, "poll")
+            state.consecutive_errors = 0
+            state.last_error = None
+            if result.endpoint == "batch":
+                state.missing_count = 0
+        elif error is not None:
+            self._error(state, error)
+        else:
+            state.missing_count += 1
+            state.last_error = f"{MISSING_FROM_BATCH}: the relay's batch answer left the task out"
+            if state.missing_count == MISSING_ANOMALY_AFTER:
+                self._anomaly(state, "missing_from_batch", "poll", times=state.missing_count)
+        self._check_deadline(state)
+        # Only the lease holder schedules: if the lease expired and another process claimed the task,
+        # that process owns next_poll_at now.
+        if state.status in _TERMINAL:
+            state.next_poll_at = None
+        elif state.next_poll_at == result.lease_until:
+            self._schedule(state, changed=changed, error=error, reset=changed or had_errors)
+        self.dirty[state.pk] = state
+
+    def _error(self, state: TaskState, error: UpstreamError) -> None:
+        same = state.last_error is not None and state.last_error.partition(":")[0] == error.code
+        state.consecutive_errors = state.consecutive_errors + 1 if same else 1
+        state.last_error = f"{error.code}: {error.message}"[:LAST_ERROR_MAX]
+        if error.error_class != "permanent":
+            return
+        times = state.consecutive_errors
+        if error.code in NOT_FOUND_CODES:
+            age = (self.now - state.created_at).total_seconds()
+            if times >= NOT_FOUND_LIMIT and age >= self.settings.not_found_grace_s:
+                reason = (
+                    f"the relay answered {error.code} {times} times in a row, {age:.0f} s after registration"
+                )
+                self._fail(state, reason, error)
+        elif times >= PERMANENT_LIMIT:
+            self._fail(state, f"the relay refused {times} times in a row: {state.last_error}", error)
+
+    def _fail(self, state: TaskState, reason: str, error: UpstreamError) -> None:
+        log.info("task.failed_by_errors", task_id=state.task_id, code=error.code, reason=reason)
+        detail = {"reason": reason, "error": error.code}
+        self.transition(state, "failed", "poll", detail=detail, fail_reason=reason, relay_payload=None)
+
+    def _check_deadline(self, state: TaskState) -> None:
+        if state.status in _TERMINAL:
+            return
+        deadline_s = self.settings.task_deadline_s
+        if self.now < state.created_at + timedelta(seconds=deadline_s):
+            return
+        reason = f"no terminal status within the deadline of {deadline_s:g} s since registration"
+        log.info("task.timed_out", task_id=state.task_id, deadline_s=deadline_s)
+        self.transition(
+            state, "timed_out", "deadline", detail={"reason": reason}, fail_reason=reason, relay_payload=None
+        )
+
+    def _schedule(self, state: TaskState, *, changed: bool, error: UpstreamError | None, reset: bool) -> None:
+        low, high = self.settings.poll_min_interval_s, self.settings.poll_max_interval_s
+        interval = state.poll_interval_s or low
+        wait_at_least = 0.0
+        if error is not None:
+            interval = min(high, max(low, interval * 2))
+            wait_at_least = error.retry_after_s or 0.0
+        elif state.last_error is not None or reset:
+            interval = low  # a change, a recovery, or a batch miss to re-ask about at once
+        else:
+            interval = min(high, interval * BACKOFF_FACTOR)
+        state.poll_interval_s = interval
+        delay = max(interval * random.uniform(1 - JITTER, 1 + JITTER), wait_at_least)  # noqa: S311  (jitter, not crypto)
+        due = self.now + timedelta(seconds=delay)
+        # Never sleep past the deadline: the poll at the deadline is what times the task out.
+        deadline = state.created_at + timedelta(seconds=self.settings.task_deadline_s)
+        state.next_poll_at = min(due, max(deadline, self.now))
+
+    # -- events -----------------------------------------------------------------------------------
+
+    def _event(
+        self,
+        state: TaskState,
+        type_: str,
+        from_status: str | None,
+        to_status: str,
+        *,
+        source: Source,
+        clip_id: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> int:
+        state.last_seq += 1
+        self.events.append(
+            EventRow(state.pk, state.last_seq, type_, from_status, to_status, clip_id, detail, source)
+        )
+        self.dirty[state.pk] = state
+        return state.last_seq
+
+    def _anomaly(self, state: TaskState, kind: str, source: Source, **detail: Any) -> None:
+        ANOMALIES.labels(kind).inc()
+        log.info("task.anomaly", task_id=state.task_id, anomaly=kind, **detail)
+        self._event(
+            state, "anomaly", state.status, state.status, source=source, detail={"anomaly": kind, **detail}
+        )
+
+    def transition(
+        self,
+        state: TaskState,
+        to_status: str,
+        source: Source,
+        *,
+        detail: dict[str, Any] | None,
+        fail_reason: str | None,
+        relay_payload: bytes | None,
+    ) -> None:
+        previous = state.status
+        seq = self._event(state, "transition", previous, to_status, source=source, detail=detail)
+        state.status = to_status
+        state.updated_at = self.now
+        if fail_reason is not None:
+            state.fail_reason = fail_reason
+        if to_status in _TERMINAL:
+            state.finished_at = self.now
+            state.next_poll_at = None
+        self.transitions += 1
+        TRANSITIONS.labels(source, to_status).inc()
+        log.debug("task.transition", task_id=state.task_id, seq=seq, previous=previous, status=to_status)
+        if state.notify_hook is not None:
+            self.notices.append(
+                TransitionNotice(
+                    task_pk=state.pk,
+                    task_id=state.task_id,
+                    kind=state.kind,
+                    seq=seq,
+                    status=to_status,
+                    previous_status=previous,
+                    progress=state.progress,
+                    fail_reason=state.fail_reason,
+                    clips=[_clip_json(clip) for clip in state.clips],
+                    metadata=state.metadata,
+                    at=self.now,
+                    notify_hook=state.notify_hook,
+                    notify_format=state.notify_format,
+                    relay_payload=relay_payload,
+                )
+            )
+
+    async def flush(self, session: AsyncSession) -> RecordStats:
+        await repository.write_task_states(session, list(self.dirty.values()))
+        await repository.upsert_clips(session, self.clips)
+        await repository.insert_events(session, self.events, at=self.now)
+        if self.notices:
+            await enqueue_deliveries(session, self.notices)
+        return RecordStats(tasks=len(self.dirty), transitions=self.transitions, events=len(self.events))
+
+
+def _upstream_detail(raw_status: str | None) -> dict[str, Any] | None:
+    return None if raw_status is None else {"upstream_status": raw_status}
+
+
+def _clip_json(clip: ClipState) -> dict[str, Any]:
+    return {
+        "id": clip.clip_id,
+        "status": clip.status,
+        "title": clip.title,
+        "audio_url": clip.audio_url,
+        "image_url": clip.image_url,
+        "video_url": clip.video_url,
+        "duration": clip.duration,
+        "error": clip.error,
+    }
+
+
+# -- entry points -----------------------------------------------------------------------------------
+
+
+async def record_polls(
+    session: AsyncSession, results: Sequence[PollResult], *, settings: Settings
+) -> RecordStats:
+    """Record one chunk of the poller's results (tasks it claimed) in a handful of statements."""
+    now, states = await repository.lock_task_states(session, pks=[result.pk for result in results])
+    by_pk = {state.pk: state for state in states}
+    recorder = _Recorder(now, settings)
+    for result in results:
+        state = by_pk.get(result.pk)
+        if state is not None:
+            recorder.poll(state, result)
+    return await recorder.flush(session)
+
+
+async def record_snapshot(
+    session: AsyncSession, snapshot: TaskSnapshot, *, source: Source, settings: Settings
+) -> bool:
+    """Record one answer that did not come from the poller (relay callback, API refresh).
+
+    It never touches next_poll_at of a live task: that may be a poller's lease. Returns False when
+    the task is not tracked.
+    """
+    now, states = await repository.lock_task_states(session, task_ids=[snapshot.task_id])
+    if not states:
+        return False
+    state = states[0]
+    recorder = _Recorder(now, settings)
+    if recorder.snapshot(state, snapshot, source):
+        state.poll_interval_s = settings.poll_min_interval_s
+    if source == "api":
+        recorder.dirty[state.pk] = state
+        state.last_polled_at = now
+        state.poll_count += 1
+        state.consecutive_errors = 0
+        state.last_error = None
+    await recorder.flush(session)
+    # Rows were written with Core statements: ORM copies loaded earlier in this session are stale.
+    session.expire_all()
+    return True
+
+
+async def refresh_task(
+    session: AsyncSession, relay: RelayClient | None, task_id: str, *, settings: Settings
+) -> None:
+    """Poll one task now (source `api`). A terminal task is left as it is: polling stopped for good."""
+    task = await repository.get_task(session, task_id)
+    if task is None:
+        raise NotFound(f"task {task_id!r} is not tracked", extra={"task_id": task_id})
+    if task.status in _TERMINAL:
+        return
+    if relay is None:
+        raise UpstreamUnavailable("no relay is configured (SUNO_BASE_URL is unset)")
+    try:
+        snapshot = await fetch_snapshot(relay, settings.suno_api_dialect, task.kind, task_id)
+    except UpstreamError as exc:
+        raise UpstreamUnavailable(
+            f"the relay did not answer usefully: {exc.message}",
+            extra={"error_class": exc.error_class, "upstream_code": exc.code},
+        ) from exc
+    await record_snapshot(session, snapshot, source="api", settings=settings)
+
+
+async def cancel_task(session: AsyncSession, task_id: str, *, settings: Settings) -> None:
+    """Stop tracking with status `cancelled` (source `api`); the history stays.
+
+    Cancelling a cancelled task again is a no-op; a task that already finished otherwise is a
+    conflict (its outcome is known, and a client should not be told it was cancelled).
+    """
+    now, states = await repository.lock_task_states(session, task_ids=[task_id])
+    if not states:
+        raise NotFound(f"task {task_id!r} is not tracked", extra={"task_id": task_id})
+    state = states[0]
+    if state.status == "cancelled":
+        return
+    if state.status in _TERMINAL:
+        raise Conflict(
+            f"task {task_id!r} already finished with status {state.status!r}",
+            extra={"task_id": task_id, "status": state.status},
+        )
+    recorder = _Recorder(now, settings)
+    recorder.transition(
+        state,
+        "cancelled",
+        "api",
+        detail={"reason": "cancelled through the API"},
+        fail_reason=None,
+        relay_payload=None,
+    )
+    await recorder.flush(session)
+    session.expire_all()
 
 
 async def register_task(

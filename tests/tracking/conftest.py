@@ -1,0 +1,161 @@
+"""A fake relay on loopback, a real database, and a poller the test drives (or the real app runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.config import Settings
+from service.db import SessionMaker, create_engine, create_session_maker, transaction
+from service.tracking.jobs import Poller
+from service.tracking.service import register_task
+from service.upstream.client import RelayClient
+from service.upstream.fake import FakeRelay
+
+RELAY_KEY = "test-relay-key"
+
+EventTuple = tuple[int, str, str | None, str, str, str | None]
+
+
+async def wait_for(
+    condition: Callable[[], Awaitable[bool]],
+    *,
+    timeout: float,
+    step: Callable[[], Awaitable[Any]] | None = None,
+) -> None:
+    """Run `step` (or pause a moment) until `condition` holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        if step is not None:
+            await step()
+        await asyncio.sleep(0.01)
+
+
+@dataclass
+class Tracking:
+    """Everything a tracking test touches: settings, database, relay client and a poller."""
+
+    settings: Settings
+    engine: AsyncEngine
+    sessions: SessionMaker
+    relay: RelayClient
+    fake: FakeRelay
+    poller: Poller
+
+    async def register(self, task_id: str, kind: str = "music", *, notify_hook: str | None = None) -> None:
+        async with transaction(self.sessions) as session:
+            await register_task(
+                session,
+                task_id=task_id,
+                kind=kind,
+                notify_hook=notify_hook,
+                notify_format=None,
+                metadata=None,
+                settings=self.settings,
+                now=datetime.now(UTC),
+            )
+
+    async def fetch(self, query: str, **params: Any) -> list[Any]:
+        async with self.sessions() as session:
+            return list((await session.execute(text(query), params)).all())
+
+    async def task(self, task_id: str) -> Any:
+        rows = await self.fetch("SELECT * FROM tasks WHERE task_id = :task_id", task_id=task_id)
+        return rows[0]
+
+    async def clips(self, task_id: str) -> list[Any]:
+        return await self.fetch(
+            "SELECT c.* FROM clips c JOIN tasks t ON t.id = c.task_pk WHERE t.task_id = :task_id "
+            "ORDER BY c.position",
+            task_id=task_id,
+        )
+
+    async def events(self, task_id: str) -> list[EventTuple]:
+        rows = await self.fetch(
+            "SELECT e.seq, e.type, e.from_status, e.to_status, e.source, e.clip_id FROM task_events e "
+            "JOIN tasks t ON t.id = e.task_pk WHERE t.task_id = :task_id ORDER BY e.seq",
+            task_id=task_id,
+        )
+        return [tuple(row) for row in rows]
+
+    async def details(self, task_id: str) -> list[Any]:
+        rows = await self.fetch(
+            "SELECT e.detail FROM task_events e JOIN tasks t ON t.id = e.task_pk "
+            "WHERE t.task_id = :task_id ORDER BY e.seq",
+            task_id=task_id,
+        )
+        return [row[0] for row in rows]
+
+    async def status(self, task_id: str) -> str:
+        return str((await self.task(task_id)).status)
+
+    async def poll_until(self, task_id: str, status: str, *, timeout: float = 10) -> None:
+        async def reached() -> bool:
+            return await self.status(task_id) == status
+
+        await wait_for(reached, timeout=timeout, step=self.poller.drain)
+
+    async def poll_until_all_terminal(self, *, timeout: float = 20) -> None:
+        async def done() -> bool:
+            rows = await self.fetch("SELECT count(*) FROM tasks WHERE next_poll_at IS NOT NULL")
+            return bool(rows[0][0] == 0)
+
+        await wait_for(done, timeout=timeout, step=self.poller.drain)
+
+
+@pytest.fixture
+async def fake_relay() -> AsyncIterator[FakeRelay]:
+    async with FakeRelay(api_key=RELAY_KEY) as fake:
+        yield fake
+
+
+@pytest.fixture
+async def tracking_factory(
+    make_settings: Callable[..., Settings], fake_relay: FakeRelay
+) -> AsyncIterator[Callable[..., Awaitable[Tracking]]]:
+    """`await tracking_factory(**env_overrides)`: a Tracking against the fake relay."""
+    cleanups: list[Callable[[], Awaitable[None]]] = []
+
+    async def build(**overrides: Any) -> Tracking:
+        settings = make_settings(SUNO_BASE_URL=fake_relay.base_url, SUNO_API_KEY=RELAY_KEY, **overrides)
+        assert settings.database_url is not None
+        engine = create_engine(settings.database_url, pool_size=5)
+        http = aiohttp.ClientSession()
+        relay = RelayClient(
+            http,
+            base_url=fake_relay.base_url,
+            api_key=RELAY_KEY,
+            batch_size=settings.poll_batch_size,
+            max_in_flight=settings.upstream_concurrency,
+            timeout_s=settings.upstream_timeout_s,
+        )
+        sessions = create_session_maker(engine)
+        poller = Poller(settings, sessions, relay)
+
+        async def cleanup() -> None:
+            await poller.stop()
+            await http.close()
+            await engine.dispose()
+
+        cleanups.append(cleanup)
+        return Tracking(settings, engine, sessions, relay, fake_relay, poller)
+
+    yield build
+    for cleanup in reversed(cleanups):
+        await cleanup()
+
+
+@pytest.fixture
+async def tracking(tracking_factory: Callable[..., Awaitable[Tracking]]) -> Tracking:
+    return await tracking_factory()
