@@ -28,7 +28,7 @@ from service.models import Task
 from service.runtime import Runtime
 from service.tracking import repository
 from service.tracking.service import register_task
-from service.webhooks.service import check_hook_url
+from service.webhooks.ssrf import check_hook_url
 
 TaskIdPath = Annotated[str, Parameter(description="The relay's task id", max_length=128)]
 
