@@ -216,6 +216,7 @@ class FakeRelay:
     submit_music, submit_lyrics); `task_requests` counts requests that named each task; `windows`
     holds each such request's (start, end) on the monotonic clock, so `overlaps()` can show a task
     polled by two requests at once; `batches` lists the ids of each batch request in arrival order.
+    The last two grow with every request: a long-running relay turns them off (`record_windows`).
     """
 
     def __init__(
@@ -224,10 +225,12 @@ class FakeRelay:
         api_key: str | None = None,
         default_advance: Advance = Advance.PER_POLL,
         stage_s: float = 4.0,
+        record_windows: bool = True,
     ) -> None:
         self._auth = f"Bearer {api_key}".encode() if api_key else None
         self.default_advance = default_advance
         self.stage_s = stage_s
+        self.record_windows = record_windows
         self._tasks: dict[str, _Task] = {}
         self._clip_owner: dict[str, str] = {}
         self._global_faults: list[Fault] = []
@@ -450,7 +453,8 @@ class FakeRelay:
             ids = _batch_request.decode(await request.read()).ids
         except (msgspec.DecodeError, UnicodeDecodeError):
             return _error(400, "invalid_request", 'expected {"ids": [...], "action": "MUSIC"}')
-        self.batches.append(tuple(ids))
+        if self.record_windows:
+            self.batches.append(tuple(ids))
         known = [task_id for task_id in dict.fromkeys(ids) if task_id in self._tasks]
         faults = self._faults_for(known)
         try:
@@ -568,7 +572,8 @@ class FakeRelay:
 
     def _record(self, task_id: str, start: float) -> None:
         self.task_requests[task_id] += 1
-        self.windows[task_id].append((start, time.monotonic()))
+        if self.record_windows:
+            self.windows[task_id].append((start, time.monotonic()))
 
 
 _STARTED = frozenset({"IN_PROGRESS", "SUCCESS", "FAILURE"})
@@ -857,7 +862,9 @@ def run_fake_relay(
     """
 
     async def serve() -> None:
-        relay = FakeRelay(api_key=api_key, default_advance=Advance.TIMED, stage_s=stage_s)
+        relay = FakeRelay(
+            api_key=api_key, default_advance=Advance.TIMED, stage_s=stage_s, record_windows=False
+        )
         base_url = await relay.start(host, port)
         log.info("fake_relay.started", base_url=base_url, stage_s=stage_s, auth=api_key is not None)
         try:

@@ -387,3 +387,13 @@ async def test_run_fake_relay_serves_until_interrupted(session: aiohttp.ClientSe
         stdout, stderr = await asyncio.wait_for(process.communicate(), 10)
     assert process.returncode == 0, stderr.decode()
     assert b"fake_relay.started" in stdout
+
+
+async def test_windows_can_be_turned_off(session: aiohttp.ClientSession) -> None:
+    """A long-running relay keeps its counters but not a window per request."""
+    async with FakeRelay(record_windows=False) as relay:
+        task_id = relay.add_task()
+        client = RelayClient(session, relay.base_url)
+        await client.fetch(task_id)
+        await client.fetch_batch([task_id])
+        assert (relay.task_requests[task_id], relay.windows, relay.batches) == (2, {}, [])
