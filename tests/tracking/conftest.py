@@ -42,6 +42,34 @@ async def wait_for(
         await asyncio.sleep(0.01)
 
 
+RANK = {
+    "submitted": 0,
+    "queued": 1,
+    "in_progress": 2,
+    "complete": 3,
+    "failed": 3,
+    "timed_out": 3,
+    "cancelled": 3,
+}
+
+
+def assert_consistent_history(events: list[EventTuple], final: str) -> None:
+    """What must hold even when some stages were never seen (a killed poller, a timed-out answer):
+    seqs 1..n without gaps, registration first, and every status (task's and each clip's) only moving
+    forward, each transition starting where the previous one ended."""
+    assert [event[0] for event in events] == list(range(1, len(events) + 1))
+    assert events[0][1:] == ("transition", None, "submitted", "register", None)
+    current: dict[str | None, str | None] = {None: "submitted"}
+    for _, type_, before, after, _, clip_id in events[1:]:
+        if type_ == "anomaly":
+            assert before == after == current[None]
+            continue
+        assert before == current.get(clip_id), events
+        assert before is None or RANK[after] > RANK[before], events
+        current[clip_id] = after
+    assert current[None] == final
+
+
 @dataclass
 class Tracking:
     """Everything a tracking test touches: settings, database, relay client and a poller."""
@@ -128,14 +156,17 @@ async def tracking_factory(
     cleanups: list[Callable[[], Awaitable[None]]] = []
 
     async def build(**overrides: Any) -> Tracking:
-        settings = make_settings(SUNO_BASE_URL=fake_relay.base_url, SUNO_API_KEY=RELAY_KEY, **overrides)
+        settings = make_settings(
+            **{"SUNO_BASE_URL": fake_relay.base_url, "SUNO_API_KEY": RELAY_KEY, **overrides}
+        )
         assert settings.database_url is not None
+        assert settings.suno_api_key is not None
         engine = create_engine(settings.database_url, pool_size=5)
         http = aiohttp.ClientSession()
         relay = RelayClient(
             http,
             base_url=fake_relay.base_url,
-            api_key=RELAY_KEY,
+            api_key=settings.suno_api_key.get_secret_value(),
             batch_size=settings.poll_batch_size,
             max_in_flight=settings.upstream_concurrency,
             timeout_s=settings.upstream_timeout_s,
