@@ -311,11 +311,8 @@ def parse_callback(body: bytes) -> TaskSnapshot:
     else:
         raw = _envelope_data(probe.code, probe.message, probe.data)
     task = _decode(_callback_task, raw)
-    task_id = task.task_id if task.task_id is not None else task.task_id_camel
-    if not task_id:
-        raise MalformedUpstreamError("bad_shape", "callback task has no task_id")
     return _snapshot(
-        task_id=task_id,
+        task_id=task.task_id or task.task_id_camel or "",
         raw_status=task.status,
         status=_task_status(task.status),
         fail_reason=task.fail_reason if task.fail_reason is not None else task.fail_reason_camel,
@@ -454,6 +451,8 @@ def _finish(
     lyrics_status: TaskStatus | None,
     raw: bytes,
 ) -> TaskSnapshot:
+    if not task_id:
+        raise MalformedUpstreamError("bad_shape", "task without an id")
     if status is None:
         if clips:
             status = derive_status([clip.status for clip in clips])

@@ -478,3 +478,9 @@ def test_error_code_peeks_leniently() -> None:
     assert error_code(dumps({"code": 500})) is None
     assert error_code(b"<html>") is None
     assert error_code(dumps([1])) is None
+
+
+def test_a_task_needs_an_id() -> None:
+    with pytest.raises(MalformedUpstreamError):
+        parse_fetch(fetch_body(task(task_id="")))
+    assert parse_fetch_batch(dumps({"code": "success", "data": [task(task_id="")]})).snapshots == []

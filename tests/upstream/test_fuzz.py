@@ -45,7 +45,7 @@ DOCS = {
 
 def check_snapshot(snapshot: TaskSnapshot, body: bytes) -> None:
     assert isinstance(snapshot, TaskSnapshot)
-    assert snapshot.task_id
+    assert snapshot.task_id, "every snapshot names its task"
     assert snapshot.status is None or isinstance(snapshot.status, TaskStatus)
     assert snapshot.progress is None or 0 <= snapshot.progress <= 100
     assert snapshot.status is not TaskStatus.FAILED or snapshot.fail_reason
