@@ -23,6 +23,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.api import AppRuntime
 from service.api.callbacks import CALLBACK_ROUTES
 from service.api.deliveries import DELIVERY_ROUTES
 from service.api.health import HEALTH_ROUTES
@@ -70,7 +71,7 @@ def validation_error_response(
     return Response({"status_code": 400, "detail": detail, "extra": problems}, status_code=exc.status_code)
 
 
-async def provide_session(runtime: Runtime) -> AsyncIterator[AsyncSession]:
+async def provide_session(runtime: AppRuntime) -> AsyncIterator[AsyncSession]:
     """The request owns the transaction: committed after the handler returns, rolled back if it raises."""
     async with transaction(runtime.sessions) as session:
         yield session

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import aiohttp
-    from apscheduler.schedulers.asyncio import AsyncIOScheduler
-    from sqlalchemy.ext.asyncio import AsyncEngine
+# Real imports, not TYPE_CHECKING ones: Litestar resolves these annotations when it injects a Runtime.
+import aiohttp
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from service.config import Settings
-    from service.db import SessionMaker
-    from service.upstream.client import RelayClient
+from service.config import Settings
+from service.db import SessionMaker
+from service.upstream.client import RelayClient
 
 
 @dataclass(frozen=True, slots=True)

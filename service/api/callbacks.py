@@ -13,11 +13,10 @@ from typing import Any
 from litestar import Request, Response, post
 from litestar.exceptions import NotAuthorizedException
 from litestar.params import FromPath
-from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.api import AppRuntime, DbSession
 from service.errors import InvalidInput, NotFound
 from service.metrics import CALLBACKS
-from service.runtime import Runtime
 from service.tracking.service import record_snapshot
 from service.upstream.dialects import parse_callback
 from service.upstream.schemas import UpstreamError
@@ -30,7 +29,7 @@ from service.upstream.schemas import UpstreamError
     security=[],
 )
 async def relay_callback(
-    token: FromPath[str], request: Request[Any, Any, Any], session: AsyncSession, runtime: Runtime
+    token: FromPath[str], request: Request[Any, Any, Any], session: DbSession, runtime: AppRuntime
 ) -> Response[dict[str, str]]:
     expected = runtime.settings.callback_token
     if expected is None:

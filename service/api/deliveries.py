@@ -9,15 +9,15 @@ from typing import Annotated, Literal
 
 import msgspec
 from litestar import get, post
-from litestar.params import Parameter
-from sqlalchemy.ext.asyncio import AsyncSession
+from litestar.params import FromQuery, PathParameter, QueryParameter
 
+from service.api import DbSession
 from service.errors import InvalidInput
 from service.models import Delivery, DeliveryAttempt, HookHost
 from service.webhooks import service
 
-TaskIdPath = Annotated[str, Parameter(description="The relay's task id", max_length=128)]
-DeliveryIdPath = Annotated[int, Parameter(description="The delivery's id", ge=1)]
+TaskIdPath = Annotated[str, PathParameter(description="The relay's task id", max_length=128)]
+DeliveryIdPath = Annotated[int, PathParameter(description="The delivery's id", ge=1)]
 DeliveryStatus = Literal["pending", "delivered", "failed", "dead"]
 REQUEUE_STATUSES = ("failed", "dead")
 
@@ -119,7 +119,7 @@ def decode_cursor(cursor: str) -> int:
 
 
 @get("/api/v1/tasks/{task_id:str}/deliveries", summary="A task's webhook deliveries with their attempt logs")
-async def list_task_deliveries(task_id: TaskIdPath, session: AsyncSession) -> DeliveryList:
+async def list_task_deliveries(task_id: TaskIdPath, session: DbSession) -> DeliveryList:
     task_pk = await service.task_pk_of(session, task_id)
     deliveries = await service.deliveries_of_task(session, task_pk)
     return DeliveryList(items=[delivery_out(d, task_id, attempts) for d, attempts in deliveries])
@@ -127,10 +127,10 @@ async def list_task_deliveries(task_id: TaskIdPath, session: AsyncSession) -> De
 
 @get("/api/v1/deliveries", summary="Deliveries, newest first, with keyset pagination")
 async def list_deliveries(
-    session: AsyncSession,
-    status: DeliveryStatus | None = None,
-    limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Parameter(max_length=64)] = None,
+    session: DbSession,
+    status: FromQuery[DeliveryStatus | None] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, QueryParameter(max_length=64)] = None,
 ) -> DeliveryPage:
     rows = await service.list_deliveries(
         session, status=status, limit=limit + 1, before_id=decode_cursor(cursor) if cursor else None
@@ -149,8 +149,10 @@ async def list_deliveries(
 )
 async def redeliver_task(
     task_id: TaskIdPath,
-    session: AsyncSession,
-    all_: Annotated[bool, Parameter(query="all", description="Also re-send pending and delivered")] = False,
+    session: DbSession,
+    all_: Annotated[
+        bool, QueryParameter(name="all", description="Also re-send pending and delivered")
+    ] = False,
 ) -> DeliveryList:
     task_pk = await service.task_pk_of(session, task_id)
     statuses = ("pending", "delivered", *REQUEUE_STATUSES) if all_ else REQUEUE_STATUSES
@@ -163,7 +165,7 @@ async def redeliver_task(
     status_code=202,
     summary="Send one delivery again now, with a fresh round of attempts",
 )
-async def retry_delivery(delivery_id: DeliveryIdPath, session: AsyncSession) -> DeliveryOut:
+async def retry_delivery(delivery_id: DeliveryIdPath, session: DbSession) -> DeliveryOut:
     delivery, task_id = await service.get_delivery(session, delivery_id)
     # A pending delivery is already queued; sending it twice at once would only race its claim.
     if delivery.status != "pending":
@@ -174,7 +176,7 @@ async def retry_delivery(delivery_id: DeliveryIdPath, session: AsyncSession) -> 
 
 
 @get("/api/v1/hooks/hosts", summary="Circuit breaker state of every webhook host that has failed")
-async def list_hook_hosts(session: AsyncSession) -> HookHostList:
+async def list_hook_hosts(session: DbSession) -> HookHostList:
     hosts: list[HookHost] = await service.list_hook_hosts(session)
     now = await service.database_now(session)
     return HookHostList(

@@ -8,8 +8,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from service.api import AppRuntime
 from service.metrics import REGISTRY
-from service.runtime import Runtime
 
 
 @get("/healthz", summary="The process is up", include_in_schema=True)
@@ -18,7 +18,7 @@ async def healthz() -> dict[str, str]:
 
 
 @get("/readyz", summary="The database answers")
-async def readyz(runtime: Runtime) -> dict[str, str]:
+async def readyz(runtime: AppRuntime) -> dict[str, str]:
     try:
         async with runtime.engine.connect() as connection:
             await connection.execute(text("SELECT 1"))

@@ -9,9 +9,10 @@ from typing import Annotated
 
 import msgspec
 from litestar import Response, get, post
-from litestar.params import Parameter
+from litestar.params import FromQuery, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.api import AppRuntime, DbSession, TaskIdPath
 from service.api.schemas import (
     METADATA_MAX_BYTES,
     EventList,
@@ -25,12 +26,9 @@ from service.api.schemas import (
 )
 from service.errors import InvalidInput, NotFound
 from service.models import Task
-from service.runtime import Runtime
 from service.tracking import repository
 from service.tracking.service import register_task
 from service.webhooks.ssrf import check_hook_url
-
-TaskIdPath = Annotated[str, Parameter(description="The relay's task id", max_length=128)]
 
 
 async def load_task_out(session: AsyncSession, task: Task) -> TaskOut:
@@ -46,7 +44,9 @@ async def require_task(session: AsyncSession, task_id: str) -> Task:
 
 
 @post("/api/v1/tasks", status_code=201, summary="Start tracking a relay task")
-async def create_task(data: RegisterTask, session: AsyncSession, runtime: Runtime) -> Response[TaskOut]:
+async def create_task(
+    data: JSONBody[RegisterTask], session: DbSession, runtime: AppRuntime
+) -> Response[TaskOut]:
     if data.metadata is not None and len(msgspec.json.encode(data.metadata)) > METADATA_MAX_BYTES:
         raise InvalidInput(f"metadata: must encode to at most {METADATA_MAX_BYTES} bytes of JSON")
     if data.notify_hook is not None:
@@ -65,7 +65,7 @@ async def create_task(data: RegisterTask, session: AsyncSession, runtime: Runtim
 
 
 @get("/api/v1/tasks/{task_id:str}", summary="One task with its clips")
-async def read_task(task_id: TaskIdPath, session: AsyncSession) -> TaskOut:
+async def read_task(task_id: TaskIdPath, session: DbSession) -> TaskOut:
     return await load_task_out(session, await require_task(session, task_id))
 
 
@@ -85,11 +85,11 @@ def decode_cursor(cursor: str) -> int:
 
 @get("/api/v1/tasks", summary="Tasks, newest first, with keyset pagination")
 async def list_tasks(
-    session: AsyncSession,
-    status: StatusStr | None = None,
-    kind: KindStr | None = None,
-    limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Parameter(max_length=64)] = None,
+    session: DbSession,
+    status: FromQuery[StatusStr | None] = None,
+    kind: FromQuery[KindStr | None] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, QueryParameter(max_length=64)] = None,
 ) -> TaskPage:
     tasks = await repository.list_tasks(
         session,
@@ -109,8 +109,8 @@ async def list_tasks(
 @get("/api/v1/tasks/{task_id:str}/events", summary="A task's history in seq order")
 async def list_task_events(
     task_id: TaskIdPath,
-    session: AsyncSession,
-    after: Annotated[int, Parameter(ge=0, description="Only events with a greater seq")] = 0,
+    session: DbSession,
+    after: Annotated[int, QueryParameter(ge=0, description="Only events with a greater seq")] = 0,
 ) -> EventList:
     task = await require_task(session, task_id)
     events = await repository.list_events(session, task.id, after_seq=after)
