@@ -17,10 +17,11 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from litestar import Litestar, Request, Response, Router
 from litestar.connection import ASGIConnection
 from litestar.di import Provide
-from litestar.exceptions import NotAuthorizedException, ValidationException
+from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.types import Scope
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api import AppRuntime
@@ -75,6 +76,11 @@ async def provide_session(runtime: AppRuntime) -> AsyncIterator[AsyncSession]:
     """The request owns the transaction: committed after the handler returns, rolled back if it raises."""
     async with transaction(runtime.sessions) as session:
         yield session
+
+
+async def log_unhandled(exc: Exception, scope: Scope) -> None:
+    if not isinstance(exc, ServiceError | HTTPException):
+        log.error("http.unhandled_error", path=scope.get("path"), exc_info=exc)
 
 
 def provide_runtime(request: Request[Any, Any, Any]) -> Runtime:
@@ -156,6 +162,9 @@ def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
             ValidationException: validation_error_response,
         },
         request_max_body_size=REQUEST_MAX_BODY_BYTES,
+        # Logging is configured once by the CLI (structlog); Litestar's own config would override it.
+        logging_config=None,
+        after_exception=[log_unhandled],
         openapi_config=OpenAPIConfig(
             title="sunotrack",
             version="0.1.0",

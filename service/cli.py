@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
-import secrets
+import os
 import sys
 from collections.abc import Sequence
 
@@ -28,7 +29,9 @@ def configure_logging(level: str) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         cache_logger_on_first_use=True,
     )
+    # Both narrate every routine step at INFO (each scheduler tick, each pg_ctl call).
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -64,20 +67,18 @@ def command_serve(args: argparse.Namespace) -> None:
 
 
 def command_demo(args: argparse.Namespace) -> None:
-    token = secrets.token_urlsafe(24)
-    settings = load_settings(SUNOTRACK_ADMIN_TOKEN=token)
-    configure_logging(settings.log_level)
-    base = f"http://{args.host}:{args.port}"
-    print(
-        f"sunotrack demo on {base} (embedded database under {settings.data_dir})\n"
-        f"admin token: {token}\n\n"
-        f"  curl -s -H 'Authorization: Bearer {token}' {base}/api/v1/tasks\n"
-        f"  curl -s -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\\n"
-        f'       -d \'{{"task_id": "my-task-1"}}\' {base}/api/v1/tasks\n'
-        f"  open {base}/schema for the OpenAPI document\n",
-        flush=True,
-    )
-    serve(settings, args.host, args.port, access_log=False)
+    from service.demo import run_demo  # noqa: PLC0415  (pulls in the fake relay and the app)
+
+    configure_logging(os.environ.get("SUNOTRACK_LOG_LEVEL", "warning"))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_demo(args.host, args.port, args.stage_s, load_settings))
+
+
+def command_fake_relay(args: argparse.Namespace) -> None:
+    from service.upstream.fake import run_fake_relay  # noqa: PLC0415
+
+    configure_logging("info")
+    run_fake_relay(args.port, args.host, api_key=os.environ.get("SUNO_API_KEY"), stage_s=args.stage_s)
 
 
 def command_migrate(_: argparse.Namespace) -> None:
@@ -106,17 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sunotrack", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    for name, handler, help_text in (
-        ("serve", command_serve, "serve the API and run the poller and webhook dispatcher"),
-        ("demo", command_demo, "serve on the embedded database with a fake relay and sample tasks"),
-    ):
-        command = commands.add_parser(name, help=help_text)
-        command.add_argument("--host", default="127.0.0.1")
-        command.add_argument("--port", type=int, default=8000)
-        command.add_argument(
-            "--access-log", action="store_true", help="log every request (halves throughput)"
-        )
-        command.set_defaults(handler=handler)
+    serve_command = commands.add_parser("serve", help="serve the API, the poller and the webhook dispatcher")
+    serve_command.add_argument("--host", default="127.0.0.1")
+    serve_command.add_argument("--port", type=int, default=8000)
+    serve_command.add_argument(
+        "--access-log", action="store_true", help="log every request (halves throughput)"
+    )
+    serve_command.set_defaults(handler=command_serve)
+
+    demo = commands.add_parser(
+        "demo", help="serve on the embedded database with a fake relay and sample tasks"
+    )
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--stage-s", type=float, default=4.0, help="seconds the fake relay spends per stage")
+    demo.set_defaults(handler=command_demo)
+
+    relay = commands.add_parser("fake-relay", help="serve a fake relay (tasks created via its submit routes)")
+    relay.add_argument("--host", default="127.0.0.1")
+    relay.add_argument("--port", type=int, default=8787)
+    relay.add_argument("--stage-s", type=float, default=4.0, help="seconds per lifecycle stage")
+    relay.set_defaults(handler=command_fake_relay)
 
     commands.add_parser("migrate", help="upgrade the database schema to the latest revision").set_defaults(
         handler=command_migrate
