@@ -1,0 +1,217 @@
+"""Several `sunotrack serve` processes on one database and one relay: Postgres leases share the work."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from sqlalchemy import text
+
+from service.config import Settings
+from service.db import create_engine, create_session_maker, transaction
+from service.tracking.service import register_task
+from service.upstream.fake import Advance, FakeRelay, Lifecycle
+from tests.conftest import TEST_ADMIN_TOKEN, TEST_WEBHOOK_SECRET
+from tests.tracking.conftest import RELAY_KEY, assert_consistent_history, wait_for
+from tests.tracking.test_lifecycles import music_history
+
+TASKS = 500
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Service:
+    """One `sunotrack serve` child process."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from service.cli import main; main()", "serve", "--port", str(self.port)],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    async def ready(self, http: aiohttp.ClientSession) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"service exited with {self.process.returncode}")
+        try:
+            async with http.get(self.base_url + "/readyz") as response:
+                return response.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    async def polls(self, http: aiohttp.ClientSession) -> float:
+        async with http.get(self.base_url + "/metrics") as response:
+            metrics = await response.text()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("sunotrack_polls_total")
+        )
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def services(
+    database_url: str, fake_relay: FakeRelay, tmp_path: Path
+) -> Iterator[Callable[[int], list[Service]]]:
+    started: list[Service] = []
+
+    def start(count: int) -> list[Service]:
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "SUNO_BASE_URL": fake_relay.base_url,
+            "SUNO_API_KEY": RELAY_KEY,
+            "SUNOTRACK_ADMIN_TOKEN": TEST_ADMIN_TOKEN,
+            "SUNOTRACK_WEBHOOK_SECRET": TEST_WEBHOOK_SECRET,
+            "SUNOTRACK_POLL_MIN_INTERVAL_S": "0.05",
+            "SUNOTRACK_POLL_MAX_INTERVAL_S": "0.2",
+            "SUNOTRACK_POLL_TICK_S": "0.05",
+            "SUNOTRACK_LEASE_S": "2",
+            "SUNOTRACK_UPSTREAM_TIMEOUT_S": "1",
+            "SUNOTRACK_LOG_LEVEL": "warning",
+        }
+        for n in range(count):
+            started.append(Service(env, tmp_path / f"service-{len(started)}-{n}.log"))
+        return started[-count:]
+
+    yield start
+    for service in started:
+        service.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        yield session
+
+
+class Database:
+    """The test's own view of the shared database."""
+
+    def __init__(self, database_url: str) -> None:
+        self.engine = create_engine(database_url, pool_size=2)
+        self.sessions = create_session_maker(self.engine)
+
+    async def query(self, sql: str) -> list[Any]:
+        async with self.sessions() as session:
+            return list((await session.execute(text(sql))).all())
+
+    async def finished(self) -> bool:
+        return bool(
+            (await self.query("SELECT count(*) FROM tasks WHERE next_poll_at IS NOT NULL"))[0][0] == 0
+        )
+
+    async def histories(self) -> dict[str, list[Any]]:
+        rows = await self.query(
+            "SELECT t.task_id, e.seq, e.type, e.from_status, e.to_status, e.source, e.clip_id "
+            "FROM task_events e JOIN tasks t ON t.id = e.task_pk ORDER BY t.task_id, e.seq"
+        )
+        found: dict[str, list[Any]] = {}
+        for row in rows:
+            found.setdefault(row[0], []).append(tuple(row[1:]))
+        return found
+
+
+@pytest.fixture
+async def database(database_url: str) -> AsyncIterator[Database]:
+    db = Database(database_url)
+    yield db
+    await db.engine.dispose()
+
+
+async def register(database: Database, settings: Settings, task_ids: list[str]) -> None:
+    async with transaction(database.sessions) as session:
+        for task_id in task_ids:
+            await register_task(
+                session, task_id=task_id, kind="music", notify_hook=None, notify_format=None,
+                metadata=None, settings=settings, now=datetime.now(UTC),
+            )  # fmt: skip
+
+
+async def test_two_processes_share_the_work_and_survive_a_kill(
+    services: Callable[[int], list[Service]],
+    http: aiohttp.ClientSession,
+    database: Database,
+    make_settings: Callable[..., Settings],
+    fake_relay: FakeRelay,
+) -> None:
+    """One pair of processes (starting them is the slow part) through two rounds of 500 tasks."""
+    settings = make_settings()
+    pair = services(2)
+    for service in pair:
+        await wait_for(functools.partial(service.ready, http), timeout=90)
+
+    # Round 1: both up before the tasks exist, so neither can take everything alone.
+    task_ids = [fake_relay.add_task(lifecycle=Lifecycle.MUSIC_SUCCESS) for _ in range(TASKS)]
+    await register(database, settings, task_ids)
+    await wait_for(database.finished, timeout=60)
+
+    found = await database.histories()
+    for task_id in task_ids:
+        assert found[task_id] == music_history(fake_relay.clip_ids(task_id)), task_id
+    assert fake_relay.overlaps() == {}
+    # Each task was asked about exactly once per stage, and both processes did part of the work.
+    assert {fake_relay.task_requests[task_id] for task_id in task_ids} == {4}
+    polls = [await service.polls(http) for service in pair]
+    assert min(polls) > 0, polls
+
+    # Round 2: kill -9 one process mid-run; its leases run out and the survivor finishes every task.
+    fake_relay.reset_counters()
+    task_ids = [
+        fake_relay.add_task(lifecycle=Lifecycle.MUSIC_SUCCESS, advance=Advance.TIMED, stage_s=1.0)
+        for _ in range(TASKS)
+    ]
+    await register(database, settings, task_ids)
+
+    async def both_polling() -> bool:
+        return all(
+            [await service.polls(http) > before + 50 for service, before in zip(pair, polls, strict=True)]
+        )
+
+    await wait_for(both_polling, timeout=30)
+    victim, survivor = pair
+    victim.process.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(victim.process.wait, 10)
+
+    await wait_for(database.finished, timeout=60)
+
+    assert survivor.process.poll() is None
+    found = await database.histories()
+    for task_id in task_ids:
+        assert_consistent_history(found[task_id], "complete")
+    statuses = await database.query("SELECT status, count(*) FROM tasks GROUP BY status")
+    assert [tuple(row) for row in statuses] == [("complete", 2 * TASKS)]
+    assert fake_relay.overlaps() == {}
+
+    # A graceful stop ends the survivor within a few seconds.
+    started = time.monotonic()
+    survivor.process.send_signal(signal.SIGTERM)
+    # uvicorn re-raises the signal it handled once its shutdown is complete.
+    assert await asyncio.to_thread(survivor.process.wait, 15) in (0, -signal.SIGTERM)
+    assert time.monotonic() - started < 10
