@@ -62,7 +62,7 @@ def _elapsed_ms(started: float) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def _retry_after_s(value: str | None, now: datetime) -> float | None:
+def parse_retry_after(value: str | None, now: datetime) -> float | None:
     """Retry-After as delta-seconds or an HTTP date; None when absent or unreadable."""
     if not value:
         return None
@@ -137,7 +137,7 @@ async def attempt_delivery(
             body = await _read_prefix(response)
             retry_after = None
             if response.status in (429, 503):
-                retry_after = _retry_after_s(response.headers.get("retry-after"), at)
+                retry_after = parse_retry_after(response.headers.get("retry-after"), at)
             return AttemptResult(
                 at=at,
                 duration_ms=_elapsed_ms(started),

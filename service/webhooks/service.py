@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 from pydantic import SecretStr
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -576,7 +576,7 @@ async def list_deliveries(
         query = query.where(Delivery.status == status)
     if before_id is not None:
         query = query.where(Delivery.id < before_id)
-    return [(delivery, task_id) for delivery, task_id in (await session.execute(query)).tuples()]
+    return [(delivery, task_id) for delivery, task_id in await session.execute(query)]
 
 
 async def requeue(
@@ -593,9 +593,10 @@ async def requeue(
     query = (
         update(Delivery)
         .where(Delivery.status.in_(statuses))
-        .values(status="pending", attempts=0, next_attempt_at=text("now()"))
+        .values(status="pending", attempts=0, next_attempt_at=func.now())
         .returning(Delivery)
-        .execution_options(synchronize_session=False)
+        # The API may have loaded these rows already: refresh them from RETURNING.
+        .execution_options(synchronize_session=False, populate_existing=True)
     )
     if task_pk is not None:
         query = query.where(Delivery.task_pk == task_pk)
@@ -608,20 +609,12 @@ async def requeue(
 
 
 async def get_delivery(session: AsyncSession, delivery_id: int) -> tuple[Delivery, str]:
-    row = (
-        (
-            await session.execute(
-                select(Delivery, Task.task_id)
-                .join(Task, Task.id == Delivery.task_pk)
-                .where(Delivery.id == delivery_id)
-            )
-        )
-        .tuples()
-        .one_or_none()
-    )
+    query = select(Delivery, Task.task_id).join(Task, Task.id == Delivery.task_pk)
+    row = (await session.execute(query.where(Delivery.id == delivery_id))).one_or_none()
     if row is None:
         raise NotFound(f"delivery {delivery_id} does not exist", extra={"delivery_id": delivery_id})
-    return row
+    delivery, task_id = row
+    return delivery, task_id
 
 
 async def list_hook_hosts(session: AsyncSession) -> list[HookHost]:

@@ -1,0 +1,224 @@
+"""Crashes, leases, lost LISTEN connections and the circuit breaker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+from aiohttp import web
+from sqlalchemy import select, text
+from standardwebhooks import Webhook
+
+from service.config import Settings
+from service.db import SessionMaker, transaction
+from service.metrics import REGISTRY
+from service.models import HookHost
+from service.webhooks.service import claim_due
+from tests.conftest import TEST_WEBHOOK_SECRET
+from tests.webhooks.conftest import (
+    Receiver,
+    add_task,
+    attempts,
+    deliveries,
+    enqueue,
+    notice,
+    running_dispatcher,
+    settled,
+    wait_until,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_a_claim_left_by_a_crashed_process_is_sent_once_its_lease_expires(
+    make_settings: Callable[..., Settings], sessions: SessionMaker, receiver: Receiver
+) -> None:
+    pk = await add_task(sessions, "task-1", receiver.url)
+    await enqueue(sessions, [notice(pk, receiver.url)])
+    async with transaction(sessions) as session:
+        claim = await claim_due(session, limit=10, lease_s=1.0, breaker_failures=20, probe_s=1)
+    assert len(claim.deliveries) == 1
+    claimed_at = time.time()
+
+    async with running_dispatcher(make_settings()):
+        [row] = await settled(sessions, 1)
+
+    assert receiver.ids() == [claim.deliveries[0].webhook_id]
+    assert receiver.received[0].at - claimed_at >= 0.9
+    assert (row.status, row.attempts) == ("delivered", 1)
+    assert [a.attempt for a in await attempts(sessions, row.id)] == [1]
+
+
+async def test_kill_9_between_claim_and_answer_resends_with_the_same_webhook_id(
+    database_url: str, make_settings: Callable[..., Settings], sessions: SessionMaker, receiver: Receiver
+) -> None:
+    """A real dispatcher process is SIGKILLed while its POST is in flight; a new one sends it again."""
+    got_first = asyncio.Event()
+
+    async def hang_first(_: web.Request, call: int) -> web.StreamResponse:
+        if call == 1:
+            got_first.set()
+            await asyncio.sleep(60)
+        return web.Response(text="ok")
+
+    receiver.behaviour = hang_first
+    pk = await add_task(sessions, "task-1", receiver.url)
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "SUNOTRACK_WEBHOOK_SECRET": TEST_WEBHOOK_SECRET,
+        "SUNOTRACK_ALLOW_PRIVATE_HOOKS": "true",
+        "SUNOTRACK_LEASE_S": "1",
+        "SUNOTRACK_WEBHOOK_TIMEOUT_S": "60",
+        "SUNOTRACK_WEBHOOK_SWEEP_S": "0.2",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.webhooks.dispatcher_process", cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        # Its log lines share stdout with the ready line.
+        while (line := await asyncio.wait_for(process.stdout.readline(), 30)) != b"ready\n":
+            assert line, "the dispatcher process exited before it was ready"
+        await enqueue(sessions, [notice(pk, receiver.url)])
+        await asyncio.wait_for(got_first.wait(), 10)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+
+    async with running_dispatcher(make_settings(SUNOTRACK_LEASE_S="1")):
+        [row] = await settled(sessions, 1)
+
+    first, second = receiver.received
+    assert first.headers["webhook-id"] == second.headers["webhook-id"] == row.webhook_id
+    assert first.body == second.body == row.body
+    assert Webhook(TEST_WEBHOOK_SECRET).verify(second.body, second.headers)
+    assert (row.status, row.attempts) == ("delivered", 1)
+
+
+async def test_the_dispatcher_listens_again_after_its_connection_is_killed(
+    make_settings: Callable[..., Settings], sessions: SessionMaker, receiver: Receiver
+) -> None:
+    """The sweep is a minute away: only the LISTEN connection can wake the dispatcher in time."""
+    pk = await add_task(sessions, "task-1", receiver.url)
+
+    async def listener_pids() -> list[int]:
+        async with transaction(sessions) as session:
+            query = text(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE application_name = 'sunotrack-listen' AND datname = current_database()"
+            )
+            return list((await session.execute(query)).scalars())
+
+    async with running_dispatcher(make_settings(SUNOTRACK_WEBHOOK_SWEEP_S="60")):
+        await enqueue(sessions, [notice(pk, receiver.url, seq=2)])
+        await settled(sessions, 1)
+        [old] = await listener_pids()
+        async with transaction(sessions) as session:
+            await session.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": old})
+
+        async def reconnected() -> bool:
+            pids = await listener_pids()
+            return bool(pids) and old not in pids
+
+        await wait_until(reconnected, what="a new LISTEN connection")
+        await enqueue(sessions, [notice(pk, receiver.url, seq=3)])
+        await settled(sessions, 2, timeout=5)
+    assert len(receiver.received) == 2
+
+
+async def test_the_circuit_breaker_pauses_a_failing_host_then_probes_it(
+    make_settings: Callable[..., Settings], sessions: SessionMaker, receiver: Receiver
+) -> None:
+    up = asyncio.Event()
+
+    async def down_until_up(_: web.Request, __: int) -> web.StreamResponse:
+        return web.Response(text="ok") if up.is_set() else web.Response(status=500)
+
+    receiver.behaviour = down_until_up
+    settings = make_settings(
+        SUNOTRACK_HOOK_BREAKER_FAILURES="3",
+        SUNOTRACK_HOOK_BREAKER_PAUSE_S="1",
+        SUNOTRACK_WEBHOOK_TIMEOUT_S="0.5",
+        SUNOTRACK_WEBHOOK_CONCURRENCY="2",
+        SUNOTRACK_WEBHOOK_RETRY_SCHEDULE=",".join(["0.05"] * 10),
+    )
+    pks = [await add_task(sessions, f"task-{n}", receiver.url) for n in range(5)]
+
+    async def host() -> HookHost | None:
+        async with transaction(sessions) as session:
+            return await session.get(HookHost, "127.0.0.1")
+
+    async def paused() -> bool:
+        row = await host()
+        return row is not None and row.paused_until is not None
+
+    async with running_dispatcher(settings):
+        await enqueue(sessions, [notice(pk, receiver.url) for pk in pks])
+        await wait_until(paused, what="the host to be paused")
+        paused_at = time.time()
+
+        async def gauge_shows_it() -> bool:
+            return REGISTRY.get_sample_value("sunotrack_webhook_hosts_paused") == 1
+
+        await wait_until(gauge_shows_it, what="the paused-hosts gauge")
+        # Sends claimed before the pause was committed may still land; after that, silence.
+        failed_calls = len(receiver.received)
+        await asyncio.sleep(0.5)
+        # Paused: the retries due meanwhile wait instead of burning attempts.
+        assert len(receiver.received) == failed_calls
+        up.set()
+        rows = await settled(sessions, 5, timeout=10)
+
+    # The threshold, plus what was claimed before the pause was written (results are flushed in batches).
+    assert failed_calls >= 3
+    assert {row.status for row in rows} == {"delivered"}
+    assert sum(row.attempts for row in await deliveries(sessions)) == failed_calls + 5
+    assert receiver.received[failed_calls].at - paused_at >= 0.9
+    # The probe went alone: every other attempt after the pause started once its answer was in.
+    successes = sorted(
+        [a for row in rows for a in await attempts(sessions, row.id) if a.status_code == 200],
+        key=lambda a: a.at,
+    )
+    probe, *rest = successes
+    assert all(later.at >= probe.at + timedelta(milliseconds=probe.duration_ms or 0) for later in rest)
+    recovered = await host()
+    assert recovered is not None
+    assert (recovered.consecutive_failures, recovered.paused_until) == (0, None)
+
+
+async def test_a_paused_host_does_not_hold_up_other_hosts(
+    make_settings: Callable[..., Settings], sessions: SessionMaker, receiver: Receiver
+) -> None:
+    async with transaction(sessions) as session:
+        await session.execute(
+            text(
+                "INSERT INTO hook_hosts (host, consecutive_failures, paused_until)"
+                " VALUES ('localhost', 50, now() + interval '1 hour')"
+            )
+        )
+    paused_hook = f"http://localhost:{receiver.port}/paused"
+    paused_pk = await add_task(sessions, "task-paused", paused_hook)
+    pk = await add_task(sessions, "task-1", receiver.url)
+    async with running_dispatcher(make_settings()):
+        await enqueue(sessions, [notice(paused_pk, paused_hook), notice(pk, receiver.url)])
+
+        async def one_delivered() -> bool:
+            return [row.status for row in await deliveries(sessions)] == ["pending", "delivered"]
+
+        await wait_until(one_delivered, what="the healthy host's delivery")
+    held, _ = await deliveries(sessions)
+    assert held.attempts == 0
+    assert held.next_attempt_at is not None
+    async with transaction(sessions) as session:
+        until = (await session.execute(select(HookHost.paused_until))).scalar_one()
+    assert held.next_attempt_at == until
+    healthy = (await deliveries(sessions))[1]
+    assert receiver.ids() == [healthy.webhook_id]
