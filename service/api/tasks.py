@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 import msgspec
-from litestar import Response, get, post
+from litestar import Response, delete, get, post
 from litestar.params import FromQuery, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,7 +27,7 @@ from service.api.schemas import (
 from service.errors import InvalidInput, NotFound
 from service.models import Task
 from service.tracking import repository
-from service.tracking.service import register_task
+from service.tracking.service import cancel_task, refresh_task, register_task
 from service.webhooks.ssrf import check_hook_url
 
 
@@ -118,3 +118,23 @@ async def list_task_events(
 
 
 TASK_ROUTES = [create_task, read_task, list_tasks, list_task_events]
+
+
+@post("/api/v1/tasks/{task_id:str}/refresh", status_code=200, summary="Poll the relay for this task now")
+async def refresh_task_now(task_id: TaskIdPath, session: DbSession, runtime: AppRuntime) -> TaskOut:
+    """A terminal task is returned as it is: polling stopped for good. 502 when the relay fails."""
+    await refresh_task(session, runtime.relay, task_id, settings=runtime.settings)
+    return await load_task_out(session, await require_task(session, task_id))
+
+
+@delete(
+    "/api/v1/tasks/{task_id:str}", status_code=200, summary="Stop tracking: status cancelled, history kept"
+)
+async def cancel_task_now(task_id: TaskIdPath, session: DbSession, runtime: AppRuntime) -> TaskOut:
+    """Idempotent for a cancelled task; 409 for one that already finished otherwise. The relay is not
+    told (it has no cancel endpoint)."""
+    await cancel_task(session, task_id, settings=runtime.settings)
+    return await load_task_out(session, await require_task(session, task_id))
+
+
+TASK_ROUTES += [refresh_task_now, cancel_task_now]

@@ -45,8 +45,16 @@ _BATCH_ACTIONS = {"music": "MUSIC", "lyrics": "LYRICS"}
 
 
 class Poller:
-    def __init__(self, settings: Settings, sessions: SessionMaker, relay: RelayClient) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: SessionMaker,
+        relay: RelayClient,
+        *,
+        drain_timeout_s: float = DRAIN_TIMEOUT_S,
+    ) -> None:
         self._settings = settings
+        self._drain_timeout_s = drain_timeout_s
         self._sessions = sessions
         self._relay = relay
         self._page_size = settings.poll_batch_size
@@ -61,12 +69,16 @@ class Poller:
         self._stopping = False
         self.job: Job | None = None
 
+    @property
+    def draining(self) -> bool:
+        return self._drain_task is not None and not self._drain_task.done()
+
     # -- scheduling -------------------------------------------------------------------------------
 
     async def tick(self) -> None:
         """The scheduler's job: start a drain unless one runs. Returning at once means a busy poller
         never makes APScheduler skip runs, and stop() owns the work it has to wait for."""
-        if self._stopping or (self._drain_task is not None and not self._drain_task.done()):
+        if self._stopping or self.draining:
             return
         self._drain_task = asyncio.create_task(self.drain(), name="poll.drain")
 
@@ -79,7 +91,7 @@ class Poller:
                 self.job.remove()
         drain = self._drain_task
         if drain is not None and not drain.done():
-            _, pending = await asyncio.wait({drain}, timeout=DRAIN_TIMEOUT_S)
+            _, pending = await asyncio.wait({drain}, timeout=self._drain_timeout_s)
             if pending:
                 drain.cancel()
                 await asyncio.wait({drain})

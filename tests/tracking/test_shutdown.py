@@ -1,0 +1,54 @@
+"""Stopping the poller: stop claiming, let in-flight work finish briefly, hand back what did not."""
+
+from __future__ import annotations
+
+import time
+
+from service.tracking.jobs import Poller
+from service.upstream.fake import FakeRelay, FaultKind, Lifecycle
+from tests.tracking.conftest import Tracking, wait_for
+
+
+async def start_polling(tracking: Tracking, poller: Poller, count: int) -> list[str]:
+    task_ids = [tracking.fake.add_task(lifecycle=Lifecycle.MUSIC_SUCCESS) for _ in range(count)]
+    for task_id in task_ids:
+        await tracking.register(task_id)
+
+    async def asked() -> bool:
+        return tracking.fake.requests["fetch_batch"] > 0
+
+    await wait_for(asked, timeout=5, step=poller.tick)
+    return task_ids
+
+
+async def test_stop_cancels_slow_work_and_releases_its_leases(
+    tracking: Tracking, fake_relay: FakeRelay
+) -> None:
+    fake_relay.inject(FaultKind.LATENCY, latency_s=5)
+    poller = Poller(tracking.settings, tracking.sessions, tracking.relay, drain_timeout_s=0.2)
+    task_ids = await start_polling(tracking, poller, 10)
+
+    started = time.monotonic()
+    await poller.stop()
+
+    assert time.monotonic() - started < 1
+    due = await tracking.fetch("SELECT count(*) FROM tasks WHERE next_poll_at <= now() AND poll_count = 0")
+    assert due == [(len(task_ids),)]
+    assert await tracking.fetch("SELECT count(*) FROM task_events") == [(len(task_ids),)]
+
+
+async def test_stop_lets_quick_work_finish(tracking: Tracking, fake_relay: FakeRelay) -> None:
+    fake_relay.inject(FaultKind.LATENCY, latency_s=0.3)
+    poller = Poller(tracking.settings, tracking.sessions, tracking.relay, drain_timeout_s=3)
+    task_ids = await start_polling(tracking, poller, 10)
+
+    await poller.stop()
+
+    # The answers in flight were recorded (each first poll sees both clips submitted).
+    rows = await tracking.fetch("SELECT poll_count, last_seq FROM tasks")
+    assert {tuple(row) for row in rows} == {(1, 3)}
+    requests = fake_relay.requests["fetch_batch"]
+    await poller.tick()
+    assert not poller.draining
+    assert fake_relay.requests["fetch_batch"] == requests
+    assert len(task_ids) == 10
