@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
 import math
 import ssl
 import time
@@ -17,10 +18,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
-import asyncpg  # type: ignore[import-untyped]  # no stubs; only connect/listen is used here
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
 import structlog
 from apscheduler.jobstores.base import JobLookupError
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from yarl import URL
 
 from service.db import transaction
@@ -31,6 +33,7 @@ from service.webhooks.service import (
     RESPONSE_BODY_LIMIT,
     AttemptResult,
     ClaimedDelivery,
+    Driver,
     Settlement,
     claim_due,
     count_paused_hosts,
@@ -49,7 +52,7 @@ STOP_GRACE_S = 5.0
 LISTEN_HEARTBEAT_S = 10.0
 LISTEN_RETRY_MAX_S = 5.0
 WRITE_RETRIES = 3
-DB_ERRORS = (SQLAlchemyError, OSError, asyncpg.PostgresError)
+DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 async def start_dispatcher(runtime: Runtime) -> Dispatcher:
@@ -106,12 +109,24 @@ async def _read_prefix(response: aiohttp.ClientResponse) -> str:
     return b"".join(chunks).decode("utf-8", errors="replace")
 
 
+@functools.lru_cache(maxsize=4096)
+def _target(url: str, *, allow_private: bool) -> tuple[URL, str | None]:
+    """The parsed URL and, for a refused IP literal, why (names are the guarded resolver's job)."""
+    parsed = URL(url)
+    if allow_private:
+        return parsed, None
+    try:
+        refuse_literal_host(parsed.raw_host or "")
+    except HookAddressRefused as exc:
+        return parsed, str(exc)
+    return parsed, None
+
+
 async def attempt_delivery(
     http: aiohttp.ClientSession,
     delivery: ClaimedDelivery,
     *,
     keys: Sequence[bytes],
-    timeout_s: float,
     allow_private: bool,
 ) -> AttemptResult:
     """One signed POST; never raises for anything the receiver or the network does."""
@@ -126,14 +141,11 @@ async def attempt_delivery(
     }
     started = time.perf_counter()
     try:
-        url = URL(delivery.url)
-        if not allow_private:
-            # IP literals never reach the guarded resolver.
-            refuse_literal_host(url.raw_host or "")
-        async with (
-            asyncio.timeout(timeout_s),
-            http.post(url, data=delivery.body, headers=headers, allow_redirects=False) as response,
-        ):
+        url, refused = _target(delivery.url, allow_private=allow_private)
+        if refused is not None:
+            raise HookAddressRefused(refused)
+        # The session's total timeout covers connecting, sending and reading the answer.
+        async with http.post(url, data=delivery.body, headers=headers, allow_redirects=False) as response:
             body = await _read_prefix(response)
             retry_after = None
             if response.status in (429, 503):
@@ -150,12 +162,51 @@ async def attempt_delivery(
         return AttemptResult(at=at, duration_ms=_elapsed_ms(started), error_class=error_class, error=message)
 
 
+def driver_dsn(engine: AsyncEngine) -> str:
+    """The engine's database as a plain postgresql:// DSN for asyncpg (query options such as host kept)."""
+    return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class DriverConnection:
+    """A dedicated asyncpg connection one loop keeps for its statements, reopened after an error.
+
+    Outside the engine's pool: a checkout there costs a pre-ping round trip, as much as the statement.
+    """
+
+    def __init__(self, dsn: str, *, name: str) -> None:
+        self._dsn = dsn
+        self._name = name
+        self._connection: Any = None
+
+    async def get(self) -> Driver:
+        if self._connection is None or self._connection.is_closed():
+            self._connection = await asyncpg.connect(
+                self._dsn,
+                timeout=10,
+                command_timeout=30,
+                server_settings={"application_name": self._name, "jit": "off"},
+            )
+        driver: Driver = self._connection
+        return driver
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(*DB_ERRORS):
+                await asyncio.wait_for(connection.close(), 5)
+            connection.terminate()
+
+
 class Dispatcher:
     """One per process. `stop()` stops claiming, lets in-flight sends finish briefly, releases the rest."""
 
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
         self._settings = runtime.settings
+        self._dsn = driver_dsn(runtime.engine)
+        self._claim_db = DriverConnection(self._dsn, name="sunotrack-webhooks-claim")
+        self._write_db = DriverConnection(self._dsn, name="sunotrack-webhooks-write")
+        self._min_claim = max(1, runtime.settings.webhook_concurrency // 4)
         self._keys = secret_keys(runtime.settings.webhook_secrets)
         self._job_id = f"webhooks.sweep:{runtime.instance_id}"
         self._wake = asyncio.Event()
@@ -172,6 +223,7 @@ class Dispatcher:
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._http: aiohttp.ClientSession | None = None
         self._log = log.bind(instance_id=runtime.instance_id)
+        self._attempt_counters: dict[str, Any] = {}
 
     @property
     def held(self) -> bool:
@@ -199,6 +251,7 @@ class Dispatcher:
                 allow_private=settings.allow_private_hooks, limit=settings.webhook_concurrency
             ),
             cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=settings.webhook_timeout_s),
             raise_for_status=False,
         )
         self._loops = {
@@ -247,6 +300,8 @@ class Dispatcher:
                 self._log.warning("webhooks.release_failed", count=len(unsent), error=str(exc))
         self._loops["listen"].cancel()
         await asyncio.gather(self._loops["listen"], return_exceptions=True)
+        await self._claim_db.close()
+        await self._write_db.close()
         if self._timer is not None:
             self._timer.cancel()
         if self._http is not None:
@@ -291,12 +346,11 @@ class Dispatcher:
         self._wake.set()
 
     async def _listen_loop(self) -> None:
-        dsn = self._runtime.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         backoff = 0.1
         while True:
             try:
                 connection = await asyncpg.connect(
-                    dsn, timeout=5, server_settings={"application_name": "sunotrack-listen"}
+                    self._dsn, timeout=5, server_settings={"application_name": "sunotrack-listen"}
                 )
             except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
                 self._log.warning("webhooks.listen_connect_failed", error=str(exc), retry_in_s=backoff)
@@ -331,22 +385,23 @@ class Dispatcher:
             self._wake.clear()
             while not self._stopping:
                 free = settings.webhook_concurrency - len(self._in_flight)
-                if free <= 0:
+                # While sends are in flight, wait for a few slots rather than claiming rows one at a time.
+                if free < (self._min_claim if self._in_flight else 1):
                     self._slot_freed.clear()
                     await self._slot_freed.wait()
                     continue
                 try:
-                    async with transaction(self._runtime.sessions) as session:
-                        claim = await claim_due(
-                            session,
-                            limit=free,
-                            lease_s=settings.lease_s,
-                            breaker_failures=settings.hook_breaker_failures,
-                            probe_s=settings.webhook_timeout_s + 1,
-                        )
+                    claim = await claim_due(
+                        await self._claim_db.get(),
+                        limit=free,
+                        lease_s=settings.lease_s,
+                        breaker_failures=settings.hook_breaker_failures,
+                        probe_s=settings.webhook_timeout_s + 1,
+                    )
                 except DB_ERRORS as exc:
                     # The sweep wakes us again; the rows are unclaimed or come back with their lease.
                     self._log.warning("webhooks.claim_failed", error=str(exc))
+                    await self._claim_db.close()
                     break
                 if claim.wake_at is not None:
                     self._wake_at(claim.wake_at)
@@ -365,7 +420,6 @@ class Dispatcher:
             self._http,
             delivery,
             keys=self._keys,
-            timeout_s=settings.webhook_timeout_s,
             allow_private=settings.allow_private_hooks,
         )
         settlement = settle(delivery, result, settings.webhook_retry_schedule)
@@ -377,7 +431,9 @@ class Dispatcher:
 
     def _observe(self, delivery: ClaimedDelivery, result: AttemptResult, settlement: Settlement) -> None:
         outcome = result.error_class or f"{(result.status_code or 0) // 100}xx"
-        DELIVERY_ATTEMPTS.labels(outcome=outcome).inc()
+        if (counter := self._attempt_counters.get(outcome)) is None:
+            counter = self._attempt_counters[outcome] = DELIVERY_ATTEMPTS.labels(outcome=outcome)
+        counter.inc()
         DELIVERY_LATENCY.observe(result.duration_ms / 1000)
         if result.ok:
             return
@@ -410,15 +466,15 @@ class Dispatcher:
         settings = self._settings
         for attempt in range(1, WRITE_RETRIES + 1):
             try:
-                async with transaction(self._runtime.sessions) as session:
-                    paused = await record_results(
-                        session,
-                        batch,
-                        breaker_failures=settings.hook_breaker_failures,
-                        breaker_pause_s=settings.hook_breaker_pause_s,
-                    )
+                paused = await record_results(
+                    await self._write_db.get(),
+                    batch,
+                    breaker_failures=settings.hook_breaker_failures,
+                    breaker_pause_s=settings.hook_breaker_pause_s,
+                )
                 break
             except DB_ERRORS as exc:
+                await self._write_db.close()
                 if attempt == WRITE_RETRIES:
                     # The rows keep their lease and are sent again once it expires: at least once.
                     self._log.error("webhooks.results_lost", count=len(batch), error=str(exc))

@@ -6,14 +6,13 @@ Functions take the session first and never commit; the dispatcher (jobs.py) and 
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from pydantic import SecretStr
@@ -168,7 +167,7 @@ async def enqueue_deliveries(session: AsyncSession, notices: Sequence[Transition
         for notice in notices
     ]
     await session.execute(
-        pg_insert(Delivery).values(rows).on_conflict_do_nothing(index_elements=["task_pk", "event_seq"])
+        pg_insert(Delivery).on_conflict_do_nothing(index_elements=["task_pk", "event_seq"]), rows
     )
     await notify_dispatchers(session)
 
@@ -188,12 +187,22 @@ def secret_keys(secrets: Sequence[SecretStr]) -> tuple[bytes, ...]:
 def signature_header(keys: Sequence[bytes], webhook_id: str, timestamp: int, body: bytes) -> str:
     """`v1,<sig>` per key, space separated: receivers accept a message if any signature matches."""
     signed = f"{webhook_id}.{timestamp}.".encode() + body
-    return " ".join(
-        "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode() for key in keys
-    )
+    return " ".join("v1," + base64.b64encode(hmac.digest(key, signed, "sha256")).decode() for key in keys)
 
 
 # --- claiming and settling ----------------------------------------------------------------------------
+#
+# The dispatcher's two hot statements (claim, settle) run on a plain asyncpg connection, not a session:
+# SQLAlchemy's per-statement overhead measured 2.5x the driver's own client cost on these batches, and
+# each statement is atomic on its own (the lease protects what spans several).
+
+
+class Driver(Protocol):
+    """The asyncpg connection methods used here (asyncpg ships no type hints)."""
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]: ...
+
+    async def execute(self, query: str, *args: Any) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,59 +274,54 @@ def settle(
     return Settlement("failed", finished + timedelta(seconds=delay))
 
 
-_CLAIM = text(
-    """
+# One round trip: the claim, plus the (few) hosts the circuit breaker has tripped. hook_hosts only holds
+# hosts on a failure streak (a success deletes the row), so the scan stays small.
+_CLAIM = """
     WITH due AS (
         SELECT id FROM deliveries
         WHERE next_attempt_at <= now()
         ORDER BY next_attempt_at
-        LIMIT :limit
+        LIMIT $1
         FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        UPDATE deliveries AS d
+        SET next_attempt_at = now() + make_interval(secs => $2)
+        FROM due
+        WHERE d.id = due.id
+        RETURNING d.id, d.task_pk, d.webhook_id, d.url, d.body, d.attempts, d.next_attempt_at
+    ), tripped AS (
+        SELECT array_agg(host ORDER BY host) AS hosts, array_agg(paused_until ORDER BY host) AS untils
+        FROM hook_hosts WHERE consecutive_failures >= $3
     )
-    UPDATE deliveries AS d
-    SET next_attempt_at = now() + make_interval(secs => :lease_s)
-    FROM due
-    WHERE d.id = due.id
-    RETURNING d.id, (SELECT t.task_id FROM tasks AS t WHERE t.id = d.task_pk), d.webhook_id, d.url, d.body,
-        d.attempts, d.next_attempt_at, now()
-    """
-)
-
-_TRIPPED_HOSTS = text(
-    """
-    SELECT host, paused_until FROM hook_hosts
-    WHERE host = ANY(CAST(:hosts AS text[])) AND consecutive_failures >= :failures
-    """
-)
+    SELECT c.id, t.task_id, c.webhook_id, c.url, c.body, c.attempts, c.next_attempt_at, now(),
+        tripped.hosts, tripped.untils
+    FROM claimed AS c JOIN tasks AS t ON t.id = c.task_pk CROSS JOIN tripped
+"""
 
 # Only one process wins the probe of a host whose pause is over: the row lock serialises the others,
 # which then see the new paused_until and defer.
-_TAKE_PROBES = text(
-    """
-    UPDATE hook_hosts SET paused_until = now() + make_interval(secs => :probe_s), updated_at = now()
-    WHERE host = ANY(CAST(:hosts AS text[])) AND (paused_until IS NULL OR paused_until <= now())
+_TAKE_PROBES = """
+    UPDATE hook_hosts SET paused_until = now() + make_interval(secs => $2), updated_at = now()
+    WHERE host = ANY($1::text[]) AND (paused_until IS NULL OR paused_until <= now())
     RETURNING host, paused_until
-    """
-)
+"""
 
-_DEFER = text(
-    """
+_DEFER = """
     UPDATE deliveries AS d SET next_attempt_at = v.until
-    FROM unnest(CAST(:ids AS bigint[]), CAST(:untils AS timestamptz[])) AS v(id, until)
+    FROM unnest($1::bigint[], $2::timestamptz[]) AS v(id, until)
     WHERE d.id = v.id
-    """
-)
+"""
 
 
 async def claim_due(
-    session: AsyncSession, *, limit: int, lease_s: float, breaker_failures: int, probe_s: float
+    driver: Driver, *, limit: int, lease_s: float, breaker_failures: int, probe_s: float
 ) -> Claim:
     """Lease up to `limit` due deliveries to this process, putting back those whose host is paused.
 
     A host tripped by the circuit breaker gets one probe delivery once its pause is over; its other
     deliveries wait for the probe's outcome instead of each burning an attempt on a host that is down.
     """
-    rows = (await session.execute(_CLAIM, {"limit": limit, "lease_s": lease_s})).all()
+    rows = await driver.fetch(_CLAIM, limit, lease_s, breaker_failures)
     if not rows:
         return Claim([], 0, None)
     now: datetime = rows[0][7]
@@ -327,19 +331,16 @@ async def claim_due(
             task_id=row[1],
             webhook_id=row[2],
             url=row[3],
-            body=bytes(row[4]),
+            body=row[4],
             attempts=row[5],
             host=hook_host(row[3]),
             lease=row[6],
         )
         for row in rows
     ]
-    hosts = sorted({delivery.host for delivery in claimed})
+    hosts = {delivery.host for delivery in claimed}
     tripped: dict[str, datetime | None] = {
-        host: paused_until
-        for host, paused_until in await session.execute(
-            _TRIPPED_HOSTS, {"hosts": hosts, "failures": breaker_failures}
-        )
+        host: until for host, until in zip(rows[0][8] or (), rows[0][9] or (), strict=True) if host in hosts
     }
     if not tripped:
         return Claim(claimed, 0, None)
@@ -347,7 +348,7 @@ async def claim_due(
     probes: set[str] = set()
     half_open = [host for host, until in tripped.items() if until is None or until <= now]
     if half_open:
-        for host, until in await session.execute(_TAKE_PROBES, {"hosts": half_open, "probe_s": probe_s}):
+        for host, until in await driver.fetch(_TAKE_PROBES, half_open, probe_s):
             probes.add(host)
             tripped[host] = until
     sendable: list[ClaimedDelivery] = []
@@ -367,65 +368,56 @@ async def claim_due(
                 until if until is not None and until > now else now + timedelta(seconds=probe_s)
             )
     if deferred_ids:
-        await session.execute(_DEFER, {"ids": deferred_ids, "untils": deferred_until})
+        await driver.execute(_DEFER, deferred_ids, deferred_until)
     return Claim(sendable, len(deferred_ids), min(deferred_until) if deferred_until else None)
 
 
-_SETTLE = text(
-    """
-    UPDATE deliveries AS d
-    SET status = v.status,
-        attempts = d.attempts + 1,
-        next_attempt_at = v.next_attempt_at,
-        last_status_code = v.status_code,
-        last_error = v.error,
-        delivered_at = COALESCE(v.delivered_at, d.delivered_at)
-    FROM unnest(
-        CAST(:ids AS bigint[]), CAST(:leases AS timestamptz[]), CAST(:statuses AS text[]),
-        CAST(:nexts AS timestamptz[]), CAST(:codes AS smallint[]), CAST(:errors AS text[]),
-        CAST(:delivered AS timestamptz[])
-    ) AS v(id, lease, status, next_attempt_at, status_code, error, delivered_at)
-    WHERE d.id = v.id AND d.next_attempt_at = v.lease
-    """
-)
-
-_LOG_ATTEMPTS = text(
-    """
+# One statement settles a batch: each delivery's new state, its attempt log row, and a reset of the hosts
+# that answered (their failure streak is over).
+_SETTLE = """
+    WITH v AS (
+        SELECT * FROM unnest(
+            $1::bigint[], $2::timestamptz[], $3::text[], $4::timestamptz[], $5::smallint[], $6::text[],
+            $7::timestamptz[], $8::integer[], $9::timestamptz[], $10::float8[], $11::text[], $12::text[],
+            $13::text[]
+        ) AS v(id, lease, status, next_attempt_at, status_code, error, delivered_at, attempt, at,
+            duration_ms, error_class, attempt_error, response_body)
+    ), settled AS (
+        UPDATE deliveries AS d
+        SET status = v.status,
+            attempts = v.attempt,
+            next_attempt_at = v.next_attempt_at,
+            last_status_code = v.status_code,
+            last_error = v.error,
+            delivered_at = COALESCE(v.delivered_at, d.delivered_at)
+        FROM v
+        WHERE d.id = v.id AND d.next_attempt_at = v.lease
+    ), recovered AS (
+        DELETE FROM hook_hosts WHERE host = ANY($14::text[])
+    )
     INSERT INTO delivery_attempts (
         delivery_id, attempt, at, duration_ms, status_code, error_class, error, response_body,
         next_attempt_at
     )
-    SELECT * FROM unnest(
-        CAST(:ids AS bigint[]), CAST(:attempts AS integer[]), CAST(:ats AS timestamptz[]),
-        CAST(:durations AS float8[]), CAST(:codes AS smallint[]), CAST(:classes AS text[]),
-        CAST(:errors AS text[]), CAST(:bodies AS text[]), CAST(:nexts AS timestamptz[])
-    )
-    """
-)
+    SELECT id, attempt, at, duration_ms, status_code, error_class, attempt_error, response_body,
+        next_attempt_at
+    FROM v
+"""
 
-_HOSTS_RECOVERED = text(
-    """
-    UPDATE hook_hosts SET consecutive_failures = 0, paused_until = NULL, updated_at = now()
-    WHERE host = ANY(CAST(:hosts AS text[])) AND (consecutive_failures > 0 OR paused_until IS NOT NULL)
-    """
-)
-
-_HOSTS_FAILED = text(
-    """
+_HOSTS_FAILED = """
     INSERT INTO hook_hosts AS h (host, consecutive_failures, paused_until, updated_at)
     SELECT v.host, v.failures,
-        CASE WHEN v.failures >= :threshold THEN now() + make_interval(secs => :pause_s) END, now()
-    FROM unnest(CAST(:hosts AS text[]), CAST(:failures AS integer[])) AS v(host, failures)
+        CASE WHEN v.failures >= $3 THEN now() + make_interval(secs => $4) END, now()
+    FROM unnest($1::text[], $2::integer[]) AS v(host, failures)
     ON CONFLICT (host) DO UPDATE SET
         consecutive_failures = h.consecutive_failures + excluded.consecutive_failures,
         paused_until = CASE
-            WHEN h.consecutive_failures + excluded.consecutive_failures >= :threshold
-            THEN now() + make_interval(secs => :pause_s)
+            WHEN h.consecutive_failures + excluded.consecutive_failures >= $3
+            THEN now() + make_interval(secs => $4)
             ELSE h.paused_until END,
         updated_at = now()
     RETURNING host, paused_until
-    """
-)
+"""
 
 
 def _error_text(result: AttemptResult) -> str | None:
@@ -437,13 +429,13 @@ def _error_text(result: AttemptResult) -> str | None:
 
 
 async def record_results(
-    session: AsyncSession,
+    driver: Driver,
     outcomes: Sequence[tuple[ClaimedDelivery, AttemptResult, Settlement]],
     *,
     breaker_failures: int,
     breaker_pause_s: float,
 ) -> list[tuple[str, datetime]]:
-    """Write a batch of attempts in three statements; returns the hosts this batch paused.
+    """Write a batch of attempts in one statement (two if a host failed); returns the hosts it paused.
 
     Outcomes must be in completion order: a host's failures count from its last success in the batch.
     A row whose lease was lost (expired and claimed again elsewhere) keeps the other process's state;
@@ -451,33 +443,6 @@ async def record_results(
     """
     if not outcomes:
         return []
-    await session.execute(
-        _SETTLE,
-        {
-            "ids": [delivery.id for delivery, _, _ in outcomes],
-            "leases": [delivery.lease for delivery, _, _ in outcomes],
-            "statuses": [settlement.status for _, _, settlement in outcomes],
-            "nexts": [settlement.next_attempt_at for _, _, settlement in outcomes],
-            "codes": [result.status_code for _, result, _ in outcomes],
-            "errors": [_error_text(result) for _, result, _ in outcomes],
-            "delivered": [result.at if result.ok else None for _, result, _ in outcomes],
-        },
-    )
-    await session.execute(
-        _LOG_ATTEMPTS,
-        {
-            "ids": [delivery.id for delivery, _, _ in outcomes],
-            "attempts": [delivery.attempts + 1 for delivery, _, _ in outcomes],
-            "ats": [result.at for _, result, _ in outcomes],
-            "durations": [result.duration_ms for _, result, _ in outcomes],
-            "codes": [result.status_code for _, result, _ in outcomes],
-            "classes": [result.error_class for _, result, _ in outcomes],
-            "errors": [result.error for _, result, _ in outcomes],
-            "bodies": [result.response_body for _, result, _ in outcomes],
-            "nexts": [settlement.next_attempt_at for _, _, settlement in outcomes],
-        },
-    )
-
     recovered: set[str] = set()
     failures: dict[str, int] = {}
     for delivery, result, _ in outcomes:
@@ -486,19 +451,32 @@ async def record_results(
         elif result.error_class is None:
             recovered.add(delivery.host)
             failures.pop(delivery.host, None)
-    if recovered:
-        await session.execute(_HOSTS_RECOVERED, {"hosts": sorted(recovered)})
+    await driver.execute(
+        _SETTLE,
+        [delivery.id for delivery, _, _ in outcomes],
+        [delivery.lease for delivery, _, _ in outcomes],
+        [settlement.status for _, _, settlement in outcomes],
+        [settlement.next_attempt_at for _, _, settlement in outcomes],
+        [result.status_code for _, result, _ in outcomes],
+        [_error_text(result) for _, result, _ in outcomes],
+        [result.at if result.ok else None for _, result, _ in outcomes],
+        [delivery.attempts + 1 for delivery, _, _ in outcomes],
+        [result.at for _, result, _ in outcomes],
+        [result.duration_ms for _, result, _ in outcomes],
+        [result.error_class for _, result, _ in outcomes],
+        [result.error for _, result, _ in outcomes],
+        [result.response_body for _, result, _ in outcomes],
+        sorted(recovered),
+    )
     if not failures:
         return []
     hosts = sorted(failures)
-    paused = await session.execute(
+    paused = await driver.fetch(
         _HOSTS_FAILED,
-        {
-            "hosts": hosts,
-            "failures": [failures[host] for host in hosts],
-            "threshold": breaker_failures,
-            "pause_s": breaker_pause_s,
-        },
+        hosts,
+        [failures[host] for host in hosts],
+        breaker_failures,
+        breaker_pause_s,
     )
     return [(host, until) for host, until in paused if until is not None and host in failures]
 

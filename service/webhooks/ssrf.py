@@ -9,6 +9,7 @@ resolver, so `refuse_literal_host` covers them before the request is made.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 
@@ -72,10 +73,14 @@ def refuse_literal_host(host: str) -> None:
         raise HookAddressRefused(f"refused to connect: {reason}")
 
 
-def hook_host(url: str | URL) -> str:
-    """The circuit breaker's key: the lower-cased host of the URL, without port."""
+@functools.lru_cache(maxsize=4096)
+def hook_host(url: str) -> str:
+    """The circuit breaker's key: the lower-cased host of the URL, without port.
+
+    Cached: every claimed row needs it and a task's hook URL repeats for each of its events.
+    """
     try:
-        return (URL(url) if isinstance(url, str) else url).raw_host or ""
+        return URL(url).raw_host or ""
     except ValueError:
         return ""
 

@@ -251,6 +251,29 @@ async def test_a_slow_receiver_times_out(
     assert 150 < (attempt.duration_ms or 0) < 2000
 
 
+async def test_a_receiver_stalling_mid_body_times_out(
+    make_settings: Callable[..., Settings], sessions: SessionMaker, receiver: Receiver
+) -> None:
+    """The timeout is total: a quick status line does not buy an answer that never finishes."""
+
+    async def stall(request: web.Request, __: int) -> web.StreamResponse:
+        response = web.StreamResponse(status=200)
+        response.content_length = 100
+        await response.prepare(request)
+        await response.write(b"partial")
+        await asyncio.sleep(5)
+        return response
+
+    receiver.behaviour = stall
+    pk = await add_task(sessions, "task-1", receiver.url)
+    settings = make_settings(SUNOTRACK_WEBHOOK_RETRY_SCHEDULE="", SUNOTRACK_WEBHOOK_TIMEOUT_S="0.3")
+    async with running_dispatcher(settings):
+        await enqueue(sessions, [notice(pk, receiver.url)])
+        [row] = await settled(sessions, 1)
+    [attempt] = await attempts(sessions, row.id)
+    assert (row.status, attempt.error_class, attempt.status_code) == ("dead", "timeout", None)
+
+
 async def test_redirects_are_not_followed(
     make_settings: Callable[..., Settings], sessions: SessionMaker, receiver: Receiver
 ) -> None:

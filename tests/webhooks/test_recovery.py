@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import asyncpg
 from aiohttp import web
 from sqlalchemy import select, text
 from standardwebhooks import Webhook
@@ -37,12 +38,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 async def test_a_claim_left_by_a_crashed_process_is_sent_once_its_lease_expires(
-    make_settings: Callable[..., Settings], sessions: SessionMaker, receiver: Receiver
+    database_url: str, make_settings: Callable[..., Settings], sessions: SessionMaker, receiver: Receiver
 ) -> None:
     pk = await add_task(sessions, "task-1", receiver.url)
     await enqueue(sessions, [notice(pk, receiver.url)])
-    async with transaction(sessions) as session:
-        claim = await claim_due(session, limit=10, lease_s=1.0, breaker_failures=20, probe_s=1)
+    connection = await asyncpg.connect(database_url.replace("+asyncpg", ""))
+    try:
+        claim = await claim_due(connection, limit=10, lease_s=1.0, breaker_failures=20, probe_s=1)
+    finally:
+        await connection.close()
     assert len(claim.deliveries) == 1
     claimed_at = time.time()
 
@@ -189,9 +193,8 @@ async def test_the_circuit_breaker_pauses_a_failing_host_then_probes_it(
     )
     probe, *rest = successes
     assert all(later.at >= probe.at + timedelta(milliseconds=probe.duration_ms or 0) for later in rest)
-    recovered = await host()
-    assert recovered is not None
-    assert (recovered.consecutive_failures, recovered.paused_until) == (0, None)
+    # A host that answers again has no failure streak left to show.
+    assert await host() is None
 
 
 async def test_a_paused_host_does_not_hold_up_other_hosts(
