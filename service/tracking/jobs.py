@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import structlog
 from apscheduler.job import Job
@@ -24,11 +24,12 @@ from service.db import SessionMaker, transaction
 from service.metrics import CLAIM_LAG, POLL_TICK, POLLS, UPSTREAM_ERRORS
 from service.runtime import Runtime
 from service.tracking import repository
-from service.tracking.repository import ClaimedTask
+from service.tracking.repository import Claim, TaskState
 from service.tracking.service import (
     Endpoint,
     PollResult,
     fetch_snapshot,
+    plan_polls,
     polls_singly,
     record_polls,
 )
@@ -120,58 +121,67 @@ class Poller:
         return sum(counts)
 
     async def _worker(self, counts: list[int], n: int) -> None:
-        while not self._stopping:
+        page: _Page | None = None
+        results: list[PollResult] = []
+        while True:
+            # A full page says more is due: the next one is claimed in the same transaction that
+            # records this one (one commit, one pooled checkout per page).
+            more = not self._stopping and (page is None or len(page.claim.tasks) == self._page_size)
             try:
-                page = await self._claim()
+                fresh = await self._record_and_claim(page, results, claim=more)
             except Exception:
-                log.exception("poll.claim_failed")
+                # Leases run out by themselves; another turn polls these tasks again.
+                log.exception("poll.record_failed", tasks=0 if page is None else len(page.claim.tasks))
                 return
-            if page:
-                counts[n] += await self._poll_page(page)
-            if len(page) < self._page_size:
+            finally:
+                for task in page.claim.tasks if page is not None else ():
+                    self._held.pop(task.pk, None)
+            counts[n] += len(results)
+            if fresh is None or not fresh.tasks:
                 return
+            page = _Page(fresh, time.monotonic())
+            for task, lag in zip(fresh.tasks, fresh.lags_s, strict=True):
+                self._held[task.pk] = _lease(task)
+                CLAIM_LAG.observe(max(lag, 0.0))
+            results = await self._fetch(page)
 
-    async def _claim(self) -> list[ClaimedTask]:
+    async def _record_and_claim(
+        self, page: _Page | None, results: list[PollResult], *, claim: bool
+    ) -> Claim | None:
+        plan = None
+        skipped: list[tuple[int, datetime]] = []
+        if page is not None:
+            # The database's clock, read by the claim, carried forward: every process schedules by
+            # that one clock.
+            now = page.claim.now + timedelta(seconds=time.monotonic() - page.claimed_at)
+            plan = plan_polls(page.claim.tasks, results, settings=self._settings, now=now)
+            polled = {result.pk for result in results}
+            skipped = [(task.pk, _lease(task)) for task in page.claim.tasks if task.pk not in polled]
         async with self._db_slots, transaction(self._sessions) as session:
-            page = await repository.claim_due(session, limit=self._page_size, lease_s=self._settings.lease_s)
-        for task in page:
-            self._held[task.pk] = task.lease_until
-            CLAIM_LAG.observe(max(task.lag_s, 0.0))
-        return page
+            if plan is not None and plan.results:
+                await record_polls(session, plan)
+            await repository.release_leases(session, skipped)
+            if not claim:
+                return None
+            return await repository.claim_due(session, limit=self._page_size, lease_s=self._settings.lease_s)
 
-    async def _poll_page(self, page: Sequence[ClaimedTask]) -> int:
-        claimed_at = time.monotonic()
-        batches: defaultdict[str, list[ClaimedTask]] = defaultdict(list)
-        singles: list[ClaimedTask] = []
-        for task in page:
+    async def _fetch(self, page: _Page) -> list[PollResult]:
+        batches: defaultdict[str, list[TaskState]] = defaultdict(list)
+        singles: list[TaskState] = []
+        for task in page.claim.tasks:
             action = _BATCH_ACTIONS.get(task.kind)
             if action is None or self._settings.suno_api_dialect == "v1" or polls_singly(task.last_error):
                 singles.append(task)
             else:
                 batches[action].append(task)
         requests = [self._poll_batch(tasks, action) for action, tasks in batches.items()]
-        requests += [self._poll_single(task, claimed_at) for task in singles]
+        requests += [self._poll_single(task, page.claimed_at) for task in singles]
         results: list[PollResult] = []
         for answer in await asyncio.gather(*requests):
             results.extend(answer)
-        polled = {result.pk for result in results}
-        skipped = [(task.pk, task.lease_until) for task in page if task.pk not in polled]
-        stats = None
-        try:
-            async with self._db_slots, transaction(self._sessions) as session:
-                if results:
-                    stats = await record_polls(session, results, settings=self._settings)
-                await repository.release_leases(session, skipped)
-        except Exception:
-            # The leases run out by themselves and another turn polls these tasks again.
-            log.exception("poll.record_failed", tasks=len(page))
-        for task in page:
-            self._held.pop(task.pk, None)
-        if stats is not None and stats.transitions:
-            log.debug("poll.recorded", tasks=stats.tasks, transitions=stats.transitions)
-        return len(results) if stats is not None else 0
+        return results
 
-    async def _poll_batch(self, tasks: list[ClaimedTask], action: str) -> list[PollResult]:
+    async def _poll_batch(self, tasks: list[TaskState], action: str) -> list[PollResult]:
         answer = await self._relay.fetch_batch([task.task_id for task in tasks], action)
         seen: set[int] = set()
         for failure in answer.errors.values():
@@ -183,10 +193,10 @@ class Poller:
         for task in tasks:
             snapshot = answer.snapshots.get(task.task_id)
             error = answer.errors.get(task.task_id) if snapshot is None else None
-            results.append(PollResult(task.pk, task.lease_until, "batch", snapshot, error))
+            results.append(PollResult(task.pk, _lease(task), "batch", snapshot, error))
         return results
 
-    async def _poll_single(self, task: ClaimedTask, claimed_at: float) -> list[PollResult]:
+    async def _poll_single(self, task: TaskState, claimed_at: float) -> list[PollResult]:
         endpoint: Endpoint = (
             "stems" if task.kind == "stems" else "v1" if self._settings.suno_api_dialect == "v1" else "single"
         )
@@ -206,7 +216,19 @@ class Poller:
                 _count_error(exc, tasks=1, task_id=task.task_id)
             else:
                 POLLS.labels(endpoint).inc()
-        return [PollResult(task.pk, task.lease_until, endpoint, snapshot, error)]
+        return [PollResult(task.pk, _lease(task), endpoint, snapshot, error)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Page:
+    claim: Claim
+    claimed_at: float  # monotonic
+
+
+def _lease(task: TaskState) -> datetime:
+    lease = task.loaded[2]
+    assert lease is not None  # a claimed row always carries its lease
+    return lease
 
 
 def _count_error(error: UpstreamError, *, tasks: int, task_id: str | None = None) -> None:

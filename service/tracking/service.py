@@ -97,7 +97,9 @@ class _Recorder:
     clips: list[tuple[int, ClipState]] = field(default_factory=list)
     events: list[EventRow] = field(default_factory=list)
     notices: list[TransitionNotice] = field(default_factory=list)
-    transitions: int = 0
+    # Logged once written: a write-back that loses a race is redone, and must not be told twice.
+    logs: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
+    stats: RecordStats = field(default_factory=RecordStats)
 
     # -- what the relay said ----------------------------------------------------------------------
 
@@ -265,7 +267,13 @@ class _Recorder:
             self._fail(state, f"the relay refused {times} times in a row: {state.last_error}", error)
 
     def _fail(self, state: TaskState, reason: str, error: UpstreamError) -> None:
-        log.info("task.failed_by_errors", task_id=state.task_id, code=error.code, reason=reason)
+        self.logs.append(
+            (
+                state.pk,
+                "task.failed_by_errors",
+                {"task_id": state.task_id, "code": error.code, "reason": reason},
+            )
+        )
         detail = {"reason": reason, "error": error.code}
         self.transition(state, "failed", "poll", detail=detail, fail_reason=reason, relay_payload=None)
 
@@ -276,7 +284,7 @@ class _Recorder:
         if self.now < state.created_at + timedelta(seconds=deadline_s):
             return
         reason = f"no terminal status within the deadline of {deadline_s:g} s since registration"
-        log.info("task.timed_out", task_id=state.task_id, deadline_s=deadline_s)
+        self.logs.append((state.pk, "task.timed_out", {"task_id": state.task_id, "deadline_s": deadline_s}))
         self.transition(
             state, "timed_out", "deadline", detail={"reason": reason}, fail_reason=reason, relay_payload=None
         )
@@ -320,8 +328,7 @@ class _Recorder:
         return state.last_seq
 
     def _anomaly(self, state: TaskState, kind: str, source: Source, **detail: Any) -> None:
-        ANOMALIES.labels(kind).inc()
-        log.info("task.anomaly", task_id=state.task_id, anomaly=kind, **detail)
+        self.logs.append((state.pk, "task.anomaly", {"task_id": state.task_id, "anomaly": kind, **detail}))
         self._event(
             state, "anomaly", state.status, state.status, source=source, detail={"anomaly": kind, **detail}
         )
@@ -345,9 +352,6 @@ class _Recorder:
         if to_status in _TERMINAL:
             state.finished_at = self.now
             state.next_poll_at = None
-        self.transitions += 1
-        TRANSITIONS.labels(source, to_status).inc()
-        log.debug("task.transition", task_id=state.task_id, seq=seq, previous=previous, status=to_status)
         if state.notify_hook is not None:
             self.notices.append(
                 TransitionNotice(
@@ -368,13 +372,30 @@ class _Recorder:
                 )
             )
 
-    async def flush(self, session: AsyncSession) -> RecordStats:
-        await repository.write_task_states(session, list(self.dirty.values()))
-        await repository.upsert_clips(session, self.clips)
-        await repository.insert_events(session, self.events, at=self.now)
-        if self.notices:
-            await enqueue_deliveries(session, self.notices)
-        return RecordStats(tasks=len(self.dirty), transitions=self.transitions, events=len(self.events))
+    async def flush(self, session: AsyncSession) -> set[int]:
+        """Write everything; returns the pks written. A task whose row changed since it was read is
+        left out entirely (row, clips, events, notices), for the caller to redo under its lock."""
+        written = await repository.write_task_states(session, list(self.dirty.values()))
+        lost = written.symmetric_difference(self.dirty)
+        clips = [(pk, clip) for pk, clip in self.clips if pk in written] if lost else self.clips
+        events = [event for event in self.events if event.task_pk in written] if lost else self.events
+        notices = [notice for notice in self.notices if notice.task_pk in written] if lost else self.notices
+        await repository.upsert_clips(session, clips)
+        await repository.insert_events(session, events, at=self.now)
+        if notices:
+            await enqueue_deliveries(session, notices)
+        for event in events:
+            if event.type == "anomaly":
+                ANOMALIES.labels(event.detail["anomaly"] if event.detail else "unknown").inc()
+            elif event.clip_id is None:
+                TRANSITIONS.labels(event.source, event.to_status).inc()
+        for pk, name, fields in self.logs:
+            if pk in written:
+                log.info(name, **fields)
+        self.stats.tasks += len(written)
+        self.stats.events += len(events)
+        self.stats.transitions += sum(1 for e in events if e.type == "transition" and e.clip_id is None)
+        return written
 
 
 def _upstream_detail(raw_status: str | None) -> dict[str, Any] | None:
@@ -397,18 +418,47 @@ def _clip_json(clip: ClipState) -> dict[str, Any]:
 # -- entry points -----------------------------------------------------------------------------------
 
 
-async def record_polls(
-    session: AsyncSession, results: Sequence[PollResult], *, settings: Settings
-) -> RecordStats:
-    """Record one chunk of the poller's results (tasks it claimed) in a handful of statements."""
-    now, states = await repository.lock_task_states(session, pks=[result.pk for result in results])
-    by_pk = {state.pk: state for state in states}
+@dataclass(frozen=True, slots=True)
+class PollPlan:
+    """A page of poll results already compared with what the claim read: no I/O, so the poller
+    computes it before taking a connection."""
+
+    recorder: _Recorder
+    results: Sequence[PollResult]
+
+
+def plan_polls(
+    claimed: Sequence[TaskState], results: Sequence[PollResult], *, settings: Settings, now: datetime
+) -> PollPlan:
+    by_pk = {task.pk: task for task in claimed}
     recorder = _Recorder(now, settings)
     for result in results:
-        state = by_pk.get(result.pk)
-        if state is not None:
-            recorder.poll(state, result)
-    return await recorder.flush(session)
+        recorder.poll(by_pk[result.pk], result)
+    return PollPlan(recorder, results)
+
+
+async def record_polls(session: AsyncSession, plan: PollPlan) -> RecordStats:
+    """Record one page of the poller's results in a handful of statements.
+
+    Optimistic: the tasks were compared with the state the claim read, without locking them again;
+    the few whose rows changed meanwhile (a callback, the API) are re-read under lock and redone.
+    """
+    recorder = plan.recorder
+    written = await recorder.flush(session)
+    stale = [result for result in plan.results if result.pk in recorder.dirty and result.pk not in written]
+    if not stale:
+        return recorder.stats
+    now, states = await repository.lock_task_states(session, pks=[result.pk for result in stale])
+    locked = {state.pk: state for state in states}
+    retry = _Recorder(now, recorder.settings)
+    for result in stale:
+        if result.pk in locked:
+            retry.poll(locked[result.pk], result)
+    await retry.flush(session)
+    recorder.stats.tasks += retry.stats.tasks
+    recorder.stats.events += retry.stats.events
+    recorder.stats.transitions += retry.stats.transitions
+    return recorder.stats
 
 
 async def record_snapshot(

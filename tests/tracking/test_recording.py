@@ -11,7 +11,7 @@ from sqlalchemy import text
 from service.db import transaction
 from service.errors import Conflict
 from service.tracking import repository
-from service.tracking.service import PollResult, cancel_task, record_polls, record_snapshot
+from service.tracking.service import PollResult, cancel_task, plan_polls, record_polls, record_snapshot
 from service.upstream.dialects import parse_callback
 from service.upstream.schemas import ClipSnapshot, TaskSnapshot, TaskStatus
 from tests.tracking.conftest import Tracking
@@ -111,16 +111,18 @@ async def test_a_poll_and_a_callback_racing_never_record_a_change_twice(tracking
     async with transaction(tracking.sessions) as session:
         await session.execute(text("UPDATE tasks SET next_poll_at = now()"))
     async with transaction(tracking.sessions) as session:
-        claimed = await repository.claim_due(session, limit=100, lease_s=30)
-    assert len(claimed) == 20
+        claim = await repository.claim_due(session, limit=100, lease_s=30)
+    assert len(claim.tasks) == 20
 
-    async def poll(claim: repository.ClaimedTask) -> None:
-        result = PollResult(claim.pk, claim.lease_until, "batch", snapshot(claim.task_id, TaskStatus.QUEUED))
+    async def poll(task: repository.TaskState) -> None:
+        result = PollResult(task.pk, task.next_poll_at, "batch", snapshot(task.task_id, TaskStatus.QUEUED))
         async with transaction(tracking.sessions) as session:
-            await record_polls(session, [result], settings=tracking.settings)
+            await record_polls(
+                session, plan_polls([task], [result], settings=tracking.settings, now=claim.now)
+            )
 
     await asyncio.gather(
-        *(poll(claim) for claim in claimed),
+        *(poll(task) for task in claim.tasks),
         *(record(tracking, callback_body(task_id, "QUEUED")) for task_id in task_ids),
     )
 
@@ -138,13 +140,14 @@ async def test_a_poll_answer_for_a_task_cancelled_meanwhile_changes_nothing(trac
     async with transaction(tracking.sessions) as session:
         await session.execute(text("UPDATE tasks SET next_poll_at = now()"))
     async with transaction(tracking.sessions) as session:
-        [claim] = await repository.claim_due(session, limit=10, lease_s=30)
+        claim = await repository.claim_due(session, limit=10, lease_s=30)
     async with transaction(tracking.sessions) as session:
         await cancel_task(session, "cancel-race", settings=tracking.settings)
 
-    result = PollResult(claim.pk, claim.lease_until, "batch", snapshot("cancel-race", TaskStatus.IN_PROGRESS))
+    [task] = claim.tasks
+    result = PollResult(task.pk, task.next_poll_at, "batch", snapshot("cancel-race", TaskStatus.IN_PROGRESS))
     async with transaction(tracking.sessions) as session:
-        await record_polls(session, [result], settings=tracking.settings)
+        await record_polls(session, plan_polls([task], [result], settings=tracking.settings, now=claim.now))
 
     assert await tracking.events("cancel-race") == [
         (1, "transition", None, "submitted", "register", None),
@@ -152,6 +155,38 @@ async def test_a_poll_answer_for_a_task_cancelled_meanwhile_changes_nothing(trac
     ]
     task = await tracking.task("cancel-race")
     assert (task.status, task.next_poll_at) == ("cancelled", None)
+
+
+async def test_a_poll_answer_compared_with_a_stale_read_is_redone_under_lock(tracking: Tracking) -> None:
+    """The poller compares with what its claim read; a callback that lands in between is not lost."""
+    await tracking.register("stale")
+    async with transaction(tracking.sessions) as session:
+        await session.execute(text("UPDATE tasks SET next_poll_at = now()"))
+    async with transaction(tracking.sessions) as session:
+        claim = await repository.claim_due(session, limit=10, lease_s=30)
+    await record(tracking, callback_body("stale", "QUEUED", "queued"))
+
+    [task] = claim.tasks
+    lease = task.next_poll_at
+    assert lease is not None
+    answer = snapshot("stale", TaskStatus.IN_PROGRESS, {"stale-c0": TaskStatus.IN_PROGRESS})
+    plan = plan_polls(
+        [task], [PollResult(task.pk, lease, "batch", answer)], settings=tracking.settings, now=claim.now
+    )
+    async with transaction(tracking.sessions) as session:
+        stats = await record_polls(session, plan)
+
+    assert (stats.tasks, stats.transitions) == (1, 1)
+    assert await tracking.events("stale") == [
+        (1, "transition", None, "submitted", "register", None),
+        (2, "transition", "submitted", "queued", "callback", None),
+        *clip_steps(3, ("stale-c0", "stale-c1"), None, "queued", source="callback"),
+        (5, "transition", "queued", "in_progress", "poll", None),
+        (6, "transition", "queued", "in_progress", "poll", "stale-c0"),
+    ]
+    row = await tracking.task("stale")
+    # Still this poller's to schedule: its lease was intact, only the status had moved.
+    assert (row.poll_count, row.next_poll_at < lease) == (1, True)
 
 
 async def test_cancel_is_idempotent_and_refuses_a_finished_task(tracking: Tracking) -> None:
