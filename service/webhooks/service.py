@@ -167,7 +167,7 @@ async def enqueue_deliveries(session: AsyncSession, notices: Sequence[Transition
         for notice in notices
     ]
     await session.execute(
-        pg_insert(Delivery).on_conflict_do_nothing(index_elements=["task_pk", "event_seq"]), rows
+        pg_insert(Delivery).values(rows).on_conflict_do_nothing(index_elements=["task_pk", "event_seq"])
     )
     await notify_dispatchers(session)
 
