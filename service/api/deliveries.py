@@ -175,7 +175,10 @@ async def retry_delivery(delivery_id: DeliveryIdPath, session: DbSession) -> Del
     return delivery_out(delivery, task_id)
 
 
-@get("/api/v1/hooks/hosts", summary="Circuit breaker state of every webhook host that has failed")
+@get(
+    "/api/v1/hooks/hosts",
+    summary="Webhook hosts on a failure streak, and whether the circuit breaker paused them",
+)
 async def list_hook_hosts(session: DbSession) -> HookHostList:
     hosts: list[HookHost] = await service.list_hook_hosts(session)
     now = await service.database_now(session)
