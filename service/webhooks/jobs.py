@@ -52,7 +52,14 @@ STOP_GRACE_S = 5.0
 LISTEN_HEARTBEAT_S = 10.0
 LISTEN_RETRY_MAX_S = 5.0
 WRITE_RETRIES = 3
-DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+DB_ERRORS = (
+    SQLAlchemyError,
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 
 async def start_dispatcher(runtime: Runtime) -> Dispatcher:
@@ -157,7 +164,7 @@ async def attempt_delivery(
                 response_body=body,
                 retry_after_s=retry_after,
             )
-    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+    except Exception as exc:  # whatever the receiver, the network or the client library throws
         error_class, message = classify(exc)
         return AttemptResult(at=at, duration_ms=_elapsed_ms(started), error_class=error_class, error=message)
 
@@ -356,7 +363,7 @@ class Dispatcher:
                 connection = await asyncpg.connect(
                     self._dsn, timeout=5, server_settings={"application_name": "sunotrack-listen"}
                 )
-            except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            except DB_ERRORS as exc:
                 self._log.warning("webhooks.listen_connect_failed", error=str(exc), retry_in_s=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, LISTEN_RETRY_MAX_S)
@@ -375,7 +382,7 @@ class Dispatcher:
                         # A dead peer does not always close the socket: ask, and reconnect if no answer.
                         await connection.fetchval("SELECT 1", timeout=5)
                 self._log.warning("webhooks.listen_lost")
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DB_ERRORS as exc:
                 self._log.warning("webhooks.listen_lost", error=str(exc))
             finally:
                 connection.terminate()
@@ -402,9 +409,12 @@ class Dispatcher:
                         breaker_failures=settings.hook_breaker_failures,
                         probe_s=settings.webhook_timeout_s + 1,
                     )
-                except DB_ERRORS as exc:
+                except Exception as exc:
                     # The sweep wakes us again; the rows are unclaimed or come back with their lease.
-                    self._log.warning("webhooks.claim_failed", error=str(exc))
+                    if isinstance(exc, DB_ERRORS):
+                        self._log.warning("webhooks.claim_failed", error=str(exc))
+                    else:
+                        self._log.exception("webhooks.claim_failed")
                     await self._claim_db.close()
                     break
                 if claim.wake_at is not None:
@@ -477,8 +487,10 @@ class Dispatcher:
                     breaker_pause_s=settings.hook_breaker_pause_s,
                 )
                 break
-            except DB_ERRORS as exc:
+            except Exception as exc:
                 await self._write_db.close()
+                if not isinstance(exc, DB_ERRORS):
+                    self._log.exception("webhooks.results_failed")
                 if attempt == WRITE_RETRIES:
                     # The rows keep their lease and are sent again once it expires: at least once.
                     self._log.error("webhooks.results_lost", count=len(batch), error=str(exc))

@@ -1,6 +1,7 @@
 """The webhook outbox: enqueue in the caller's transaction, sign, claim, settle attempts, re-queue.
 
-Functions take the session first and never commit; the dispatcher (jobs.py) and the API own transactions.
+Functions take the session first (the dispatcher's hot path: its driver connection) and never commit;
+the dispatcher (jobs.py) and the API own transactions.
 """
 
 from __future__ import annotations

@@ -107,32 +107,35 @@ async def test_kill_9_between_claim_and_answer_resends_with_the_same_webhook_id(
     assert (row.status, row.attempts) == ("delivered", 1)
 
 
-async def test_the_dispatcher_listens_again_after_its_connection_is_killed(
+async def test_the_dispatcher_survives_its_database_connections_being_killed(
     make_settings: Callable[..., Settings], sessions: SessionMaker, receiver: Receiver
 ) -> None:
-    """The sweep is a minute away: only the LISTEN connection can wake the dispatcher in time."""
+    """LISTEN, claim and write connections all die; the sweep is a minute away, so only reconnecting
+    and listening again can get the next delivery out in time."""
     pk = await add_task(sessions, "task-1", receiver.url)
 
-    async def listener_pids() -> list[int]:
+    async def backends() -> dict[str, int]:
         async with transaction(sessions) as session:
             query = text(
-                "SELECT pid FROM pg_stat_activity"
-                " WHERE application_name = 'sunotrack-listen' AND datname = current_database()"
+                "SELECT application_name, pid FROM pg_stat_activity"
+                " WHERE application_name LIKE 'sunotrack-%' AND datname = current_database()"
             )
-            return list((await session.execute(query)).scalars())
+            return {name: pid for name, pid in await session.execute(query)}
 
     async with running_dispatcher(make_settings(SUNOTRACK_WEBHOOK_SWEEP_S="60")):
         await enqueue(sessions, [notice(pk, receiver.url, seq=2)])
         await settled(sessions, 1)
-        [old] = await listener_pids()
+        old = await backends()
+        assert set(old) == {"sunotrack-listen", "sunotrack-webhooks-claim", "sunotrack-webhooks-write"}
         async with transaction(sessions) as session:
-            await session.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": old})
+            for pid in old.values():
+                await session.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
 
-        async def reconnected() -> bool:
-            pids = await listener_pids()
-            return bool(pids) and old not in pids
+        async def listening_again() -> bool:
+            pid = (await backends()).get("sunotrack-listen")
+            return pid is not None and pid != old["sunotrack-listen"]
 
-        await wait_until(reconnected, what="a new LISTEN connection")
+        await wait_until(listening_again, what="a new LISTEN connection")
         await enqueue(sessions, [notice(pk, receiver.url, seq=3)])
         await settled(sessions, 2, timeout=5)
     assert len(receiver.received) == 2
