@@ -352,7 +352,8 @@ async def run(args: argparse.Namespace, loop_name: str) -> None:
                 # No sweep in the measured path: only the LISTEN wake-up.
                 SUNOTRACK_WEBHOOK_SWEEP_S="60",
             )
-            print(f"loop={loop_name} concurrency={args.concurrency} deliveries={args.deliveries}")
+            load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+            print(f"loop={loop_name} concurrency={args.concurrency} deliveries={args.deliveries} load={load}")
             bare = await bare_post_loop(f"{client.base}/hook", args.deliveries, args.concurrency)
             sent, settled = await dispatcher_throughput(settings, client, args.deliveries)
             print(f"bare aiohttp POST loop:   {bare:8.0f} req/s")
