@@ -12,15 +12,16 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
 from apscheduler.job import Job
 from apscheduler.jobstores.base import JobLookupError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from service.config import Settings
-from service.db import SessionMaker, transaction
 from service.metrics import CLAIM_LAG, POLL_TICK, POLLS, UPSTREAM_ERRORS
 from service.runtime import Runtime
 from service.tracking import repository
@@ -32,6 +33,7 @@ from service.tracking.service import (
     plan_polls,
     polls_singly,
     record_polls,
+    redo_lost_polls,
 )
 from service.upstream.client import RelayClient
 from service.upstream.schemas import TaskSnapshot, UpstreamError
@@ -41,29 +43,82 @@ log = structlog.get_logger()
 # How long stop() lets in-flight pages finish before cancelling them and releasing their leases.
 DRAIN_TIMEOUT_S = 3.0
 # Transactions the poller holds at once; leaves the rest of the pool to the API and the dispatcher.
-DB_SLOTS = 4
+DB_SLOTS = 8
 _BATCH_ACTIONS = {"music": "MUSIC", "lyrics": "LYRICS"}
+
+
+class _Connections:
+    """The poller's database slots: a few connections from the engine's pool, kept for a whole drain.
+
+    Checking one out per page would add the pool's pre-ping round trip to every page. Connections for
+    single statements run in autocommit (no BEGIN and COMMIT round trips); the others carry the usual
+    unit of work. A connection keeps its mode for life, so no transaction state leaks between them.
+    """
+
+    def __init__(self, engine: AsyncEngine, size: int) -> None:
+        self._engine = engine
+        self._slots = asyncio.Semaphore(size)
+        self._idle: dict[bool, list[AsyncConnection]] = {True: [], False: []}
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, autocommit: bool) -> AsyncIterator[AsyncConnection]:
+        async with self._slots:
+            idle = self._idle[autocommit]
+            if idle:
+                connection = idle.pop()
+            else:
+                connection = await self._engine.connect()
+                if autocommit:
+                    await connection.execution_options(isolation_level="AUTOCOMMIT")
+            try:
+                yield connection
+            except BaseException:
+                await connection.close()  # back to the pool, which drops it if it broke
+                raise
+            idle.append(connection)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """The same unit of work as service.db.transaction: commit at the end, roll back on error."""
+        async with (
+            self._connection(autocommit=False) as connection,
+            AsyncSession(connection, expire_on_commit=False) as session,
+            session.begin(),
+        ):
+            yield session
+
+    @contextlib.asynccontextmanager
+    async def statement(self) -> AsyncIterator[AsyncConnection]:
+        """For one statement, which commits by itself."""
+        async with self._connection(autocommit=True) as connection:
+            yield connection
+            await connection.commit()  # ends SQLAlchemy's bookkeeping; the database already committed
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, {True: [], False: []}
+        for connection in (*idle[True], *idle[False]):
+            await connection.close()
 
 
 class Poller:
     def __init__(
         self,
         settings: Settings,
-        sessions: SessionMaker,
+        engine: AsyncEngine,
         relay: RelayClient,
         *,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
     ) -> None:
         self._settings = settings
         self._drain_timeout_s = drain_timeout_s
-        self._sessions = sessions
+        self._engine = engine
+        self._connections = _Connections(engine, DB_SLOTS)
         self._relay = relay
         self._page_size = settings.poll_batch_size
         # poll_claim_size bounds the tasks this process holds leased at once.
         self.workers = max(
             1, min(settings.upstream_concurrency, settings.poll_claim_size // settings.poll_batch_size)
         )
-        self._db_slots = asyncio.Semaphore(DB_SLOTS)
         self._single_slots = asyncio.Semaphore(settings.upstream_concurrency)
         self._held: dict[int, datetime] = {}
         self._drain_task: asyncio.Task[int] | None = None
@@ -99,7 +154,7 @@ class Poller:
         if self._held:
             held = list(self._held.items())
             try:
-                async with transaction(self._sessions) as session:
+                async with AsyncSession(self._engine) as session, session.begin():
                     released = await repository.release_leases(session, held)
             except Exception:
                 log.exception("poll.release_failed", tasks=len(held))
@@ -114,9 +169,12 @@ class Poller:
         """Poll everything due now; returns how many task polls were recorded."""
         started = time.perf_counter()
         counts = [0] * self.workers
-        async with asyncio.TaskGroup() as group:
-            for n in range(self.workers):
-                group.create_task(self._worker(counts, n))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for n in range(self.workers):
+                    group.create_task(self._worker(counts, n))
+        finally:
+            await self._connections.close()
         POLL_TICK.observe(time.perf_counter() - started)
         return sum(counts)
 
@@ -148,7 +206,10 @@ class Poller:
     async def _record_and_claim(
         self, page: _Page | None, results: list[PollResult], *, claim: bool
     ) -> Claim | None:
+        limit = self._page_size if claim else 0
+        lease_s = self._settings.lease_s
         plan = None
+        fresh: Claim | None
         skipped: list[tuple[int, datetime]] = []
         if page is not None:
             # The database's clock, read by the claim, carried forward: every process schedules by
@@ -157,13 +218,20 @@ class Poller:
             plan = plan_polls(page.claim.tasks, results, settings=self._settings, now=now)
             polled = {result.pk for result in results}
             skipped = [(task.pk, _lease(task)) for task in page.claim.tasks if task.pk not in polled]
-        async with self._db_slots, transaction(self._sessions) as session:
-            if plan is not None and plan.results:
-                await record_polls(session, plan)
-            await repository.release_leases(session, skipped)
-            if not claim:
-                return None
-            return await repository.claim_due(session, limit=self._page_size, lease_s=self._settings.lease_s)
+        if plan is None or (plan.quiet and not skipped):
+            # The common page (nothing changed): its write-back and the next claim are one statement.
+            async with self._connections.statement() as connection:
+                written, fresh = await repository.write_and_claim(
+                    connection, [] if plan is None else plan.tasks, claim=limit, lease_s=lease_s
+                )
+            if plan is not None and plan.lost(written):
+                async with self._connections.transaction() as session:
+                    await redo_lost_polls(session, plan, written)
+        else:
+            async with self._connections.transaction() as session:
+                fresh = await record_polls(session, plan, claim=limit, lease_s=lease_s)
+                await repository.release_leases(session, skipped)
+        return fresh if claim else None
 
     async def _fetch(self, page: _Page) -> list[PollResult]:
         batches: defaultdict[str, list[TaskState]] = defaultdict(list)
@@ -249,7 +317,7 @@ async def start_poller(runtime: Runtime) -> Poller:
     """Add the poller's tick to the lifespan's (started) scheduler; the returned object's stop() ends it."""
     if runtime.relay is None:
         raise RuntimeError("the poller needs a relay (SUNO_BASE_URL)")
-    poller = Poller(runtime.settings, runtime.sessions, runtime.relay)
+    poller = Poller(runtime.settings, runtime.engine, runtime.relay)
     poller.job = runtime.scheduler.add_job(
         poller.tick,
         "interval",

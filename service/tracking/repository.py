@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 from sqlalchemy import select, text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.models import Clip, Task, TaskEvent
 
@@ -178,35 +178,6 @@ def _task_state(row: Sequence[Any]) -> TaskState:
     return state
 
 
-_CLAIM = text(
-    f"""
-    WITH due AS (
-        SELECT id, next_poll_at FROM tasks
-        WHERE next_poll_at <= now()
-        ORDER BY next_poll_at
-        LIMIT :limit
-        FOR UPDATE SKIP LOCKED
-    )
-    UPDATE tasks AS t
-    SET next_poll_at = now() + make_interval(secs => :lease_s)
-    FROM due
-    WHERE t.id = due.id
-    RETURNING now(), extract(epoch FROM now() - due.next_poll_at)::float8,
-              {", ".join(f"t.{column.strip()}" for column in TASK_STATE_COLUMNS.split(","))},
-              {_with_clips("t")}
-    """  # noqa: S608  (fixed column lists)
-)
-
-
-async def claim_due(session: AsyncSession, *, limit: int, lease_s: float) -> Claim:
-    """Lease up to `limit` due tasks to the caller and read them with their clips; rows leased by
-    others are skipped, never waited on."""
-    rows = (await session.execute(_CLAIM, {"limit": limit, "lease_s": lease_s})).all()
-    if not rows:
-        return Claim((await session.execute(_NOW)).scalar_one(), [], [])
-    return Claim(rows[0][0], [_task_state(row[2:]) for row in rows], [row[1] for row in rows])
-
-
 _RELEASE = text(
     """
     UPDATE tasks AS t SET next_poll_at = now()
@@ -251,27 +222,48 @@ async def lock_task_states(
 # Writes pass one JSON document per statement, read with json_to_recordset: encoding it (msgspec) costs
 # a fraction of what the driver spends encoding a dozen typed arrays element by element.
 
-_UPDATE_TASKS = text(
-    """
-    UPDATE tasks AS t SET
-        status = v.status, upstream_status = v.upstream_status, progress = v.progress,
-        fail_reason = v.fail_reason, last_payload = COALESCE(v.payload, t.last_payload),
-        last_seq = v.last_seq, updated_at = v.updated_at, finished_at = v.finished_at,
-        next_poll_at = v.next_poll_at, poll_interval_s = v.poll_interval_s,
-        last_polled_at = v.last_polled_at, poll_count = v.poll_count,
-        consecutive_errors = v.consecutive_errors, missing_count = v.missing_count,
-        last_error = v.last_error
-    FROM json_to_recordset(CAST(:rows AS json)) AS v(
-        id bigint, loaded_seq integer, loaded_updated_at timestamptz, loaded_next_poll_at timestamptz,
-        status text, upstream_status text, progress smallint, fail_reason text, payload jsonb,
-        last_seq integer, updated_at timestamptz, finished_at timestamptz, next_poll_at timestamptz,
-        poll_interval_s float8, last_polled_at timestamptz, poll_count integer,
-        consecutive_errors integer, missing_count integer, last_error text
+_WRITE_AND_CLAIM = text(
+    f"""
+    WITH written AS (
+        UPDATE tasks AS t SET
+            status = v.status, upstream_status = v.upstream_status, progress = v.progress,
+            fail_reason = v.fail_reason, last_payload = COALESCE(v.payload, t.last_payload),
+            last_seq = v.last_seq, updated_at = v.updated_at, finished_at = v.finished_at,
+            next_poll_at = v.next_poll_at, poll_interval_s = v.poll_interval_s,
+            last_polled_at = v.last_polled_at, poll_count = v.poll_count,
+            consecutive_errors = v.consecutive_errors, missing_count = v.missing_count,
+            last_error = v.last_error
+        FROM json_to_recordset(CAST(:rows AS json)) AS v(
+            id bigint, loaded_seq integer, loaded_updated_at timestamptz, loaded_next_poll_at timestamptz,
+            status text, upstream_status text, progress smallint, fail_reason text, payload jsonb,
+            last_seq integer, updated_at timestamptz, finished_at timestamptz, next_poll_at timestamptz,
+            poll_interval_s float8, last_polled_at timestamptz, poll_count integer,
+            consecutive_errors integer, missing_count integer, last_error text
+        )
+        WHERE t.id = v.id AND t.last_seq = v.loaded_seq AND t.updated_at = v.loaded_updated_at
+          AND t.next_poll_at IS NOT DISTINCT FROM v.loaded_next_poll_at
+        RETURNING t.id
+    ),
+    due AS (
+        -- Never the rows written above: one statement must not update a row twice.
+        SELECT id, next_poll_at FROM tasks
+        WHERE next_poll_at <= now() AND id <> ALL(CAST(:written_ids AS bigint[]))
+        ORDER BY next_poll_at
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    ),
+    claimed AS (
+        UPDATE tasks AS t
+        SET next_poll_at = now() + make_interval(secs => :lease_s)
+        FROM due
+        WHERE t.id = due.id
+        RETURNING extract(epoch FROM now() - due.next_poll_at)::float8,
+                  {", ".join(f"t.{column.strip()}" for column in TASK_STATE_COLUMNS.split(","))},
+                  {_with_clips("t")}
     )
-    WHERE t.id = v.id AND t.last_seq = v.loaded_seq AND t.updated_at = v.loaded_updated_at
-      AND t.next_poll_at IS NOT DISTINCT FROM v.loaded_next_poll_at
-    RETURNING t.id
-    """
+    SELECT now(), ARRAY(SELECT id FROM written), claimed.*
+    FROM (VALUES (1)) AS one LEFT JOIN claimed ON true
+    """  # noqa: S608  (fixed column lists)
 )
 
 _encode = msgspec.json.Encoder().encode
@@ -285,10 +277,15 @@ def _raw_json(raw: bytes | None) -> msgspec.Raw | None:
     return msgspec.Raw(raw.replace(b"\\u0000", b"\\ufffd") if b"\\u0000" in raw else raw)
 
 
-async def write_task_states(session: AsyncSession, states: Sequence[TaskState]) -> set[int]:
-    """Write the tasks back; returns the pks written, leaving out rows changed since they were read."""
-    if not states:
-        return set()
+async def write_and_claim(
+    db: AsyncSession | AsyncConnection, states: Sequence[TaskState], *, claim: int, lease_s: float
+) -> tuple[set[int], Claim]:
+    """Write tasks back and lease up to `claim` due tasks (read with their clips), in one statement.
+
+    A task is written only if its row still carries what was read (see TaskState.loaded); the pks
+    written are returned. Rows leased by others are skipped by the claim, never waited on. One
+    statement makes a poller's page a single round trip when nothing changed.
+    """
     rows = [
         {
             "id": s.pk,
@@ -313,8 +310,35 @@ async def write_task_states(session: AsyncSession, states: Sequence[TaskState]) 
         }
         for s in states
     ]
-    result = await session.execute(_UPDATE_TASKS, {"rows": _encode(rows).decode()})
-    return set(result.scalars())
+    result = await db.execute(
+        _WRITE_AND_CLAIM,
+        {
+            "rows": _encode(rows).decode(),
+            "written_ids": [s.pk for s in states],
+            "limit": claim,
+            "lease_s": lease_s,
+        },
+    )
+    found = result.all()
+    first = found[0]
+    claimed = [row for row in found if row[2] is not None]
+    return set(first[1]), Claim(
+        first[0], [_task_state(row[3:]) for row in claimed], [row[2] for row in claimed]
+    )
+
+
+async def write_task_states(db: AsyncSession | AsyncConnection, states: Sequence[TaskState]) -> set[int]:
+    """Write the tasks back; returns the pks written, leaving out rows changed since they were read."""
+    if not states:
+        return set()
+    written, _ = await write_and_claim(db, states, claim=0, lease_s=0)
+    return written
+
+
+async def claim_due(db: AsyncSession | AsyncConnection, *, limit: int, lease_s: float) -> Claim:
+    """Lease up to `limit` due tasks to the caller and read them with their clips."""
+    _, claim = await write_and_claim(db, [], claim=limit, lease_s=lease_s)
+    return claim
 
 
 _UPSERT_CLIPS = text(

@@ -25,7 +25,7 @@ from service.errors import Conflict, NotFound, UpstreamUnavailable
 from service.metrics import ANOMALIES, TRANSITIONS
 from service.models import TERMINAL, Task, TaskEvent
 from service.tracking import repository
-from service.tracking.repository import ClipState, EventRow, TaskState
+from service.tracking.repository import Claim, ClipState, EventRow, TaskState
 from service.upstream.client import RelayClient
 from service.upstream.schemas import STATUS_RANK, TaskSnapshot, TaskStatus, UpstreamError
 from service.webhooks.service import TransitionNotice, enqueue_deliveries
@@ -83,13 +83,6 @@ class PollResult:
 
 
 @dataclass(slots=True)
-class RecordStats:
-    tasks: int = 0
-    transitions: int = 0
-    events: int = 0
-
-
-@dataclass(slots=True)
 class _Recorder:
     now: datetime
     settings: Settings
@@ -99,7 +92,6 @@ class _Recorder:
     notices: list[TransitionNotice] = field(default_factory=list)
     # Logged once written: a write-back that loses a race is redone, and must not be told twice.
     logs: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
-    stats: RecordStats = field(default_factory=RecordStats)
 
     # -- what the relay said ----------------------------------------------------------------------
 
@@ -191,6 +183,17 @@ class _Recorder:
                 self._clip_dirty(state, clip)
                 news = changed = True
                 continue
+            if (
+                seen.raw_status == clip.upstream_status
+                and status == clip.status
+                and seen.audio_url == clip.audio_url
+                and seen.title == clip.title
+                and seen.image_url == clip.image_url
+                and seen.video_url == clip.video_url
+                and seen.duration == clip.duration
+                and seen.error == clip.error
+            ):
+                continue  # the common answer: nothing new about this clip
             touched = False
             if seen.raw_status != clip.upstream_status:
                 clip.upstream_status = seen.raw_status
@@ -373,9 +376,14 @@ class _Recorder:
             )
 
     async def flush(self, session: AsyncSession) -> set[int]:
-        """Write everything; returns the pks written. A task whose row changed since it was read is
-        left out entirely (row, clips, events, notices), for the caller to redo under its lock."""
+        """Write everything; returns the pks written."""
         written = await repository.write_task_states(session, list(self.dirty.values()))
+        await self.finish(session, written)
+        return written
+
+    async def finish(self, session: AsyncSession, written: set[int]) -> None:
+        """The rest, once the task rows are written. A task whose row had changed since it was read
+        (not in `written`) is left out entirely (clips, events, notices), to be redone under lock."""
         lost = written.symmetric_difference(self.dirty)
         clips = [(pk, clip) for pk, clip in self.clips if pk in written] if lost else self.clips
         events = [event for event in self.events if event.task_pk in written] if lost else self.events
@@ -392,10 +400,6 @@ class _Recorder:
         for pk, name, fields in self.logs:
             if pk in written:
                 log.info(name, **fields)
-        self.stats.tasks += len(written)
-        self.stats.events += len(events)
-        self.stats.transitions += sum(1 for e in events if e.type == "transition" and e.clip_id is None)
-        return written
 
 
 def _upstream_detail(raw_status: str | None) -> dict[str, Any] | None:
@@ -426,6 +430,19 @@ class PollPlan:
     recorder: _Recorder
     results: Sequence[PollResult]
 
+    @property
+    def tasks(self) -> list[TaskState]:
+        return list(self.recorder.dirty.values())
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing to write but the tasks' own rows: no event, clip or outbox row."""
+        recorder = self.recorder
+        return not (recorder.events or recorder.clips or recorder.notices)
+
+    def lost(self, written: set[int]) -> bool:
+        return len(written) != len(self.recorder.dirty)
+
 
 def plan_polls(
     claimed: Sequence[TaskState], results: Sequence[PollResult], *, settings: Settings, now: datetime
@@ -437,28 +454,35 @@ def plan_polls(
     return PollPlan(recorder, results)
 
 
-async def record_polls(session: AsyncSession, plan: PollPlan) -> RecordStats:
-    """Record one page of the poller's results in a handful of statements.
+async def record_polls(
+    session: AsyncSession, plan: PollPlan, *, claim: int = 0, lease_s: float = 0.0
+) -> Claim | None:
+    """Record one page of the poller's results, and lease the next `claim` due tasks (returned) in
+    the same statement as the task rows.
 
     Optimistic: the tasks were compared with the state the claim read, without locking them again;
     the few whose rows changed meanwhile (a callback, the API) are re-read under lock and redone.
     """
-    recorder = plan.recorder
-    written = await recorder.flush(session)
-    stale = [result for result in plan.results if result.pk in recorder.dirty and result.pk not in written]
+    written, claimed = await repository.write_and_claim(session, plan.tasks, claim=claim, lease_s=lease_s)
+    await plan.recorder.finish(session, written)
+    await redo_lost_polls(session, plan, written)
+    return claimed if claim else None
+
+
+async def redo_lost_polls(session: AsyncSession, plan: PollPlan, written: set[int]) -> None:
+    """Redo, under the rows' locks, the results whose optimistic write-back lost a race."""
+    stale = [
+        result for result in plan.results if result.pk in plan.recorder.dirty and result.pk not in written
+    ]
     if not stale:
-        return recorder.stats
+        return
     now, states = await repository.lock_task_states(session, pks=[result.pk for result in stale])
     locked = {state.pk: state for state in states}
-    retry = _Recorder(now, recorder.settings)
+    retry = _Recorder(now, plan.recorder.settings)
     for result in stale:
         if result.pk in locked:
             retry.poll(locked[result.pk], result)
     await retry.flush(session)
-    recorder.stats.tasks += retry.stats.tasks
-    recorder.stats.events += retry.stats.events
-    recorder.stats.transitions += retry.stats.transitions
-    return recorder.stats
 
 
 async def record_snapshot(

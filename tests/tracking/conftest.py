@@ -172,7 +172,7 @@ async def tracking_factory(
             timeout_s=settings.upstream_timeout_s,
         )
         sessions = create_session_maker(engine)
-        poller = Poller(settings, sessions, relay)
+        poller = Poller(settings, engine, relay)
 
         async def cleanup() -> None:
             await poller.stop()

@@ -174,9 +174,8 @@ async def test_a_poll_answer_compared_with_a_stale_read_is_redone_under_lock(tra
         [task], [PollResult(task.pk, lease, "batch", answer)], settings=tracking.settings, now=claim.now
     )
     async with transaction(tracking.sessions) as session:
-        stats = await record_polls(session, plan)
+        await record_polls(session, plan)
 
-    assert (stats.tasks, stats.transitions) == (1, 1)
     assert await tracking.events("stale") == [
         (1, "transition", None, "submitted", "register", None),
         (2, "transition", "submitted", "queued", "callback", None),

@@ -25,7 +25,7 @@ async def test_stop_cancels_slow_work_and_releases_its_leases(
     tracking: Tracking, fake_relay: FakeRelay
 ) -> None:
     fake_relay.inject(FaultKind.LATENCY, latency_s=5)
-    poller = Poller(tracking.settings, tracking.sessions, tracking.relay, drain_timeout_s=0.2)
+    poller = Poller(tracking.settings, tracking.engine, tracking.relay, drain_timeout_s=0.2)
     task_ids = await start_polling(tracking, poller, 10)
 
     started = time.monotonic()
@@ -39,7 +39,7 @@ async def test_stop_cancels_slow_work_and_releases_its_leases(
 
 async def test_stop_lets_quick_work_finish(tracking: Tracking, fake_relay: FakeRelay) -> None:
     fake_relay.inject(FaultKind.LATENCY, latency_s=0.3)
-    poller = Poller(tracking.settings, tracking.sessions, tracking.relay, drain_timeout_s=3)
+    poller = Poller(tracking.settings, tracking.engine, tracking.relay, drain_timeout_s=3)
     task_ids = await start_polling(tracking, poller, 10)
 
     await poller.stop()
