@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import multiprocessing
 import os
@@ -122,6 +123,9 @@ async def fresh_database() -> AsyncIterator[str]:
         os.environ["XDG_RUNTIME_DIR"] = str(root / "run")
         import pgserver  # noqa: PLC0415
 
+        # pgserver's own exit hook touches its runtime directory again; exit hooks run last-registered
+        # first, so this one, registered before pgserver's, removes the directory after it.
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
         server = pgserver.get_server(root / "pg", cleanup_mode="stop")
         base = server.get_uri()
     admin_url = make_url(base).set(drivername="postgresql")
