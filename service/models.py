@@ -156,7 +156,6 @@ class Delivery(Base):
         CheckConstraint(_one_of("status", DELIVERY_STATUSES), name="status"),
         Index("ix_deliveries_due", "next_attempt_at", postgresql_where=text("next_attempt_at IS NOT NULL")),
         Index("ix_deliveries_status_id", "status", "id"),
-        Index("ix_deliveries_task_pk", "task_pk"),
     )
 
 

@@ -131,7 +131,6 @@ def upgrade() -> None:
         postgresql_where=sa.text("next_attempt_at IS NOT NULL"),
     )
     op.create_index("ix_deliveries_status_id", "deliveries", ["status", "id"], unique=False)
-    op.create_index("ix_deliveries_task_pk", "deliveries", ["task_pk"], unique=False)
     op.create_table(
         "task_events",
         sa.Column("id", sa.BigInteger(), sa.Identity(always=False), nullable=False),
@@ -187,7 +186,6 @@ def downgrade() -> None:
     op.drop_index(op.f("ix_delivery_attempts_delivery_id"), table_name="delivery_attempts")
     op.drop_table("delivery_attempts")
     op.drop_table("task_events")
-    op.drop_index("ix_deliveries_task_pk", table_name="deliveries")
     op.drop_index("ix_deliveries_status_id", table_name="deliveries")
     op.drop_index(
         "ix_deliveries_due", table_name="deliveries", postgresql_where=sa.text("next_attempt_at IS NOT NULL")
