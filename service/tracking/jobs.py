@@ -33,7 +33,7 @@ from service.tracking.service import (
     plan_polls,
     polls_singly,
     record_polls,
-    redo_lost_polls,
+    redo_polls,
 )
 from service.upstream.client import RelayClient
 from service.upstream.schemas import TaskSnapshot, UpstreamError
@@ -210,6 +210,7 @@ class Poller:
         lease_s = self._settings.lease_s
         plan = None
         fresh: Claim | None
+        lost: list[PollResult] = []
         skipped: list[tuple[int, datetime]] = []
         if page is not None:
             # The database's clock, read by the claim, carried forward: every process schedules by
@@ -219,18 +220,19 @@ class Poller:
             polled = {result.pk for result in results}
             skipped = [(task.pk, _lease(task)) for task in page.claim.tasks if task.pk not in polled]
         if plan is None or (plan.quiet and not skipped):
-            # The common page (nothing changed): its write-back and the next claim are one statement.
+            # The common page: one statement records it and claims the next.
             async with self._connections.statement() as connection:
-                written, fresh = await repository.write_and_claim(
-                    connection, [] if plan is None else plan.tasks, claim=limit, lease_s=lease_s
-                )
-            if plan is not None and plan.lost(written):
-                async with self._connections.transaction() as session:
-                    await redo_lost_polls(session, plan, written)
+                if plan is None:
+                    fresh = await repository.claim_due(connection, limit=limit, lease_s=lease_s)
+                else:
+                    fresh, lost = await record_polls(connection, plan, claim=limit, lease_s=lease_s)
         else:
             async with self._connections.transaction() as session:
-                fresh = await record_polls(session, plan, claim=limit, lease_s=lease_s)
+                fresh, lost = await record_polls(session, plan, claim=limit, lease_s=lease_s)
                 await repository.release_leases(session, skipped)
+        if lost:
+            async with self._connections.transaction() as session:
+                await redo_polls(session, lost, settings=self._settings)
         return fresh if claim else None
 
     async def _fetch(self, page: _Page) -> list[PollResult]:

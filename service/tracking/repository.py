@@ -219,10 +219,12 @@ async def lock_task_states(
     return rows[0][0], [_task_state(row[1:]) for row in rows]
 
 
-# Writes pass one JSON document per statement, read with json_to_recordset: encoding it (msgspec) costs
-# a fraction of what the driver spends encoding a dozen typed arrays element by element.
+# One statement writes a page: the tasks' rows, their clips and events, and the next claim. Rows go in
+# as JSON documents read with json_to_recordset: encoding one (msgspec) costs a fraction of what the
+# driver spends encoding a dozen typed arrays element by element, and every round trip saved counts
+# (a quiet page is this one statement, in autocommit).
 
-_WRITE_AND_CLAIM = text(
+_WRITE_PAGE = text(
     f"""
     WITH written AS (
         UPDATE tasks AS t SET
@@ -233,19 +235,43 @@ _WRITE_AND_CLAIM = text(
             last_polled_at = v.last_polled_at, poll_count = v.poll_count,
             consecutive_errors = v.consecutive_errors, missing_count = v.missing_count,
             last_error = v.last_error
-        FROM json_to_recordset(CAST(:rows AS json)) AS v(
+        FROM json_to_recordset(CAST(:tasks AS json)) AS v(
             id bigint, loaded_seq integer, loaded_updated_at timestamptz, loaded_next_poll_at timestamptz,
             status text, upstream_status text, progress smallint, fail_reason text, payload jsonb,
             last_seq integer, updated_at timestamptz, finished_at timestamptz, next_poll_at timestamptz,
             poll_interval_s float8, last_polled_at timestamptz, poll_count integer,
             consecutive_errors integer, missing_count integer, last_error text
         )
+        -- Only rows still as they were read (TaskState.loaded); the others are left for a redo.
         WHERE t.id = v.id AND t.last_seq = v.loaded_seq AND t.updated_at = v.loaded_updated_at
           AND t.next_poll_at IS NOT DISTINCT FROM v.loaded_next_poll_at
         RETURNING t.id
     ),
+    clips_written AS (
+        INSERT INTO clips (task_pk, clip_id, position, status, upstream_status, title, audio_url,
+                           image_url, video_url, duration, error, created_at, updated_at)
+        SELECT c.*, c.updated_at FROM json_to_recordset(CAST(:clips AS json)) AS c(
+            task_pk bigint, clip_id text, position smallint, status text, upstream_status text,
+            title text, audio_url text, image_url text, video_url text, duration float8, error text,
+            updated_at timestamptz
+        )
+        WHERE c.task_pk IN (SELECT id FROM written)
+        ON CONFLICT (task_pk, clip_id) DO UPDATE SET
+            status = excluded.status, upstream_status = excluded.upstream_status,
+            title = excluded.title, audio_url = excluded.audio_url, image_url = excluded.image_url,
+            video_url = excluded.video_url, duration = excluded.duration, error = excluded.error,
+            updated_at = excluded.updated_at
+    ),
+    events_written AS (
+        INSERT INTO task_events (task_pk, seq, at, type, from_status, to_status, source, clip_id, detail)
+        SELECT e.* FROM json_to_recordset(CAST(:events AS json)) AS e(
+            task_pk bigint, seq integer, at timestamptz, type text, from_status text, to_status text,
+            source text, clip_id text, detail jsonb
+        )
+        WHERE e.task_pk IN (SELECT id FROM written)
+    ),
     due AS (
-        -- Never the rows written above: one statement must not update a row twice.
+        -- Never a row written above: one statement must not update a row twice.
         SELECT id, next_poll_at FROM tasks
         WHERE next_poll_at <= now() AND id <> ALL(CAST(:written_ids AS bigint[]))
         ORDER BY next_poll_at
@@ -277,16 +303,24 @@ def _raw_json(raw: bytes | None) -> msgspec.Raw | None:
     return msgspec.Raw(raw.replace(b"\\u0000", b"\\ufffd") if b"\\u0000" in raw else raw)
 
 
-async def write_and_claim(
-    db: AsyncSession | AsyncConnection, states: Sequence[TaskState], *, claim: int, lease_s: float
+async def write_page(
+    db: AsyncSession | AsyncConnection,
+    tasks: Sequence[TaskState],
+    clips: Sequence[tuple[int, ClipState]] = (),
+    events: Sequence[EventRow] = (),
+    *,
+    at: datetime | None = None,
+    claim: int = 0,
+    lease_s: float = 0.0,
 ) -> tuple[set[int], Claim]:
-    """Write tasks back and lease up to `claim` due tasks (read with their clips), in one statement.
+    """Write tasks back with their clips and events, and lease up to `claim` due tasks (read with
+    their clips), in one statement.
 
-    A task is written only if its row still carries what was read (see TaskState.loaded); the pks
-    written are returned. Rows leased by others are skipped by the claim, never waited on. One
-    statement makes a poller's page a single round trip when nothing changed.
+    A task is written only if its row still carries what was read (TaskState.loaded), and its clips
+    and events only with it; the pks written are returned. The claim skips rows leased by others,
+    never waiting on them.
     """
-    rows = [
+    task_rows = [
         {
             "id": s.pk,
             "loaded_seq": s.loaded[0],
@@ -308,60 +342,9 @@ async def write_and_claim(
             "missing_count": s.missing_count,
             "last_error": s.last_error,
         }
-        for s in states
+        for s in tasks
     ]
-    result = await db.execute(
-        _WRITE_AND_CLAIM,
-        {
-            "rows": _encode(rows).decode(),
-            "written_ids": [s.pk for s in states],
-            "limit": claim,
-            "lease_s": lease_s,
-        },
-    )
-    found = result.all()
-    first = found[0]
-    claimed = [row for row in found if row[2] is not None]
-    return set(first[1]), Claim(
-        first[0], [_task_state(row[3:]) for row in claimed], [row[2] for row in claimed]
-    )
-
-
-async def write_task_states(db: AsyncSession | AsyncConnection, states: Sequence[TaskState]) -> set[int]:
-    """Write the tasks back; returns the pks written, leaving out rows changed since they were read."""
-    if not states:
-        return set()
-    written, _ = await write_and_claim(db, states, claim=0, lease_s=0)
-    return written
-
-
-async def claim_due(db: AsyncSession | AsyncConnection, *, limit: int, lease_s: float) -> Claim:
-    """Lease up to `limit` due tasks to the caller and read them with their clips."""
-    _, claim = await write_and_claim(db, [], claim=limit, lease_s=lease_s)
-    return claim
-
-
-_UPSERT_CLIPS = text(
-    """
-    INSERT INTO clips (task_pk, clip_id, position, status, upstream_status, title, audio_url,
-                       image_url, video_url, duration, error, created_at, updated_at)
-    SELECT v.*, v.updated_at FROM json_to_recordset(CAST(:rows AS json)) AS v(
-        task_pk bigint, clip_id text, position smallint, status text, upstream_status text, title text,
-        audio_url text, image_url text, video_url text, duration float8, error text, updated_at timestamptz
-    )
-    ON CONFLICT (task_pk, clip_id) DO UPDATE SET
-        status = excluded.status, upstream_status = excluded.upstream_status, title = excluded.title,
-        audio_url = excluded.audio_url, image_url = excluded.image_url,
-        video_url = excluded.video_url, duration = excluded.duration, error = excluded.error,
-        updated_at = excluded.updated_at
-    """
-)
-
-
-async def upsert_clips(session: AsyncSession, clips: Sequence[tuple[int, ClipState]]) -> None:
-    if not clips:
-        return
-    rows = [
+    clip_rows = [
         {
             "task_pk": pk,
             "clip_id": c.clip_id,
@@ -378,28 +361,11 @@ async def upsert_clips(session: AsyncSession, clips: Sequence[tuple[int, ClipSta
         }
         for pk, c in clips
     ]
-    await session.execute(_UPSERT_CLIPS, {"rows": _encode(rows).decode()})
-
-
-_INSERT_EVENTS = text(
-    """
-    INSERT INTO task_events (task_pk, seq, at, type, from_status, to_status, source, clip_id, detail)
-    SELECT v.task_pk, v.seq, :at, v.type, v.from_status, v.to_status, v.source, v.clip_id, v.detail
-    FROM json_to_recordset(CAST(:rows AS json)) AS v(
-        task_pk bigint, seq integer, type text, from_status text, to_status text, source text,
-        clip_id text, detail jsonb
-    )
-    """
-)
-
-
-async def insert_events(session: AsyncSession, events: Sequence[EventRow], *, at: datetime) -> None:
-    if not events:
-        return
-    rows = [
+    event_rows = [
         {
             "task_pk": e.task_pk,
             "seq": e.seq,
+            "at": at,
             "type": e.type,
             "from_status": e.from_status,
             "to_status": e.to_status,
@@ -409,4 +375,26 @@ async def insert_events(session: AsyncSession, events: Sequence[EventRow], *, at
         }
         for e in events
     ]
-    await session.execute(_INSERT_EVENTS, {"at": at, "rows": _encode(rows).decode()})
+    result = await db.execute(
+        _WRITE_PAGE,
+        {
+            "tasks": _encode(task_rows).decode(),
+            "clips": _encode(clip_rows).decode(),
+            "events": _encode(event_rows).decode(),
+            "written_ids": [s.pk for s in tasks],
+            "limit": claim,
+            "lease_s": lease_s,
+        },
+    )
+    found = result.all()
+    first = found[0]
+    claimed = [row for row in found if row[2] is not None]
+    return set(first[1]), Claim(
+        first[0], [_task_state(row[3:]) for row in claimed], [row[2] for row in claimed]
+    )
+
+
+async def claim_due(db: AsyncSession | AsyncConnection, *, limit: int, lease_s: float) -> Claim:
+    """Lease up to `limit` due tasks to the caller and read them with their clips."""
+    _, claim = await write_page(db, (), claim=limit, lease_s=lease_s)
+    return claim

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import structlog
 from sqlalchemy import insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.config import Settings
 from service.errors import Conflict, NotFound, UpstreamUnavailable
@@ -375,24 +375,26 @@ class _Recorder:
                 )
             )
 
-    async def flush(self, session: AsyncSession) -> set[int]:
-        """Write everything; returns the pks written."""
-        written = await repository.write_task_states(session, list(self.dirty.values()))
-        await self.finish(session, written)
-        return written
-
-    async def finish(self, session: AsyncSession, written: set[int]) -> None:
-        """The rest, once the task rows are written. A task whose row had changed since it was read
-        (not in `written`) is left out entirely (clips, events, notices), to be redone under lock."""
-        lost = written.symmetric_difference(self.dirty)
-        clips = [(pk, clip) for pk, clip in self.clips if pk in written] if lost else self.clips
-        events = [event for event in self.events if event.task_pk in written] if lost else self.events
-        notices = [notice for notice in self.notices if notice.task_pk in written] if lost else self.notices
-        await repository.upsert_clips(session, clips)
-        await repository.insert_events(session, events, at=self.now)
+    async def flush(
+        self, db: AsyncSession | AsyncConnection, *, claim: int = 0, lease_s: float = 0.0
+    ) -> tuple[set[int], Claim | None]:
+        """Write everything (and claim the next `claim` due tasks, for the poller); returns the pks
+        written. A task whose row had changed since it was read is left out entirely (row, clips,
+        events, notices), for the caller to redo under its lock."""
+        if not self.dirty and not claim:
+            return set(), None
+        written, claimed = await repository.write_page(
+            db, list(self.dirty.values()), self.clips, self.events, at=self.now, claim=claim, lease_s=lease_s
+        )
+        complete = len(written) == len(self.dirty)
+        notices = self.notices if complete else [n for n in self.notices if n.task_pk in written]
         if notices:
-            await enqueue_deliveries(session, notices)
-        for event in events:
+            # The outbox rows go in the same transaction as their events: a session, never autocommit.
+            assert isinstance(db, AsyncSession)
+            await enqueue_deliveries(db, notices)
+        for event in self.events:
+            if not complete and event.task_pk not in written:
+                continue
             if event.type == "anomaly":
                 ANOMALIES.labels(event.detail["anomaly"] if event.detail else "unknown").inc()
             elif event.clip_id is None:
@@ -400,6 +402,7 @@ class _Recorder:
         for pk, name, fields in self.logs:
             if pk in written:
                 log.info(name, **fields)
+        return written, claimed if claim else None
 
 
 def _upstream_detail(raw_status: str | None) -> dict[str, Any] | None:
@@ -431,17 +434,9 @@ class PollPlan:
     results: Sequence[PollResult]
 
     @property
-    def tasks(self) -> list[TaskState]:
-        return list(self.recorder.dirty.values())
-
-    @property
     def quiet(self) -> bool:
-        """Nothing to write but the tasks' own rows: no event, clip or outbox row."""
-        recorder = self.recorder
-        return not (recorder.events or recorder.clips or recorder.notices)
-
-    def lost(self, written: set[int]) -> bool:
-        return len(written) != len(self.recorder.dirty)
+        """No outbox row to write, so one statement records the page (see repository.write_page)."""
+        return not self.recorder.notices
 
 
 def plan_polls(
@@ -455,34 +450,31 @@ def plan_polls(
 
 
 async def record_polls(
-    session: AsyncSession, plan: PollPlan, *, claim: int = 0, lease_s: float = 0.0
-) -> Claim | None:
-    """Record one page of the poller's results, and lease the next `claim` due tasks (returned) in
-    the same statement as the task rows.
+    db: AsyncSession | AsyncConnection, plan: PollPlan, *, claim: int = 0, lease_s: float = 0.0
+) -> tuple[Claim | None, list[PollResult]]:
+    """Record one page of the poller's results, and lease the next `claim` due tasks (returned), in
+    one statement when the plan is quiet.
 
-    Optimistic: the tasks were compared with the state the claim read, without locking them again;
-    the few whose rows changed meanwhile (a callback, the API) are re-read under lock and redone.
+    Optimistic: the tasks were compared with the state the claim read, without locking them again.
+    The results of the few whose rows changed meanwhile (a callback, the API) are returned, to be
+    redone under lock with redo_polls.
     """
-    written, claimed = await repository.write_and_claim(session, plan.tasks, claim=claim, lease_s=lease_s)
-    await plan.recorder.finish(session, written)
-    await redo_lost_polls(session, plan, written)
-    return claimed if claim else None
-
-
-async def redo_lost_polls(session: AsyncSession, plan: PollPlan, written: set[int]) -> None:
-    """Redo, under the rows' locks, the results whose optimistic write-back lost a race."""
-    stale = [
+    written, claimed = await plan.recorder.flush(db, claim=claim, lease_s=lease_s)
+    lost = [
         result for result in plan.results if result.pk in plan.recorder.dirty and result.pk not in written
     ]
-    if not stale:
-        return
-    now, states = await repository.lock_task_states(session, pks=[result.pk for result in stale])
+    return claimed, lost
+
+
+async def redo_polls(session: AsyncSession, results: Sequence[PollResult], *, settings: Settings) -> None:
+    """Record poll results under the rows' locks: for those whose optimistic write lost a race."""
+    now, states = await repository.lock_task_states(session, pks=[result.pk for result in results])
     locked = {state.pk: state for state in states}
-    retry = _Recorder(now, plan.recorder.settings)
-    for result in stale:
+    recorder = _Recorder(now, settings)
+    for result in results:
         if result.pk in locked:
-            retry.poll(locked[result.pk], result)
-    await retry.flush(session)
+            recorder.poll(locked[result.pk], result)
+    await recorder.flush(session)
 
 
 async def record_snapshot(

@@ -11,7 +11,14 @@ from sqlalchemy import text
 from service.db import transaction
 from service.errors import Conflict
 from service.tracking import repository
-from service.tracking.service import PollResult, cancel_task, plan_polls, record_polls, record_snapshot
+from service.tracking.service import (
+    PollResult,
+    cancel_task,
+    plan_polls,
+    record_polls,
+    record_snapshot,
+    redo_polls,
+)
 from service.upstream.dialects import parse_callback
 from service.upstream.schemas import ClipSnapshot, TaskSnapshot, TaskStatus
 from tests.tracking.conftest import Tracking
@@ -55,6 +62,15 @@ def snapshot(
         lyrics=None,
         raw=b'{"task_id": "%s"}' % task_id.encode(),
     )
+
+
+async def record_poll(tracking: Tracking, claim: repository.Claim, result: PollResult) -> None:
+    """As the poller does: optimistically against the claim's read, then redo a lost race under lock."""
+    plan = plan_polls(claim.tasks, [result], settings=tracking.settings, now=claim.now)
+    async with transaction(tracking.sessions) as session:
+        _, lost = await record_polls(session, plan)
+        if lost:
+            await redo_polls(session, lost, settings=tracking.settings)
 
 
 async def record(tracking: Tracking, body: bytes, source: str = "callback") -> bool:
@@ -116,10 +132,7 @@ async def test_a_poll_and_a_callback_racing_never_record_a_change_twice(tracking
 
     async def poll(task: repository.TaskState) -> None:
         result = PollResult(task.pk, task.next_poll_at, "batch", snapshot(task.task_id, TaskStatus.QUEUED))
-        async with transaction(tracking.sessions) as session:
-            await record_polls(
-                session, plan_polls([task], [result], settings=tracking.settings, now=claim.now)
-            )
+        await record_poll(tracking, claim, result)
 
     await asyncio.gather(
         *(poll(task) for task in claim.tasks),
@@ -146,8 +159,7 @@ async def test_a_poll_answer_for_a_task_cancelled_meanwhile_changes_nothing(trac
 
     [task] = claim.tasks
     result = PollResult(task.pk, task.next_poll_at, "batch", snapshot("cancel-race", TaskStatus.IN_PROGRESS))
-    async with transaction(tracking.sessions) as session:
-        await record_polls(session, plan_polls([task], [result], settings=tracking.settings, now=claim.now))
+    await record_poll(tracking, claim, result)
 
     assert await tracking.events("cancel-race") == [
         (1, "transition", None, "submitted", "register", None),
@@ -170,11 +182,7 @@ async def test_a_poll_answer_compared_with_a_stale_read_is_redone_under_lock(tra
     lease = task.next_poll_at
     assert lease is not None
     answer = snapshot("stale", TaskStatus.IN_PROGRESS, {"stale-c0": TaskStatus.IN_PROGRESS})
-    plan = plan_polls(
-        [task], [PollResult(task.pk, lease, "batch", answer)], settings=tracking.settings, now=claim.now
-    )
-    async with transaction(tracking.sessions) as session:
-        await record_polls(session, plan)
+    await record_poll(tracking, claim, PollResult(task.pk, lease, "batch", answer))
 
     assert await tracking.events("stale") == [
         (1, "transition", None, "submitted", "register", None),

@@ -1,0 +1,285 @@
+"""Poller benchmark: task polls/s over 20,000 active tasks that do not change, next to a bare fetch loop
+(same client, same fake relay, same batch size) in the same run; recorded transitions/s; peak RSS.
+
+    uv run python bench/bench_polling.py [--tasks 20000] [--changing 5000] [--seconds 5]
+
+Uses DATABASE_URL when set (a fresh database is created on that server and dropped afterwards), else an
+embedded PostgreSQL (pgserver) in a temporary directory. The fake relay runs in its own process on
+127.0.0.1, so it does not share the poller's CPU; both measurements fetch from it through one
+RelayClient built the way the app builds it. The poller is the production one (start_poller on an
+APScheduler tick), with both poll intervals at 1 ms so every task is always due.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import resource
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy import text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_webhooks import fresh_database, install_uvloop  # noqa: E402  (shared bench plumbing)
+
+from service.cli import configure_logging  # noqa: E402
+from service.config import Settings  # noqa: E402
+from service.db import SessionMaker, create_engine, create_session_maker, transaction  # noqa: E402
+from service.runtime import Runtime  # noqa: E402
+from service.tracking.jobs import start_poller  # noqa: E402
+from service.upstream.client import RelayClient  # noqa: E402
+from service.upstream.fake import Advance, FakeRelay, Lifecycle  # noqa: E402
+
+RELAY_KEY = "bench-relay-key"
+TIME_LIMIT_S = 300
+TARGETS = {"polls": 5_000.0, "ratio": 0.5, "transitions": 2_000.0, "rss_mb": 300.0}
+
+
+# --- the fake relay (its own process) -----------------------------------------------------------------
+
+
+def run_relay(steady: list[str], changing: list[str], port_out: Any) -> None:
+    install_uvloop()
+
+    async def serve() -> None:
+        relay = FakeRelay(api_key=RELAY_KEY, record_windows=False)
+        for task_id in steady:
+            # Streaming with both clips, as a real in-progress song: ~6.5 KB per task in a batch answer.
+            relay.add_task(task_id, stages=["IN_PROGRESS"], advance=Advance.MANUAL)
+        for task_id in changing:
+            relay.add_task(task_id, Lifecycle.MUSIC_SUCCESS)
+        await relay.start("127.0.0.1", 0)
+        port_out.put(relay.base_url)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+async def register_all(sessions: SessionMaker, task_ids: list[str]) -> None:
+    """What registration writes (task row due now, event seq 1), in two statements instead of 20,000."""
+    async with transaction(sessions) as session:
+        await session.execute(
+            text(
+                "INSERT INTO tasks (task_id, kind, status, last_seq, next_poll_at, poll_interval_s) "
+                "SELECT unnest(CAST(:ids AS text[])), 'music', 'submitted', 1, now(), 0.001"
+            ),
+            {"ids": task_ids},
+        )
+        await session.execute(
+            text(
+                "INSERT INTO task_events (task_pk, seq, type, from_status, to_status, source) "
+                "SELECT id, 1, 'transition', NULL, 'submitted', 'register' FROM tasks "
+                "WHERE task_id = ANY(CAST(:ids AS text[]))"
+            ),
+            {"ids": task_ids},
+        )
+
+
+async def scalar(sessions: SessionMaker, sql: str, **params: Any) -> Any:
+    async with sessions() as session:
+        return (await session.execute(text(sql), params)).scalar_one()
+
+
+async def wait_until(check: Callable[[], Any], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the poller did not get there in time")
+        await asyncio.sleep(0.05)
+
+
+async def bare_loop(relay: RelayClient, task_ids: list[str], seconds: float, workers: int) -> float:
+    """The client alone, shaped like the poller (`workers` loops, one batch request each at a time)
+    but with no database: fetch_batch over every task, again and again."""
+    size = relay.batch_size
+    chunks = [task_ids[i : i + size] for i in range(0, len(task_ids), size)]
+    polled = 0
+    started = time.perf_counter()
+
+    async def loop(n: int) -> None:
+        nonlocal polled
+        while time.perf_counter() - started < seconds:
+            for chunk in chunks[n::workers]:
+                answer = await relay.fetch_batch(chunk)
+                if answer.errors or answer.missing:
+                    raise RuntimeError(
+                        f"bare loop: {len(answer.errors)} errors, {len(answer.missing)} missing"
+                    )
+                polled += len(answer.snapshots)
+                if time.perf_counter() - started >= seconds:
+                    return
+
+    async with asyncio.TaskGroup() as group:
+        for n in range(workers):
+            group.create_task(loop(n))
+    return polled / (time.perf_counter() - started)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+async def run(
+    args: argparse.Namespace, base_url: str, loop_name: str, steady: list[str], changing: list[str]
+) -> None:
+    async with fresh_database() as database_url:
+        settings = Settings.from_env(
+            DATABASE_URL=database_url,
+            SUNO_BASE_URL=base_url,
+            SUNO_API_KEY=RELAY_KEY,
+            SUNOTRACK_POLL_MIN_INTERVAL_S="0.001",
+            SUNOTRACK_POLL_MAX_INTERVAL_S="0.001",
+            SUNOTRACK_POLL_TICK_S="0.5",
+            SUNOTRACK_LEASE_S="30",
+        )
+        engine = create_engine(database_url)
+        sessions = create_session_maker(engine)
+        # As the app lifespan builds them.
+        http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=settings.upstream_concurrency * 2, ttl_dns_cache=60)
+        )
+        relay = RelayClient(
+            http,
+            base_url=base_url,
+            api_key=RELAY_KEY,
+            batch_size=settings.poll_batch_size,
+            max_in_flight=settings.upstream_concurrency,
+            timeout_s=settings.upstream_timeout_s,
+        )
+        scheduler = AsyncIOScheduler(timezone="UTC")
+        scheduler.start()
+        runtime = Runtime(
+            settings=settings,
+            engine=engine,
+            sessions=sessions,
+            http=http,
+            relay=relay,
+            scheduler=scheduler,
+            instance_id=f"bench:{os.getpid()}:{secrets.token_hex(3)}",
+        )
+        try:
+            print(
+                f"sunotrack polling benchmark ({loop_name}, batch size {settings.poll_batch_size}, "
+                f"{settings.upstream_concurrency} requests in flight, {os.cpu_count()} CPUs, "
+                f"load average {os.getloadavg()[0]:.1f} before, fake relay in its own process)",
+                flush=True,
+            )
+            workers = settings.upstream_concurrency
+            await bare_loop(relay, steady, 1.0, workers)  # warm the connection pool and both processes
+            bare = await bare_loop(relay, steady, args.seconds, workers)
+            print(
+                f"  bare fetch loop      {bare:10,.0f} task polls/s   ({len(steady):,} tasks, {args.seconds:g} s)",
+                flush=True,
+            )
+
+            # Polls: the first pass records each task's first answer (a change); then nothing changes.
+            await register_all(sessions, steady)
+            poller = await start_poller(runtime)
+            first_pass = time.perf_counter()
+            await wait_until(lambda: _all_polled(sessions), timeout=TIME_LIMIT_S / 4)
+            first_pass = time.perf_counter() - first_pass
+            before = await scalar(sessions, "SELECT sum(poll_count) FROM tasks")
+            started = time.perf_counter()
+            await asyncio.sleep(args.seconds)
+            after = await scalar(sessions, "SELECT sum(poll_count) FROM tasks")
+            polls = (after - before) / (time.perf_counter() - started)
+            await poller.stop()
+            print(
+                f"  poller               {polls:10,.0f} task polls/s   ({len(steady):,} active unchanging tasks: "
+                f"claim, fetch, record; first pass {len(steady) / first_pass:,.0f}/s)",
+                flush=True,
+            )
+            print(f"  ratio poller / bare  {polls / bare:10.0%}", flush=True)
+
+            # Transitions: every poll of these sees the next stage of a song (SUBMITTED ... SUCCESS).
+            async with transaction(sessions) as session:
+                await session.execute(text("UPDATE tasks SET next_poll_at = NULL"))
+            await register_all(sessions, changing)
+            poller = await start_poller(runtime)
+            started = time.perf_counter()
+            await wait_until(lambda: _all_finished(sessions), timeout=TIME_LIMIT_S / 4)
+            elapsed = time.perf_counter() - started
+            await poller.stop()
+            counted = (
+                "SELECT count(*) FROM task_events e JOIN tasks t ON t.id = e.task_pk "
+                "WHERE t.task_id LIKE 'song-%' AND e.source = 'poll'"
+            )
+            task_level = await scalar(sessions, counted + " AND e.clip_id IS NULL")
+            events = await scalar(sessions, counted)
+            transitions = task_level / elapsed
+            print(
+                f"  transitions          {transitions:10,.0f} task-level transitions/s   "
+                f"({events / elapsed:,.0f} events/s with the clips'; {len(changing):,} songs from "
+                f"submitted to complete in {elapsed:.1f} s)",
+                flush=True,
+            )
+            rss = peak_rss_mb()
+            print(f"  load average         {os.getloadavg()[0]:10.1f} after", flush=True)
+            print(
+                f"  peak RSS             {rss:10,.0f} MB (this process: poller, client, harness)", flush=True
+            )
+            verdicts = [
+                ("task polls/s >= 5,000", polls >= TARGETS["polls"]),
+                ("poller >= 50% of bare loop", polls / bare >= TARGETS["ratio"]),
+                ("transitions/s >= 2,000", transitions >= TARGETS["transitions"]),
+                ("peak RSS <= 300 MB", rss <= TARGETS["rss_mb"]),
+            ]
+            print("  targets: " + "; ".join(f"{name} {'met' if ok else 'MISSED'}" for name, ok in verdicts))
+        finally:
+            scheduler.shutdown(wait=False)
+            await http.close()
+            await engine.dispose()
+
+
+async def _all_polled(sessions: SessionMaker) -> bool:
+    return bool(await scalar(sessions, "SELECT count(*) FROM tasks WHERE poll_count = 0") == 0)
+
+
+async def _all_finished(sessions: SessionMaker) -> bool:
+    return bool(await scalar(sessions, "SELECT count(*) FROM tasks WHERE next_poll_at IS NOT NULL") == 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tasks", type=int, default=20_000, help="active unchanging tasks")
+    parser.add_argument("--changing", type=int, default=5_000, help="songs taken from submitted to complete")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each timed window")
+    parser.add_argument("--no-uvloop", action="store_true", help="run on the asyncio loop")
+    args = parser.parse_args()
+    configure_logging("info")  # as `sunotrack serve` runs by default
+
+    steady = [f"steady-{n:06d}" for n in range(args.tasks)]
+    changing = [f"song-{n:06d}" for n in range(args.changing)]
+    context = multiprocessing.get_context("spawn")
+    port_out = context.Queue()
+    relay = context.Process(target=run_relay, args=(steady, changing, port_out), daemon=True)
+    relay.start()
+    try:
+        base_url = port_out.get(timeout=60)
+        loop_name = "asyncio" if args.no_uvloop else install_uvloop()
+        asyncio.run(asyncio.wait_for(run(args, base_url, loop_name, steady, changing), TIME_LIMIT_S))
+    finally:
+        relay.terminate()
+        relay.join(10)
+
+
+if __name__ == "__main__":
+    main()
