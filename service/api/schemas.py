@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
 
-from service.models import Clip, Task, TaskEvent
+from service.errors import InvalidInput
+from service.models import Clip, Delivery, DeliveryAttempt, Task, TaskEvent
 
 TaskIdStr = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
 KindStr = Literal["music", "lyrics", "stems"]
+DeliveryStatus = Literal["pending", "delivered", "failed", "dead"]
 StatusStr = Literal["submitted", "queued", "in_progress", "complete", "failed", "timed_out", "cancelled"]
 METADATA_MAX_BYTES = 16 * 1024
 HOOK_MAX_LENGTH = 2048
@@ -121,3 +125,100 @@ def event_out(event: TaskEvent) -> EventOut:
         clip_id=event.clip_id,
         detail=event.detail,
     )
+
+
+class AttemptOut(msgspec.Struct):
+    attempt: int
+    at: datetime
+    duration_ms: float | None
+    status_code: int | None
+    error_class: str | None
+    error: str | None
+    response_body: str | None
+    next_attempt_at: datetime | None
+
+
+class DeliveryOut(msgspec.Struct):
+    id: int
+    task_id: str
+    event_seq: int
+    webhook_id: str
+    url: str
+    status: str
+    attempts: int
+    next_attempt_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+    # Only on the per-task route, where a task's few deliveries come with their whole history.
+    attempt_log: list[AttemptOut] | msgspec.UnsetType = msgspec.UNSET
+
+
+class DeliveryList(msgspec.Struct):
+    items: list[DeliveryOut]
+
+
+class DeliveryPage(msgspec.Struct):
+    items: list[DeliveryOut]
+    next_cursor: str | None
+
+
+class HookHostOut(msgspec.Struct):
+    host: str
+    consecutive_failures: int
+    paused: bool
+    paused_until: datetime | None
+    updated_at: datetime
+
+
+class HookHostList(msgspec.Struct):
+    items: list[HookHostOut]
+
+
+def attempt_out(attempt: DeliveryAttempt) -> AttemptOut:
+    return AttemptOut(
+        attempt=attempt.attempt,
+        at=attempt.at,
+        duration_ms=attempt.duration_ms,
+        status_code=attempt.status_code,
+        error_class=attempt.error_class,
+        error=attempt.error,
+        response_body=attempt.response_body,
+        next_attempt_at=attempt.next_attempt_at,
+    )
+
+
+def delivery_out(
+    delivery: Delivery, task_id: str, attempts: list[DeliveryAttempt] | None = None
+) -> DeliveryOut:
+    return DeliveryOut(
+        id=delivery.id,
+        task_id=task_id,
+        event_seq=delivery.event_seq,
+        webhook_id=delivery.webhook_id,
+        url=delivery.url,
+        status=delivery.status,
+        attempts=delivery.attempts,
+        next_attempt_at=delivery.next_attempt_at,
+        last_status_code=delivery.last_status_code,
+        last_error=delivery.last_error,
+        created_at=delivery.created_at,
+        delivered_at=delivery.delivered_at,
+        attempt_log=msgspec.UNSET if attempts is None else [attempt_out(a) for a in attempts],
+    )
+
+
+def encode_cursor(prefix: str, pk: int) -> str:
+    """Opaque keyset cursor: the last primary key a page returned, tagged with the resource."""
+    return base64.urlsafe_b64encode(f"{prefix}{pk}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(prefix: str, cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not raw.startswith(prefix):
+            raise ValueError(raw)
+        return int(raw.removeprefix(prefix))
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidInput("cursor: not a cursor this API returned") from None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -21,6 +19,8 @@ from service.api.schemas import (
     StatusStr,
     TaskOut,
     TaskPage,
+    decode_cursor,
+    encode_cursor,
     event_out,
     task_out,
 )
@@ -69,20 +69,6 @@ async def read_task(task_id: TaskIdPath, session: DbSession) -> TaskOut:
     return await load_task_out(session, await require_task(session, task_id))
 
 
-def encode_cursor(task_pk: int) -> str:
-    return base64.urlsafe_b64encode(f"t{task_pk}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not raw.startswith("t"):
-            raise ValueError(raw)
-        return int(raw[1:])
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidInput("cursor: not a cursor this API returned") from None
-
-
 @get("/api/v1/tasks", summary="Tasks, newest first, with keyset pagination")
 async def list_tasks(
     session: DbSession,
@@ -96,13 +82,13 @@ async def list_tasks(
         status=status,
         kind=kind,
         limit=limit + 1,
-        before_pk=decode_cursor(cursor) if cursor else None,
+        before_pk=decode_cursor("t", cursor) if cursor else None,
     )
     page, more = tasks[:limit], len(tasks) > limit
     clips = await repository.clips_by_task(session, [task.id for task in page])
     return TaskPage(
         items=[task_out(task, clips[task.id]) for task in page],
-        next_cursor=encode_cursor(page[-1].id) if more else None,
+        next_cursor=encode_cursor("t", page[-1].id) if more else None,
     )
 
 
@@ -115,9 +101,6 @@ async def list_task_events(
     task = await require_task(session, task_id)
     events = await repository.list_events(session, task.id, after_seq=after)
     return EventList(items=[event_out(event) for event in events])
-
-
-TASK_ROUTES = [create_task, read_task, list_tasks, list_task_events]
 
 
 @post("/api/v1/tasks/{task_id:str}/refresh", status_code=200, summary="Poll the relay for this task now")
@@ -137,4 +120,4 @@ async def cancel_task_now(task_id: TaskIdPath, session: DbSession, runtime: AppR
     return await load_task_out(session, await require_task(session, task_id))
 
 
-TASK_ROUTES += [refresh_task_now, cancel_task_now]
+TASK_ROUTES = [create_task, read_task, list_tasks, list_task_events, refresh_task_now, cancel_task_now]
