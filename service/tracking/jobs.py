@@ -42,7 +42,7 @@ log = structlog.get_logger()
 
 # How long stop() lets in-flight pages finish before cancelling them and releasing their leases.
 DRAIN_TIMEOUT_S = 3.0
-# Transactions the poller holds at once; leaves the rest of the pool to the API and the dispatcher.
+# Connections the poller holds while it drains; the rest of the engine's pool stays with the API.
 DB_SLOTS = 8
 _BATCH_ACTIONS = {"music": "MUSIC", "lyrics": "LYRICS"}
 
@@ -132,8 +132,8 @@ class Poller:
     # -- scheduling -------------------------------------------------------------------------------
 
     async def tick(self) -> None:
-        """The scheduler's job: start a drain unless one runs. Returning at once means a busy poller
-        never makes APScheduler skip runs, and stop() owns the work it has to wait for."""
+        """The scheduler's job: start a drain unless one runs. Returning at once keeps runs from
+        overlapping however long a drain takes, and leaves stop() owning the work it waits for."""
         if self._stopping or self.draining:
             return
         self._drain_task = asyncio.create_task(self.drain(), name="poll.drain")
@@ -182,26 +182,31 @@ class Poller:
         page: _Page | None = None
         results: list[PollResult] = []
         while True:
-            # A full page says more is due: the next one is claimed in the same transaction that
-            # records this one (one commit, one pooled checkout per page).
+            # A full page says more is due: the next one is claimed by the statement that records
+            # this one.
             more = not self._stopping and (page is None or len(page.claim.tasks) == self._page_size)
             try:
                 fresh = await self._record_and_claim(page, results, claim=more)
             except Exception:
-                # Leases run out by themselves; another turn polls these tasks again.
+                # The leases run out by themselves and another turn polls these tasks again.
                 log.exception("poll.record_failed", tasks=0 if page is None else len(page.claim.tasks))
-                return
+                fresh = None
+            else:
+                counts[n] += len(results)
             finally:
                 for task in page.claim.tasks if page is not None else ():
                     self._held.pop(task.pk, None)
-            counts[n] += len(results)
             if fresh is None or not fresh.tasks:
                 return
             page = _Page(fresh, time.monotonic())
             for task, lag in zip(fresh.tasks, fresh.lags_s, strict=True):
                 self._held[task.pk] = _lease(task)
                 CLAIM_LAG.observe(max(lag, 0.0))
-            results = await self._fetch(page)
+            try:
+                results = await self._fetch(page)
+            except Exception:
+                log.exception("poll.fetch_failed", tasks=len(page.claim.tasks))
+                results = []  # recorded as nothing: the page's leases are handed back at once
 
     async def _record_and_claim(
         self, page: _Page | None, results: list[PollResult], *, claim: bool
