@@ -25,7 +25,9 @@ def test_compose_runs_postgres_16_with_a_healthcheck_and_the_service_after_it() 
 def test_compose_only_sets_variables_the_service_reads() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     known = {
-        field.validation_alias for field in Settings.model_fields.values() if isinstance(field.validation_alias, str)
+        field.validation_alias
+        for field in Settings.model_fields.values()
+        if isinstance(field.validation_alias, str)
     }
 
     variables = set(compose["services"]["sunotrack"]["environment"])
@@ -36,7 +38,9 @@ def test_compose_only_sets_variables_the_service_reads() -> None:
 def test_every_variable_is_documented_in_the_readme() -> None:
     readme = (ROOT / "README.md").read_text()
     names = [
-        field.validation_alias for field in Settings.model_fields.values() if isinstance(field.validation_alias, str)
+        field.validation_alias
+        for field in Settings.model_fields.values()
+        if isinstance(field.validation_alias, str)
     ]
 
     assert [name for name in names if f"`{name}`" not in readme] == []

@@ -71,10 +71,14 @@ async def test_downgrade_to_base_and_upgrade_again(empty_database_url: str) -> N
             await connection.run_sync(run, ("upgrade", "head"), ("downgrade", "base"), ("upgrade", "head"))
         async with engine.connect() as connection:
             tables = (
-                await connection.exec_driver_sql(
-                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename"
+                (
+                    await connection.exec_driver_sql(
+                        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename"
+                    )
                 )
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
     finally:
         await engine.dispose()
 

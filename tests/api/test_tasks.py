@@ -122,7 +122,9 @@ async def test_a_body_that_is_not_json_is_refused(api: httpx.AsyncClient) -> Non
 )
 async def test_the_api_needs_the_admin_token(api: httpx.AsyncClient, headers: dict[str, str]) -> None:
     for method, path in (("GET", "/api/v1/tasks"), ("POST", "/api/v1/tasks"), ("GET", "/api/v1/tasks/x")):
-        response = await api.request(method, path, headers=headers | {"Authorization": headers.get("Authorization", "")})
+        response = await api.request(
+            method, path, headers=headers | {"Authorization": headers.get("Authorization", "")}
+        )
         assert response.status_code == 401, (method, path)
 
 
@@ -142,7 +144,9 @@ async def test_an_unknown_task_is_404(api: httpx.AsyncClient) -> None:
 async def test_pages_cover_every_task_once_newest_first_while_tasks_are_added(api: httpx.AsyncClient) -> None:
     for number in range(25):
         kind = "lyrics" if number % 5 == 0 else "music"
-        assert (await api.post("/api/v1/tasks", json={"task_id": f"t{number:02}", "kind": kind})).status_code == 201
+        assert (
+            await api.post("/api/v1/tasks", json={"task_id": f"t{number:02}", "kind": kind})
+        ).status_code == 201
 
     seen: list[str] = []
     cursor: str | None = None
