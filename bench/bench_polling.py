@@ -30,15 +30,15 @@ from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_webhooks import fresh_database, install_uvloop  # noqa: E402  (shared bench plumbing)
+from bench_webhooks import fresh_database, install_uvloop
 
-from service.cli import configure_logging  # noqa: E402
-from service.config import Settings  # noqa: E402
-from service.db import SessionMaker, create_engine, create_session_maker, transaction  # noqa: E402
-from service.runtime import Runtime  # noqa: E402
-from service.tracking.jobs import start_poller  # noqa: E402
-from service.upstream.client import RelayClient  # noqa: E402
-from service.upstream.fake import Advance, FakeRelay, Lifecycle  # noqa: E402
+from service.cli import configure_logging
+from service.config import Settings
+from service.db import SessionMaker, create_engine, create_session_maker, transaction
+from service.runtime import Runtime
+from service.tracking.jobs import start_poller, tune_gc
+from service.upstream.client import RelayClient
+from service.upstream.fake import Advance, FakeRelay, Lifecycle
 
 RELAY_KEY = "bench-relay-key"
 TIME_LIMIT_S = 300
@@ -93,8 +93,8 @@ async def scalar(sessions: SessionMaker, sql: str, **params: Any) -> Any:
         return (await session.execute(text(sql), params)).scalar_one()
 
 
-async def wait_until(check: Callable[[], Any], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_until(check: Callable[[], Any], limit_s: float) -> None:
+    deadline = time.monotonic() + limit_s
     while not await check():
         if time.monotonic() > deadline:
             raise TimeoutError("the poller did not get there in time")
@@ -180,60 +180,31 @@ async def run(
                 f"load average {os.getloadavg()[0]:.1f} before, fake relay in its own process)",
                 flush=True,
             )
+            tune_gc()  # what start_poller does to the process: the bare loop gets it too
             workers = settings.upstream_concurrency
             await bare_loop(relay, steady, 1.0, workers)  # warm the connection pool and both processes
             bare = await bare_loop(relay, steady, args.seconds, workers)
-            print(
-                f"  bare fetch loop      {bare:10,.0f} task polls/s   ({len(steady):,} tasks, {args.seconds:g} s)",
-                flush=True,
-            )
+            report("bare fetch loop", bare, f"task polls/s   ({len(steady):,} tasks, {args.seconds:g} s)")
 
-            # Polls: the first pass records each task's first answer (a change); then nothing changes.
-            await register_all(sessions, steady)
-            poller = await start_poller(runtime)
-            first_pass = time.perf_counter()
-            await wait_until(lambda: _all_polled(sessions), timeout=TIME_LIMIT_S / 4)
-            first_pass = time.perf_counter() - first_pass
-            before = await scalar(sessions, "SELECT sum(poll_count) FROM tasks")
-            started = time.perf_counter()
-            await asyncio.sleep(args.seconds)
-            after = await scalar(sessions, "SELECT sum(poll_count) FROM tasks")
-            polls = (after - before) / (time.perf_counter() - started)
-            await poller.stop()
-            print(
-                f"  poller               {polls:10,.0f} task polls/s   ({len(steady):,} active unchanging tasks: "
-                f"claim, fetch, record; first pass {len(steady) / first_pass:,.0f}/s)",
-                flush=True,
+            polls, first_pass = await measure_polls(runtime, steady, args.seconds)
+            report(
+                "poller",
+                polls,
+                f"task polls/s   ({len(steady):,} active unchanging tasks; the first pass, where each "
+                f"task's first answer is a change, went at {first_pass:,.0f}/s)",
             )
             print(f"  ratio poller / bare  {polls / bare:10.0%}", flush=True)
 
-            # Transitions: every poll of these sees the next stage of a song (SUBMITTED ... SUCCESS).
-            async with transaction(sessions) as session:
-                await session.execute(text("UPDATE tasks SET next_poll_at = NULL"))
-            await register_all(sessions, changing)
-            poller = await start_poller(runtime)
-            started = time.perf_counter()
-            await wait_until(lambda: _all_finished(sessions), timeout=TIME_LIMIT_S / 4)
-            elapsed = time.perf_counter() - started
-            await poller.stop()
-            counted = (
-                "SELECT count(*) FROM task_events e JOIN tasks t ON t.id = e.task_pk "
-                "WHERE t.task_id LIKE 'song-%' AND e.source = 'poll'"
-            )
-            task_level = await scalar(sessions, counted + " AND e.clip_id IS NULL")
-            events = await scalar(sessions, counted)
-            transitions = task_level / elapsed
-            print(
-                f"  transitions          {transitions:10,.0f} task-level transitions/s   "
-                f"({events / elapsed:,.0f} events/s with the clips'; {len(changing):,} songs from "
-                f"submitted to complete in {elapsed:.1f} s)",
-                flush=True,
+            transitions, events, elapsed = await measure_transitions(runtime, changing)
+            report(
+                "transitions",
+                transitions,
+                f"task-level transitions/s   ({events:,.0f} events/s with the clips' own; "
+                f"{len(changing):,} songs from submitted to complete in {elapsed:.1f} s)",
             )
             rss = peak_rss_mb()
+            report("peak RSS", rss, "MB (this process: poller, client, harness)")
             print(f"  load average         {os.getloadavg()[0]:10.1f} after", flush=True)
-            print(
-                f"  peak RSS             {rss:10,.0f} MB (this process: poller, client, harness)", flush=True
-            )
             verdicts = [
                 ("task polls/s >= 5,000", polls >= TARGETS["polls"]),
                 ("poller >= 50% of bare loop", polls / bare >= TARGETS["ratio"]),
@@ -245,6 +216,47 @@ async def run(
             scheduler.shutdown(wait=False)
             await http.close()
             await engine.dispose()
+
+
+def report(name: str, value: float, unit: str) -> None:
+    print(f"  {name:<20} {value:10,.0f} {unit}", flush=True)
+
+
+async def measure_polls(runtime: Runtime, steady: list[str], seconds: float) -> tuple[float, float]:
+    """Task polls/s over tasks that never change, once each has been polled (and recorded) once."""
+    sessions = runtime.sessions
+    await register_all(sessions, steady)
+    poller = await start_poller(runtime)
+    started = time.perf_counter()
+    await wait_until(lambda: _all_polled(sessions), TIME_LIMIT_S / 4)
+    first_pass = len(steady) / (time.perf_counter() - started)
+    before = await scalar(sessions, "SELECT sum(poll_count) FROM tasks")
+    started = time.perf_counter()
+    await asyncio.sleep(seconds)
+    after = await scalar(sessions, "SELECT sum(poll_count) FROM tasks")
+    polls = (after - before) / (time.perf_counter() - started)
+    await poller.stop()
+    return polls, first_pass
+
+
+async def measure_transitions(runtime: Runtime, changing: list[str]) -> tuple[float, float, float]:
+    """Songs whose every poll sees the next stage: task-level transitions/s, all events/s, seconds."""
+    sessions = runtime.sessions
+    async with transaction(sessions) as session:
+        await session.execute(text("UPDATE tasks SET next_poll_at = NULL"))  # the steady ones rest
+    await register_all(sessions, changing)
+    poller = await start_poller(runtime)
+    started = time.perf_counter()
+    await wait_until(lambda: _all_finished(sessions), TIME_LIMIT_S / 4)
+    elapsed = time.perf_counter() - started
+    await poller.stop()
+    counted = (
+        "SELECT count(*) FROM task_events e JOIN tasks t ON t.id = e.task_pk "
+        "WHERE t.task_id LIKE 'song-%' AND e.source = 'poll'"
+    )
+    task_level = await scalar(sessions, counted + " AND e.clip_id IS NULL")
+    events = await scalar(sessions, counted)
+    return task_level / elapsed, events / elapsed, elapsed
 
 
 async def _all_polled(sessions: SessionMaker) -> bool:
