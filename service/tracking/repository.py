@@ -63,8 +63,7 @@ async def list_events(session: AsyncSession, task_pk: int, *, after_seq: int = 0
 
 
 # --- the poller's and the recorder's statements --------------------------------------------------------
-# Hot paths use array parameters and unnest(): one statement per chunk whatever its size (per-row ORM
-# round trips cost 5-10x the driver's limit, NOTES.md).
+# Core statements over whole pages, never per-row ORM round trips (5-10x slower, NOTES.md).
 
 TASK_STATE_COLUMNS = (
     "id, task_id, kind, status, upstream_status, progress, fail_reason, last_seq, created_at, "
