@@ -15,7 +15,6 @@ import atexit
 import json
 import multiprocessing
 import os
-import secrets
 import shutil
 import statistics
 import sys
@@ -31,7 +30,6 @@ from typing import Any
 import aiohttp
 import asyncpg
 from aiohttp import web
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import func, insert, select
 from sqlalchemy.engine import make_url
 
@@ -40,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from service.config import Settings
 from service.db import create_engine, create_session_maker, migrate, transaction
 from service.models import Delivery, Task
-from service.runtime import Runtime
+from service.runtime import open_runtime
 from service.webhooks.jobs import start_dispatcher
 from service.webhooks.service import (
     TransitionNotice,
@@ -149,29 +147,6 @@ async def fresh_database() -> AsyncIterator[str]:
             shutil.rmtree(root, ignore_errors=True)
 
 
-@asynccontextmanager
-async def runtime_for(settings: Settings) -> AsyncIterator[Runtime]:
-    assert settings.database_url is not None
-    engine = create_engine(settings.database_url)
-    http = aiohttp.ClientSession()
-    scheduler = AsyncIOScheduler(timezone="UTC")
-    scheduler.start()
-    try:
-        yield Runtime(
-            settings=settings,
-            engine=engine,
-            sessions=create_session_maker(engine),
-            http=http,
-            relay=None,
-            scheduler=scheduler,
-            instance_id=f"bench:{os.getpid()}:{secrets.token_hex(3)}",
-        )
-    finally:
-        scheduler.shutdown(wait=False)
-        await http.close()
-        await engine.dispose()
-
-
 def transition(task_pk: int, task_id: str, seq: int, hook: str) -> TransitionNotice:
     return TransitionNotice(
         task_pk=task_pk,
@@ -276,7 +251,7 @@ async def dispatcher_throughput(
     """Queue `total` deliveries, then start a dispatcher; returns (sent/s, settled/s)."""
     hook = f"{receiver.base}/hook"
     tasks = await add_tasks(settings, 200, hook, "thr")
-    async with runtime_for(settings) as runtime:
+    async with open_runtime(settings) as runtime:
         per_task = -(-total // len(tasks))
         notices = [
             transition(pk, task_id, seq, hook) for seq in range(2, 2 + per_task) for pk, task_id in tasks
@@ -313,7 +288,7 @@ async def commit_to_receipt(
     tasks = await add_tasks(settings, 100, hook, "lat")
     committed: dict[str, float] = {}
     total = int(rate * seconds)
-    async with runtime_for(settings) as runtime:
+    async with open_runtime(settings) as runtime:
         dispatcher = await start_dispatcher(runtime)
         await asyncio.sleep(0.5)  # the LISTEN connection is up
         await receiver.reset()

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
-import secrets
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import aiohttp
 import structlog
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from litestar import Litestar, Request, Response, Router
 from litestar.connection import ASGIConnection
 from litestar.di import Provide
@@ -30,12 +25,11 @@ from service.api.deliveries import DELIVERY_ROUTES
 from service.api.health import HEALTH_ROUTES
 from service.api.tasks import TASK_ROUTES
 from service.config import Settings
-from service.db import create_engine, create_session_maker, migrate, start_embedded_postgres, transaction
+from service.db import transaction
 from service.errors import ServiceError
-from service.runtime import Runtime
-from service.tracking.jobs import start_poller
-from service.upstream.client import RelayClient
-from service.webhooks.jobs import start_dispatcher
+from service.runtime import Runtime, open_runtime
+from service.tracking.jobs import Poller, start_poller
+from service.webhooks.jobs import Dispatcher, start_dispatcher
 
 log = structlog.get_logger()
 
@@ -91,59 +85,23 @@ def provide_runtime(request: Request[Any, Any, Any]) -> Runtime:
 def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        embedded = None
-        database_url = settings.database_url
-        if database_url is None:
-            database_url, embedded = start_embedded_postgres(settings.data_dir)
-        engine = create_engine(database_url)
-        http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=settings.upstream_concurrency * 2, ttl_dns_cache=60),
-            raise_for_status=False,
-        )
-        scheduler = AsyncIOScheduler(timezone="UTC")
-        stoppables: list[Any] = []
-        try:
-            await migrate(engine)
-            relay = None
-            if settings.suno_base_url is not None:
-                relay = RelayClient(
-                    http,
-                    base_url=settings.suno_base_url,
-                    api_key=settings.suno_api_key.get_secret_value() if settings.suno_api_key else None,
-                    batch_size=settings.poll_batch_size,
-                    max_in_flight=settings.upstream_concurrency,
-                    timeout_s=settings.upstream_timeout_s,
-                )
-            scheduler.start()
-            runtime = Runtime(
-                settings=settings,
-                engine=engine,
-                sessions=create_session_maker(engine),
-                http=http,
-                relay=relay,
-                scheduler=scheduler,
-                instance_id=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
-            )
+        async with open_runtime(settings) as runtime:
             app.state.runtime = runtime
-            if run_jobs:
-                if relay is None:
-                    log.warning("poll.disabled", reason="SUNO_BASE_URL is not set")
-                else:
-                    stoppables.append(await start_poller(runtime))
-                stoppables.append(await start_dispatcher(runtime))
-            log.info("app.started", instance_id=runtime.instance_id, jobs=run_jobs)
-            yield
-        finally:
-            # Jobs first (stop claiming, drain), then the scheduler that ticks them, then what they used.
-            for job in reversed(stoppables):
-                await job.stop()
-            if scheduler.running:
-                scheduler.shutdown(wait=False)
-            await http.close()
-            await engine.dispose()
-            if embedded is not None:
-                embedded.cleanup()
-            log.info("app.stopped")
+            stoppables: list[Poller | Dispatcher] = []
+            try:
+                if run_jobs:
+                    if runtime.relay is None:
+                        log.warning("poll.disabled", reason="SUNO_BASE_URL is not set")
+                    else:
+                        stoppables.append(await start_poller(runtime))
+                    stoppables.append(await start_dispatcher(runtime))
+                log.info("app.started", instance_id=runtime.instance_id, jobs=run_jobs)
+                yield
+            finally:
+                # Jobs stop claiming and drain before the scheduler that ticks them and what they use go.
+                for job in reversed(stoppables):
+                    await job.stop()
+                log.info("app.stopped")
 
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     return Litestar(

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 # Real imports, not TYPE_CHECKING ones: Litestar resolves these annotations when it injects a Runtime.
@@ -10,7 +15,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import Settings
-from service.db import SessionMaker
+from service.db import SessionMaker, create_engine, create_session_maker, migrate, start_embedded_postgres
 from service.upstream.client import RelayClient
 
 
@@ -24,3 +29,48 @@ class Runtime:
     scheduler: AsyncIOScheduler
     # Identifies this process in logs and leases (host:pid:random).
     instance_id: str
+
+
+@asynccontextmanager
+async def open_runtime(settings: Settings, *, pool_size: int = 10) -> AsyncIterator[Runtime]:
+    """Connect (starting the embedded database when DATABASE_URL is unset), migrate, and build the
+    shared HTTP session, relay client and started scheduler; dispose of all of it on exit."""
+    embedded = None
+    database_url = settings.database_url
+    if database_url is None:
+        database_url, embedded = start_embedded_postgres(settings.data_dir)
+    engine = create_engine(database_url, pool_size=pool_size)
+    http = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=settings.upstream_concurrency * 2, ttl_dns_cache=60),
+        raise_for_status=False,
+    )
+    scheduler = AsyncIOScheduler(timezone="UTC")
+    try:
+        await migrate(engine)
+        relay = None
+        if settings.suno_base_url is not None:
+            relay = RelayClient(
+                http,
+                base_url=settings.suno_base_url,
+                api_key=settings.suno_api_key.get_secret_value() if settings.suno_api_key else None,
+                batch_size=settings.poll_batch_size,
+                max_in_flight=settings.upstream_concurrency,
+                timeout_s=settings.upstream_timeout_s,
+            )
+        scheduler.start()
+        yield Runtime(
+            settings=settings,
+            engine=engine,
+            sessions=create_session_maker(engine),
+            http=http,
+            relay=relay,
+            scheduler=scheduler,
+            instance_id=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
+        )
+    finally:
+        if scheduler.running:
+            scheduler.shutdown(wait=False)
+        await http.close()
+        await engine.dispose()
+        if embedded is not None:
+            embedded.cleanup()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -12,17 +10,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import insert, select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import Settings
 from service.db import SessionMaker, create_engine, create_session_maker, transaction
 from service.models import Delivery, DeliveryAttempt, Task
-from service.runtime import Runtime
+from service.runtime import Runtime, open_runtime
 from service.webhooks.jobs import Dispatcher, start_dispatcher
 from service.webhooks.service import TransitionNotice, enqueue_deliveries
 
@@ -100,25 +95,8 @@ async def sessions(database_url: str) -> AsyncIterator[SessionMaker]:
 
 @asynccontextmanager
 async def running_runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    assert settings.database_url is not None
-    engine: AsyncEngine = create_engine(settings.database_url, pool_size=4)
-    http = aiohttp.ClientSession()
-    scheduler = AsyncIOScheduler(timezone="UTC")
-    scheduler.start()
-    try:
-        yield Runtime(
-            settings=settings,
-            engine=engine,
-            sessions=create_session_maker(engine),
-            http=http,
-            relay=None,
-            scheduler=scheduler,
-            instance_id=f"test:{os.getpid()}:{secrets.token_hex(3)}",
-        )
-    finally:
-        scheduler.shutdown(wait=False)
-        await http.close()
-        await engine.dispose()
+    async with open_runtime(settings, pool_size=4) as runtime:
+        yield runtime
 
 
 @asynccontextmanager
