@@ -36,7 +36,7 @@ async def wait_for(
     deadline = time.monotonic() + timeout
     while not await condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"{getattr(condition, '__name__', condition)!s} not met within {timeout} s")
         if step is not None:
             await step()
         await asyncio.sleep(0.01)

@@ -194,7 +194,7 @@ async def test_two_processes_share_the_work_and_survive_a_kill(
             [await service.polls(http) > before + 50 for service, before in zip(pair, polls, strict=True)]
         )
 
-    await wait_for(both_polling, timeout=30)
+    await wait_for(both_polling, timeout=60)
     victim, survivor = pair
     victim.process.send_signal(signal.SIGKILL)
     await asyncio.to_thread(victim.process.wait, 10)
