@@ -399,6 +399,14 @@ class _Recorder:
                 ANOMALIES.labels(event.detail["anomaly"] if event.detail else "unknown").inc()
             elif event.clip_id is None:
                 TRANSITIONS.labels(event.source, event.to_status).inc()
+                log.debug(
+                    "task.transition",
+                    task_id=self.dirty[event.task_pk].task_id,
+                    seq=event.seq,
+                    previous=event.from_status,
+                    status=event.to_status,
+                    source=event.source,
+                )
         for pk, name, fields in self.logs:
             if pk in written:
                 log.info(name, **fields)
