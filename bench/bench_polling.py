@@ -272,7 +272,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tasks", type=int, default=20_000, help="active unchanging tasks")
-    parser.add_argument("--changing", type=int, default=5_000, help="songs taken from submitted to complete")
+    parser.add_argument("--changing", type=int, default=10_000, help="songs taken from submitted to complete")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each timed window")
     parser.add_argument("--no-uvloop", action="store_true", help="run on the asyncio loop")
     args = parser.parse_args()
