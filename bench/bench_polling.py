@@ -1,13 +1,14 @@
 """Poller benchmark: task polls/s over 20,000 active tasks that do not change, next to a bare fetch loop
 (same client, same fake relay, same batch size) in the same run; recorded transitions/s; peak RSS.
 
-    uv run python bench/bench_polling.py [--tasks 20000] [--changing 5000] [--seconds 5]
+    uv run python bench/bench_polling.py [--tasks 20000] [--changing 10000] [--seconds 5]
 
 Uses DATABASE_URL when set (a fresh database is created on that server and dropped afterwards), else an
 embedded PostgreSQL (pgserver) in a temporary directory. The fake relay runs in its own process on
-127.0.0.1, so it does not share the poller's CPU; both measurements fetch from it through one
-RelayClient built the way the app builds it. The poller is the production one (start_poller on an
-APScheduler tick), with both poll intervals at 1 ms so every task is always due.
+127.0.0.1 (its own event loop, though on a small box it shares the cores with the poller and Postgres);
+both measurements fetch from it through one RelayClient built the way the app builds it. The poller
+is the production one (start_poller on an APScheduler tick), with both poll intervals at 1 ms so every
+task is always due.
 """
 
 from __future__ import annotations
