@@ -1,0 +1,105 @@
+"""The whole loop through the real app: register -> poll the relay -> record -> signed webhook."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import pytest
+from standardwebhooks import Webhook
+
+from service.config import Settings
+from service.upstream.fake import FakeRelay, Lifecycle
+from tests.conftest import TEST_WEBHOOK_SECRET, LiveServer, auth_headers
+from tests.webhooks.conftest import Receiver, wait_until
+
+RELAY_KEY = "test-relay-key"
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[FakeRelay]:
+    async with FakeRelay(api_key=RELAY_KEY) as fake:
+        yield fake
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    server = await Receiver().start()
+    yield server
+    await server.stop()
+
+
+async def run_to_the_end(
+    make_settings: Callable[..., Settings],
+    live_server: Callable[..., LiveServer],
+    relay: FakeRelay,
+    receiver: Receiver,
+    lifecycle: Lifecycle,
+    notify_format: str,
+) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """Run one task to its end; return (its task-level transition events, the verified webhook bodies)."""
+    task_id = relay.add_task(lifecycle=lifecycle)
+    server = live_server(make_settings(SUNO_BASE_URL=relay.base_url, SUNO_API_KEY=RELAY_KEY), run_jobs=True)
+    async with httpx.AsyncClient(base_url=server.base_url, headers=auth_headers()) as api:
+        registered = await api.post(
+            "/api/v1/tasks",
+            json={"task_id": task_id, "notify_hook": receiver.url, "notify_format": notify_format},
+        )
+        assert registered.status_code == 201
+
+        async def finished() -> bool:
+            return (await api.get(f"/api/v1/tasks/{task_id}")).json()["status"] in ("complete", "failed")
+
+        await wait_until(finished, timeout=30, what="the task to finish")
+        events = (await api.get(f"/api/v1/tasks/{task_id}/events")).json()["items"]
+        transitions = [e for e in events if e["type"] == "transition" and e["clip_id"] is None]
+
+        async def all_delivered() -> bool:
+            items = (await api.get(f"/api/v1/tasks/{task_id}/deliveries")).json()["items"]
+            return len(items) == len(transitions) - 1 and all(d["status"] == "delivered" for d in items)
+
+        await wait_until(all_delivered, timeout=30, what="every webhook delivered")
+
+    verifier = Webhook(TEST_WEBHOOK_SECRET)
+    bodies = [verifier.verify(r.body, r.headers) for r in receiver.received]
+    assert len(set(receiver.ids())) == len(receiver.received)
+    return transitions, bodies
+
+
+async def test_each_task_level_transition_arrives_once_signed_in_order(
+    make_settings: Callable[..., Settings],
+    live_server: Callable[..., LiveServer],
+    relay: FakeRelay,
+    receiver: Receiver,
+) -> None:
+    transitions, bodies = await run_to_the_end(
+        make_settings, live_server, relay, receiver, Lifecycle.MUSIC_SUCCESS, "sunotrack"
+    )
+
+    # Registration (seq 1) is the client's own doing and is not announced.
+    expected = [(e["seq"], e["from_status"], e["to_status"]) for e in transitions[1:]]
+    received = sorted((b["data"]["seq"], b["data"]["previous_status"], b["data"]["status"]) for b in bodies)
+    assert received == expected
+    assert expected[-1][2] == "complete"
+    final = max(bodies, key=lambda b: b["data"]["seq"])
+    assert final["type"] == "task.status_changed"
+    assert [clip["status"] for clip in final["data"]["clips"]] == ["complete", "complete"]
+    assert all(clip["audio_url"] for clip in final["data"]["clips"])
+
+
+async def test_relay_format_hooks_get_the_relays_own_task_object(
+    make_settings: Callable[..., Settings],
+    live_server: Callable[..., LiveServer],
+    relay: FakeRelay,
+    receiver: Receiver,
+) -> None:
+    transitions, bodies = await run_to_the_end(
+        make_settings, live_server, relay, receiver, Lifecycle.MUSIC_FAILURE, "relay"
+    )
+
+    assert len(bodies) == len(transitions) - 1
+    statuses = [json.loads(r.body)["status"] for r in receiver.received]
+    assert "FAILURE" in statuses
+    failure = next(json.loads(r.body) for r in receiver.received if json.loads(r.body)["status"] == "FAILURE")
+    assert failure["fail_reason"] or failure["data"][0]["metadata"]["error_message"]
