@@ -249,7 +249,7 @@ class _Recorder:
         if state.status in _TERMINAL:
             state.next_poll_at = None
         elif state.next_poll_at == result.lease_until:
-            self._schedule(state, changed=changed, error=error, reset=changed or had_errors)
+            self._schedule(state, error=error, reset=changed or had_errors)
         self.dirty[state.pk] = state
 
     def _error(self, state: TaskState, error: UpstreamError) -> None:
@@ -292,7 +292,7 @@ class _Recorder:
             state, "timed_out", "deadline", detail={"reason": reason}, fail_reason=reason, relay_payload=None
         )
 
-    def _schedule(self, state: TaskState, *, changed: bool, error: UpstreamError | None, reset: bool) -> None:
+    def _schedule(self, state: TaskState, *, error: UpstreamError | None, reset: bool) -> None:
         low, high = self.settings.poll_min_interval_s, self.settings.poll_max_interval_s
         interval = state.poll_interval_s or low
         wait_at_least = 0.0
