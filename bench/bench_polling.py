@@ -18,15 +18,12 @@ import asyncio
 import multiprocessing
 import os
 import resource
-import secrets
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,8 +32,8 @@ from bench_webhooks import fresh_database, install_uvloop
 
 from service.cli import configure_logging
 from service.config import Settings
-from service.db import SessionMaker, create_engine, create_session_maker, transaction
-from service.runtime import Runtime
+from service.db import SessionMaker, transaction
+from service.runtime import Runtime, open_runtime
 from service.tracking.jobs import start_poller, tune_gc
 from service.upstream.client import RelayClient
 from service.upstream.fake import Advance, FakeRelay, Lifecycle
@@ -149,74 +146,55 @@ async def run(
             SUNOTRACK_POLL_TICK_S="0.5",
             SUNOTRACK_LEASE_S="30",
         )
-        engine = create_engine(database_url)
-        sessions = create_session_maker(engine)
-        # As the app lifespan builds them.
-        http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=settings.upstream_concurrency * 2, ttl_dns_cache=60)
-        )
-        relay = RelayClient(
-            http,
-            base_url=base_url,
-            api_key=RELAY_KEY,
-            batch_size=settings.poll_batch_size,
-            max_in_flight=settings.upstream_concurrency,
-            timeout_s=settings.upstream_timeout_s,
-        )
-        scheduler = AsyncIOScheduler(timezone="UTC")
-        scheduler.start()
-        runtime = Runtime(
-            settings=settings,
-            engine=engine,
-            sessions=sessions,
-            http=http,
-            relay=relay,
-            scheduler=scheduler,
-            instance_id=f"bench:{os.getpid()}:{secrets.token_hex(3)}",
-        )
-        try:
-            print(
-                f"sunotrack polling benchmark ({loop_name}, batch size {settings.poll_batch_size}, "
-                f"{settings.upstream_concurrency} requests in flight, {os.cpu_count()} CPUs, "
-                f"load average {os.getloadavg()[0]:.1f} before, fake relay in its own process)",
-                flush=True,
-            )
-            tune_gc()  # what start_poller does to the process: the bare loop gets it too
-            workers = settings.upstream_concurrency
-            await bare_loop(relay, steady, 1.0, workers)  # warm the connection pool and both processes
-            bare = await bare_loop(relay, steady, args.seconds, workers)
-            report("bare fetch loop", bare, f"task polls/s   ({len(steady):,} tasks, {args.seconds:g} s)")
+        # The app's own resources (engine, HTTP session, relay client, started scheduler).
+        async with open_runtime(settings) as runtime:
+            await measure(args, runtime, loop_name, steady, changing)
 
-            polls, first_pass = await measure_polls(runtime, steady, args.seconds)
-            report(
-                "poller",
-                polls,
-                f"task polls/s   ({len(steady):,} active unchanging tasks; the first pass, where each "
-                f"task's first answer is a change, went at {first_pass:,.0f}/s)",
-            )
-            print(f"  ratio poller / bare  {polls / bare:10.0%}", flush=True)
 
-            transitions, events, elapsed = await measure_transitions(runtime, changing)
-            report(
-                "transitions",
-                transitions,
-                f"task-level transitions/s   ({events:,.0f} events/s with the clips' own; "
-                f"{len(changing):,} songs from submitted to complete in {elapsed:.1f} s)",
-            )
-            rss = peak_rss_mb()
-            report("peak RSS", rss, "MB (this process: poller, client, harness)")
-            print(f"  load average         {os.getloadavg()[0]:10.1f} after", flush=True)
-            verdicts = [
-                ("task polls/s >= 5,000", polls >= TARGETS["polls"]),
-                ("poller >= 50% of bare loop", polls / bare >= TARGETS["ratio"]),
-                ("transitions/s >= 2,000", transitions >= TARGETS["transitions"]),
-                ("peak RSS <= 300 MB", rss <= TARGETS["rss_mb"]),
-            ]
-            print("  targets: " + "; ".join(f"{name} {'met' if ok else 'MISSED'}" for name, ok in verdicts))
-        finally:
-            scheduler.shutdown(wait=False)
-            await http.close()
-            await engine.dispose()
+async def measure(
+    args: argparse.Namespace, runtime: Runtime, loop_name: str, steady: list[str], changing: list[str]
+) -> None:
+    settings = runtime.settings
+    relay = runtime.relay
+    assert relay is not None
+    print(
+        f"sunotrack polling benchmark ({loop_name}, batch size {settings.poll_batch_size}, "
+        f"{settings.upstream_concurrency} requests in flight, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f} before, fake relay in its own process)",
+        flush=True,
+    )
+    tune_gc()  # what start_poller does to the process: the bare loop gets it too
+    workers = settings.upstream_concurrency
+    await bare_loop(relay, steady, 1.0, workers)  # warm the connection pool and both processes
+    bare = await bare_loop(relay, steady, args.seconds, workers)
+    report("bare fetch loop", bare, f"task polls/s   ({len(steady):,} tasks, {args.seconds:g} s)")
+
+    polls, first_pass = await measure_polls(runtime, steady, args.seconds)
+    report(
+        "poller",
+        polls,
+        f"task polls/s   ({len(steady):,} active unchanging tasks; the first pass, where each "
+        f"task's first answer is a change, went at {first_pass:,.0f}/s)",
+    )
+    print(f"  ratio poller / bare  {polls / bare:10.0%}", flush=True)
+
+    transitions, events, elapsed = await measure_transitions(runtime, changing)
+    report(
+        "transitions",
+        transitions,
+        f"task-level transitions/s   ({events:,.0f} events/s with the clips' own; "
+        f"{len(changing):,} songs from submitted to complete in {elapsed:.1f} s)",
+    )
+    rss = peak_rss_mb()
+    report("peak RSS", rss, "MB (this process: poller, client, harness)")
+    print(f"  load average         {os.getloadavg()[0]:10.1f} after", flush=True)
+    verdicts = [
+        ("task polls/s >= 5,000", polls >= TARGETS["polls"]),
+        ("poller >= 50% of bare loop", polls / bare >= TARGETS["ratio"]),
+        ("transitions/s >= 2,000", transitions >= TARGETS["transitions"]),
+        ("peak RSS <= 300 MB", rss <= TARGETS["rss_mb"]),
+    ]
+    print("  targets: " + "; ".join(f"{name} {'met' if ok else 'MISSED'}" for name, ok in verdicts))
 
 
 def report(name: str, value: float, unit: str) -> None:
