@@ -7,13 +7,14 @@ processes, and never see each other's rows.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,25 @@ def live_server() -> Iterator[Callable[..., LiveServer]]:
     yield start
     for server in reversed(started):
         server.stop()
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]],
+    *,
+    timeout: float = 10,
+    what: str | None = None,
+    step: Callable[[], Awaitable[Any]] | None = None,
+) -> None:
+    """Check `condition` (running `step`, or pausing a moment, between checks) until it holds; fail
+    after `timeout` seconds naming what was awaited."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            awaited = what or getattr(condition, "__name__", repr(condition))
+            raise AssertionError(f"timed out after {timeout} s waiting for {awaited}")
+        if step is not None:
+            await step()
+        await asyncio.sleep(0.01)
 
 
 def auth_headers(token: str = TEST_ADMIN_TOKEN) -> dict[str, str]:

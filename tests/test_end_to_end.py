@@ -11,8 +11,8 @@ from standardwebhooks import Webhook
 
 from service.config import Settings
 from service.upstream.fake import FakeRelay, Lifecycle
-from tests.conftest import TEST_WEBHOOK_SECRET, LiveServer, auth_headers
-from tests.webhooks.conftest import Receiver, wait_until
+from tests.conftest import TEST_WEBHOOK_SECRET, LiveServer, auth_headers, wait_until
+from tests.webhooks.conftest import Receiver
 
 RELAY_KEY = "test-relay-key"
 

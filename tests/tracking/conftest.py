@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,26 +18,11 @@ from service.tracking.jobs import Poller
 from service.tracking.service import register_task
 from service.upstream.client import RelayClient
 from service.upstream.fake import FakeRelay
+from tests.conftest import wait_until
 
 RELAY_KEY = "test-relay-key"
 
 EventTuple = tuple[int, str, str | None, str, str, str | None]
-
-
-async def wait_for(
-    condition: Callable[[], Awaitable[bool]],
-    *,
-    timeout: float,
-    step: Callable[[], Awaitable[Any]] | None = None,
-) -> None:
-    """Run `step` (or pause a moment) until `condition` holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{getattr(condition, '__name__', condition)!s} not met within {timeout} s")
-        if step is not None:
-            await step()
-        await asyncio.sleep(0.01)
 
 
 RANK = {
@@ -132,14 +115,14 @@ class Tracking:
         async def reached() -> bool:
             return await self.status(task_id) == status
 
-        await wait_for(reached, timeout=timeout, step=self.poller.drain)
+        await wait_until(reached, timeout=timeout, step=self.poller.drain)
 
     async def poll_until_all_terminal(self, *, timeout: float = 20) -> None:
         async def done() -> bool:
             rows = await self.fetch("SELECT count(*) FROM tasks WHERE next_poll_at IS NOT NULL")
             return bool(rows[0][0] == 0)
 
-        await wait_for(done, timeout=timeout, step=self.poller.drain)
+        await wait_until(done, timeout=timeout, step=self.poller.drain)
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import pytest
 
 from service.config import Settings
 from service.upstream.fake import Advance, FakeRelay, FaultKind, Lifecycle
-from tests.conftest import LiveServer, auth_headers
-from tests.tracking.conftest import RELAY_KEY, wait_for
+from tests.conftest import LiveServer, auth_headers, wait_until
+from tests.tracking.conftest import RELAY_KEY
 from tests.tracking.test_lifecycles import clip_steps, music_history
 
 CALLBACK_TOKEN = "cb-token-0123456789"
@@ -161,7 +161,7 @@ async def test_the_app_runs_the_poller_and_stops_it_cleanly(
             statuses = [(await client.get(f"/api/v1/tasks/{t}")).json()["status"] for t in task_ids]
             return statuses == ["complete"] * 3
 
-        await wait_for(all_complete, timeout=15)
+        await wait_until(all_complete, timeout=15)
         for task_id in task_ids:
             assert await history(client, task_id) == music_history(fake_relay.clip_ids(task_id))
         metrics = (await client.get("/metrics")).text

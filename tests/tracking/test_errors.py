@@ -6,7 +6,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 from service.upstream.fake import FakeRelay, FaultKind, Lifecycle
-from tests.tracking.conftest import Tracking, assert_consistent_history, wait_for
+from tests.conftest import wait_until
+from tests.tracking.conftest import Tracking, assert_consistent_history
 from tests.tracking.test_lifecycles import clip_steps, music_history
 
 
@@ -17,7 +18,7 @@ async def run_for(tracking: Tracking, seconds: float) -> None:
     async def elapsed() -> bool:
         return time.monotonic() >= until
 
-    await wait_for(elapsed, timeout=seconds + 5, step=tracking.poller.drain)
+    await wait_until(elapsed, timeout=seconds + 5, step=tracking.poller.drain)
 
 
 async def test_an_unhealthy_relay_backs_off_and_everything_finishes_once_it_recovers(
@@ -93,7 +94,7 @@ async def test_task_not_exist_within_the_grace_only_sets_last_error(
     async def asked_often() -> bool:
         return bool((await tracking.task("late-task")).consecutive_errors >= 5)
 
-    await wait_for(asked_often, timeout=10, step=tracking.poller.drain)
+    await wait_until(asked_often, timeout=10, step=tracking.poller.drain)
 
     task = await tracking.task("late-task")
     assert task.status == "submitted"
@@ -166,7 +167,7 @@ async def test_unchanged_answers_back_off_to_the_maximum_and_a_change_resets(
     async def at_max() -> bool:
         return bool((await tracking.task(task_id)).poll_interval_s == high)
 
-    await wait_for(at_max, timeout=10, step=tracking.poller.drain)
+    await wait_until(at_max, timeout=10, step=tracking.poller.drain)
     before = await tracking.task(task_id)
     await run_for(tracking, 0.5)
 

@@ -23,8 +23,8 @@ from service.config import Settings
 from service.db import create_engine, create_session_maker, transaction
 from service.tracking.service import register_task
 from service.upstream.fake import Advance, FakeRelay, Lifecycle
-from tests.conftest import TEST_ADMIN_TOKEN, TEST_WEBHOOK_SECRET
-from tests.tracking.conftest import RELAY_KEY, assert_consistent_history, wait_for
+from tests.conftest import TEST_ADMIN_TOKEN, TEST_WEBHOOK_SECRET, wait_until
+from tests.tracking.conftest import RELAY_KEY, assert_consistent_history
 from tests.tracking.test_lifecycles import music_history
 
 TASKS = 500
@@ -165,12 +165,12 @@ async def test_two_processes_share_the_work_and_survive_a_kill(
     settings = make_settings()
     pair = services(2)
     for service in pair:
-        await wait_for(functools.partial(service.ready, http), timeout=90)
+        await wait_until(functools.partial(service.ready, http), timeout=90)
 
     # Round 1: both up before the tasks exist, so neither can take everything alone.
     task_ids = [fake_relay.add_task(lifecycle=Lifecycle.MUSIC_SUCCESS) for _ in range(TASKS)]
     await register(database, settings, task_ids)
-    await wait_for(database.finished, timeout=60)
+    await wait_until(database.finished, timeout=60)
 
     found = await database.histories()
     for task_id in task_ids:
@@ -194,12 +194,12 @@ async def test_two_processes_share_the_work_and_survive_a_kill(
             [await service.polls(http) > before + 50 for service, before in zip(pair, polls, strict=True)]
         )
 
-    await wait_for(both_polling, timeout=60)
+    await wait_until(both_polling, timeout=60)
     victim, survivor = pair
     victim.process.send_signal(signal.SIGKILL)
     await asyncio.to_thread(victim.process.wait, 10)
 
-    await wait_for(database.finished, timeout=60)
+    await wait_until(database.finished, timeout=60)
 
     assert survivor.process.poll() is None
     found = await database.histories()

@@ -6,7 +6,8 @@ import time
 
 from service.tracking.jobs import Poller
 from service.upstream.fake import FakeRelay, FaultKind, Lifecycle
-from tests.tracking.conftest import Tracking, wait_for
+from tests.conftest import wait_until
+from tests.tracking.conftest import Tracking
 
 
 async def start_polling(tracking: Tracking, poller: Poller, count: int) -> list[str]:
@@ -17,7 +18,7 @@ async def start_polling(tracking: Tracking, poller: Poller, count: int) -> list[
     async def asked() -> bool:
         return tracking.fake.requests["fetch_batch"] > 0
 
-    await wait_for(asked, timeout=5, step=poller.tick)
+    await wait_until(asked, timeout=5, step=poller.tick)
     return task_ids
 
 

@@ -7,7 +7,6 @@ import json
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -21,16 +20,10 @@ from service.upstream.schemas import (
     TaskStatus,
     TransientUpstreamError,
 )
+from tests.conftest import wait_until
 from tests.upstream.conftest import API_KEY
 
 S = TaskStatus
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    """Wait until `check` holds, failing after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
-        while not await check():
-            await asyncio.sleep(0.01)
 
 
 async def poll(client: RelayClient, task_id: str, times: int) -> list[TaskSnapshot]:
@@ -211,7 +204,7 @@ async def test_timed_advance(relay: FakeRelay, client: RelayClient) -> None:
         seen.append((await client.fetch(task_id)).status)
         return seen[-1] is S.COMPLETE
 
-    await eventually(complete)
+    await wait_until(complete)
     assert seen == sorted(seen, key=STATUS_RANK.__getitem__)
 
 
@@ -380,8 +373,8 @@ async def test_run_fake_relay_serves_until_interrupted(session: aiohttp.ClientSe
         async def complete() -> bool:
             return (await client.fetch(task_ids[0])).status is S.COMPLETE
 
-        await eventually(submitted, timeout=15)
-        await eventually(complete)
+        await wait_until(submitted, timeout=15)
+        await wait_until(complete)
     finally:
         process.send_signal(signal.SIGINT)
         stdout, stderr = await asyncio.wait_for(process.communicate(), 10)

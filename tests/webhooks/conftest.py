@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -20,6 +19,7 @@ from service.models import Delivery, DeliveryAttempt, Task
 from service.runtime import Runtime, open_runtime
 from service.webhooks.jobs import Dispatcher, start_dispatcher
 from service.webhooks.service import TransitionNotice, enqueue_deliveries
+from tests.conftest import wait_until
 
 # Two rotated secrets: the dispatcher signs with both, a receiver holding either must verify.
 SECRET_OLD = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -175,16 +175,6 @@ async def attempts(sessions: SessionMaker, delivery_id: int) -> list[DeliveryAtt
     async with transaction(sessions) as session:
         query = select(DeliveryAttempt).where(DeliveryAttempt.delivery_id == delivery_id)
         return list((await session.execute(query.order_by(DeliveryAttempt.id))).scalars())
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool]], *, timeout: float = 10, what: str = "condition"
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def settled(sessions: SessionMaker, count: int, *, timeout: float = 10) -> list[Delivery]:
