@@ -28,7 +28,7 @@ from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_webhooks import fresh_database, install_uvloop
+from harness import fresh_database, install_uvloop
 
 from service.cli import configure_logging
 from service.config import Settings

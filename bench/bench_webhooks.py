@@ -11,32 +11,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import json
 import multiprocessing
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 from aiohttp import web
 from sqlalchemy import func, insert, select
-from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from harness import fresh_database, install_uvloop
+
 from service.config import Settings
-from service.db import create_engine, create_session_maker, migrate, transaction
+from service.db import create_engine, create_session_maker, transaction
 from service.models import Delivery, Task
 from service.runtime import open_runtime
 from service.webhooks.jobs import start_dispatcher
@@ -49,15 +43,6 @@ from service.webhooks.service import (
 
 SECRET = "whsec_" + "YmVuY2htYXJrLXNlY3JldC1mb3Itd2ViaG9va3M="
 TIME_LIMIT_S = 300
-
-
-def install_uvloop() -> str:
-    try:
-        import uvloop  # noqa: PLC0415
-    except ImportError:
-        return "asyncio"
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return "uvloop"
 
 
 # --- the receiver (its own process) -------------------------------------------------------------------
@@ -105,46 +90,6 @@ def run_receiver(port_out: Any) -> None:
         await asyncio.Event().wait()
 
     asyncio.run(serve())
-
-
-# --- database -----------------------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def fresh_database() -> AsyncIterator[str]:
-    server = None
-    root = None
-    base = os.environ.get("DATABASE_URL")
-    if not base:
-        root = Path(tempfile.mkdtemp(prefix="st-bench-", dir="/tmp"))
-        (root / "run").mkdir(mode=0o700)
-        os.environ["XDG_RUNTIME_DIR"] = str(root / "run")
-        import pgserver  # noqa: PLC0415
-
-        # pgserver's own exit hook touches its runtime directory again; exit hooks run last-registered
-        # first, so this one, registered before pgserver's, removes the directory after it.
-        atexit.register(shutil.rmtree, root, ignore_errors=True)
-        server = pgserver.get_server(root / "pg", cleanup_mode="stop")
-        base = server.get_uri()
-    admin_url = make_url(base).set(drivername="postgresql")
-    name = f"bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(admin_url.render_as_string(hide_password=False))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        url = admin_url.set(drivername="postgresql+asyncpg", database=name).render_as_string(
-            hide_password=False
-        )
-        engine = create_engine(url, pool_size=2)
-        await migrate(engine)
-        await engine.dispose()
-        yield url
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-        if server is not None:
-            server.cleanup()
-        if root is not None:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 def transition(task_pk: int, task_id: str, seq: int, hook: str) -> TransitionNotice:
