@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
@@ -195,3 +196,13 @@ async def wait_until(
 
 def auth_headers(token: str = TEST_ADMIN_TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+async def api(
+    make_settings: Callable[..., Settings], live_server: Callable[..., LiveServer]
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An admin client of the real app (no background jobs) on a fresh database."""
+    server = live_server(make_settings())
+    async with httpx.AsyncClient(base_url=server.base_url, headers=auth_headers(), timeout=30) as client:
+        yield client

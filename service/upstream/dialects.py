@@ -199,6 +199,11 @@ def parse_fetch(body: bytes) -> TaskSnapshot:
     """`GET /suno/fetch/{id}`: `{"code": "success", "message": "", "data": <task>}`."""
     env = _decode(_envelope, body)
     raw = _envelope_data(env.code, env.message, env.data)
+    return _fetch_task(raw)
+
+
+def _fetch_task(raw: bytes) -> TaskSnapshot:
+    """One task object of the fetch family, as the single and the batch answers both carry it."""
     task = _decode(_task, raw)
     return _snapshot(
         task_id=task.task_id,
@@ -227,19 +232,7 @@ def parse_fetch_batch(body: bytes) -> BatchParse:
     for item in env.data or ():
         raw = bytes(item)
         try:
-            task = _decode(_task, raw)
-            snapshot = _snapshot(
-                task_id=task.task_id,
-                raw_status=task.status,
-                status=_task_status(task.status),
-                fail_reason=task.fail_reason,
-                submit_time=task.submit_time,
-                start_time=task.start_time,
-                finish_time=task.finish_time,
-                progress=task.progress,
-                data=task.data,
-                raw=raw,
-            )
+            snapshot = _fetch_task(raw)
         except UpstreamError as exc:
             task_id = _salvage_task_id(raw)
             if task_id is not None:

@@ -1,30 +1,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 
-from service.config import Settings
-from tests.conftest import LiveServer, auth_headers
-
 TASK_KEYS = {
     "task_id", "kind", "status", "upstream_status", "progress", "fail_reason", "notify_hook",
     "notify_format", "metadata", "clips", "created_at", "updated_at", "finished_at",
     "last_polled_at", "next_poll_at", "poll_count", "last_error",
 }  # fmt: skip
-
-
-@pytest.fixture
-async def api(
-    make_settings: Callable[..., Settings], live_server: Callable[..., LiveServer]
-) -> AsyncIterator[httpx.AsyncClient]:
-    server = live_server(make_settings())
-    async with httpx.AsyncClient(base_url=server.base_url, headers=auth_headers(), timeout=30) as client:
-        yield client
 
 
 async def db_rows(database_url: str, query: str, *args: Any) -> list[asyncpg.Record]:

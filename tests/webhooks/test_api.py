@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,7 +13,6 @@ from sqlalchemy import insert
 from service.config import Settings
 from service.db import SessionMaker, transaction
 from service.models import Delivery, DeliveryAttempt, HookHost
-from tests.conftest import LiveServer, auth_headers
 from tests.webhooks.conftest import Receiver, add_task, deliveries, running_dispatcher, settled
 
 DELIVERY_KEYS = {
@@ -24,15 +23,6 @@ ATTEMPT_KEYS = {
     "attempt", "at", "duration_ms", "status_code", "error_class", "error", "response_body", "next_attempt_at",
 }  # fmt: skip
 STATUSES = ["delivered", "failed", "dead", "pending", "dead"]
-
-
-@pytest.fixture
-async def api(
-    make_settings: Callable[..., Settings], live_server: Callable[..., LiveServer]
-) -> AsyncIterator[httpx.AsyncClient]:
-    server = live_server(make_settings())
-    async with httpx.AsyncClient(base_url=server.base_url, headers=auth_headers(), timeout=30) as client:
-        yield client
 
 
 async def seed(sessions: SessionMaker, task_id: str, hook: str, statuses: list[str]) -> list[int]:
