@@ -121,10 +121,15 @@ async def watch(
                 events = (await response.json())["items"]
             for event in events:
                 seen[task_id] = event["seq"]
-                if event["clip_id"] is None:
-                    status[task_id] = event["to_status"]
+                if event["clip_id"] is not None:
+                    continue
+                status[task_id] = event["to_status"]
+                if event["type"] == "anomaly":
+                    detail = event["detail"] or {}
+                    change = f"{detail.get('anomaly')} (upstream said {detail.get('upstream_status')!r})"
+                else:
                     change = f"{event['from_status']} -> {event['to_status']}"
-                    print(f"demo: {kinds[task_id]:6} {task_id}  {event['type']:10} {change}", flush=True)
+                print(f"demo: {kinds[task_id]:6} {task_id}  {event['type']:10} {change}", flush=True)
         if not announced_all_done and all(value in TERMINAL for value in status.values()):
             announced_all_done = True
             print("demo: all sample tasks finished; the service keeps running (Ctrl-C to stop)", flush=True)
