@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,34 +65,36 @@ def postgres_server_url() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-async def template_database(postgres_server_url: str) -> AsyncIterator[str]:
-    name = f"st_template_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(postgres_server_url)
+@asynccontextmanager
+async def scratch_database(server_url: str, *, template: str | None = None) -> AsyncIterator[str]:
+    """Create a uniquely named database (a copy of `template` if given); yield its name; drop it."""
+    name = f"st_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server_url)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        engine = create_engine(_async_url(_driver_url(postgres_server_url, name)), pool_size=1)
-        try:
-            await migrate(engine)
-        finally:
-            await engine.dispose()
+        copy = f' TEMPLATE "{template}"' if template else ""
+        await admin.execute(f'CREATE DATABASE "{name}"{copy}')
         yield name
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
 
 
+@pytest.fixture(scope="session")
+async def template_database(postgres_server_url: str) -> AsyncIterator[str]:
+    async with scratch_database(postgres_server_url) as name:
+        engine = create_engine(_async_url(_driver_url(postgres_server_url, name)), pool_size=1)
+        try:
+            await migrate(engine)
+        finally:
+            await engine.dispose()
+        yield name
+
+
 @pytest.fixture
 async def database_url(postgres_server_url: str, template_database: str) -> AsyncIterator[str]:
     """A fresh, migrated, empty database for this test (postgresql+asyncpg:// URL)."""
-    name = f"st_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres_server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    async with scratch_database(postgres_server_url, template=template_database) as name:
         yield _async_url(_driver_url(postgres_server_url, name))
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 @pytest.fixture

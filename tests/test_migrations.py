@@ -1,30 +1,22 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from service.db import Base, alembic_config, create_engine, migrate
-from tests.conftest import _async_url, _driver_url
+from tests.conftest import _async_url, _driver_url, scratch_database
 
 
 @pytest.fixture
 async def empty_database_url(postgres_server_url: str) -> AsyncIterator[str]:
-    name = f"st_empty_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(postgres_server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+    async with scratch_database(postgres_server_url) as name:
         yield _async_url(_driver_url(postgres_server_url, name))
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def test_concurrent_start_ups_migrate_an_empty_database_once(empty_database_url: str) -> None:
