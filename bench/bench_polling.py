@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import fresh_database, install_uvloop
 
-from service.cli import configure_logging
+from service.cli import configure_logging, tune_gc
 from service.config import Settings
 from service.db import SessionMaker, transaction
 from service.runtime import Runtime, open_runtime
-from service.tracking.jobs import start_poller, tune_gc
+from service.tracking.jobs import start_poller
 from service.upstream.client import RelayClient
 from service.upstream.fake import Advance, FakeRelay, Lifecycle
 
@@ -163,7 +163,7 @@ async def measure(
         f"load average {os.getloadavg()[0]:.1f} before, fake relay in its own process)",
         flush=True,
     )
-    tune_gc()  # what start_poller does to the process: the bare loop gets it too
+    tune_gc()  # what `sunotrack serve` does to the process: both loops get it
     workers = settings.upstream_concurrency
     await bare_loop(relay, steady, 1.0, workers)  # warm the connection pool and both processes
     bare = await bare_loop(relay, steady, args.seconds, workers)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -321,24 +320,10 @@ def _count_error(error: UpstreamError, *, tasks: int, task_id: str | None = None
     )
 
 
-# The poller allocates a few dozen short-lived objects per task polled. With the default thresholds
-# the collector ran every few hundred polls and each gen-2 pass walked every object the app had built
-# at start-up: 8-12 % of the process's CPU in profiles. Freezing those start-up objects and collecting
-# the young generation less often measured +20-35 % task polls/s on the benchmark.
-GC_THRESHOLDS = (20_000, 10, 10)
-
-
-def tune_gc() -> None:
-    """Process-wide, so done once where the process starts its hot loop (start_poller)."""
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
 async def start_poller(runtime: Runtime) -> Poller:
     """Add the poller's tick to the lifespan's (started) scheduler; the returned object's stop() ends it."""
     if runtime.relay is None:
         raise RuntimeError("the poller needs a relay (SUNO_BASE_URL)")
-    tune_gc()
     poller = Poller(runtime.settings, runtime.engine, runtime.relay)
     poller.job = runtime.scheduler.add_job(
         poller.tick,
