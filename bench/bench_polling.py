@@ -222,7 +222,8 @@ async def measure_transitions(runtime: Runtime, changing: list[str]) -> tuple[fl
     """Songs whose every poll sees the next stage: task-level transitions/s, all events/s, seconds."""
     sessions = runtime.sessions
     async with transaction(sessions) as session:
-        await session.execute(text("UPDATE tasks SET next_poll_at = NULL"))  # the steady ones rest
+        # The steady ones rest (live, so they keep a next_poll_at).
+        await session.execute(text("UPDATE tasks SET next_poll_at = 'infinity'"))
     await register_all(sessions, changing)
     poller = await start_poller(runtime)
     started = time.perf_counter()
@@ -243,7 +244,7 @@ async def _all_polled(sessions: SessionMaker) -> bool:
 
 
 async def _all_finished(sessions: SessionMaker) -> bool:
-    return bool(await scalar(sessions, "SELECT count(*) FROM tasks WHERE next_poll_at IS NOT NULL") == 0)
+    return bool(await scalar(sessions, "SELECT count(*) FROM tasks WHERE next_poll_at < 'infinity'") == 0)
 
 
 def main() -> None:

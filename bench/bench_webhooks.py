@@ -41,6 +41,9 @@ from service.webhooks.service import (
     signature_header,
 )
 
+# next_poll_at of a live task no poller should touch.
+NEVER = datetime.max.replace(tzinfo=UTC)
+
 SECRET = "whsec_" + "YmVuY2htYXJrLXNlY3JldC1mb3Itd2ViaG9va3M="
 TIME_LIMIT_S = 300
 
@@ -128,8 +131,15 @@ async def add_tasks(settings: Settings, count: int, hook: str, prefix: str) -> l
     engine = create_engine(settings.database_url, pool_size=1)
     try:
         async with transaction(create_session_maker(engine)) as session:
+            # Live, so they carry a next_poll_at; no poller runs here.
             rows = [
-                {"task_id": f"{prefix}-{n}", "kind": "music", "status": "queued", "notify_hook": hook}
+                {
+                    "task_id": f"{prefix}-{n}",
+                    "kind": "music",
+                    "status": "queued",
+                    "notify_hook": hook,
+                    "next_poll_at": NEVER,
+                }
                 for n in range(count)
             ]
             result = await session.execute(insert(Task).values(rows).returning(Task.id, Task.task_id))

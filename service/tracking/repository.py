@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
 
 import msgspec
-from sqlalchemy import select, text
+from sqlalchemy import select, text, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import aliased
 
-from service.models import Clip, Task, TaskEvent
+from service.models import TERMINAL, Clip, Task, TaskEvent
 
 
 async def get_task(session: AsyncSession, task_id: str, *, for_update: bool = False) -> Task | None:
@@ -42,14 +43,26 @@ async def list_tasks(
     limit: int,
     before_pk: int | None,
 ) -> list[Task]:
-    """Newest first by the identity key: a cursor of the last pk seen is stable while rows are added."""
+    """Newest first by the identity key: a cursor of the last pk seen is stable while rows are added.
+
+    The status and kind indexes hold finished tasks only (models.Task); live tasks are found through
+    ix_tasks_due. Filtering says which part is wanted (next_poll_at is NULL exactly when a task is
+    finished), so the planner can use them.
+    """
     query = select(Task).order_by(Task.id.desc()).limit(limit)
-    if status is not None:
-        query = query.where(Task.status == status)
-    if kind is not None:
-        query = query.where(Task.kind == kind)
     if before_pk is not None:
         query = query.where(Task.id < before_pk)
+    if kind is not None:
+        query = query.where(Task.kind == kind)
+    if status is not None:
+        finished = Task.next_poll_at.is_(None) if status in TERMINAL else Task.next_poll_at.is_not(None)
+        query = query.where(Task.status == status, finished)
+    elif kind is not None:
+        parts = union_all(
+            query.where(Task.next_poll_at.is_(None)), query.where(Task.next_poll_at.is_not(None))
+        ).subquery()
+        either = aliased(Task, parts)
+        query = select(either).order_by(either.id.desc()).limit(limit)
     return list((await session.execute(query)).scalars())
 
 
@@ -68,7 +81,7 @@ async def list_events(session: AsyncSession, task_pk: int, *, after_seq: int = 0
 TASK_STATE_COLUMNS = (
     "id, task_id, kind, status, upstream_status, progress, fail_reason, last_seq, created_at, "
     "updated_at, finished_at, next_poll_at, poll_interval_s, last_polled_at, poll_count, "
-    "consecutive_errors, missing_count, last_error, notify_hook, notify_format, metadata"
+    "consecutive_errors, missing_count, last_error, notify_hook, notify_format, metadata, snapshot_digest"
 )
 
 
@@ -119,6 +132,7 @@ class TaskState:
     notify_hook: str | None
     notify_format: str
     metadata: dict[str, Any] | None
+    snapshot_digest: bytes | None
     clips: list[ClipState] = field(default_factory=list)
     payload: bytes | None = None
     loaded: tuple[int, datetime, datetime | None] = field(init=False)
@@ -127,11 +141,28 @@ class TaskState:
         self.loaded = (self.last_seq, self.updated_at, self.next_poll_at)
 
 
+class ClaimedTask(NamedTuple):
+    """What the poller needs of a claimed task to poll it and to tell whether its answer is news;
+    the rest is read (lock_task_states) only for the tasks whose answers are. A tuple, as the driver
+    returns it: a page holds hundreds."""
+
+    pk: int
+    task_id: str
+    kind: str
+    last_error: str | None
+    snapshot_digest: bytes | None
+    # Nothing pending but the next answer: no error, no batch miss, deadline not reached.
+    quiet: bool
+    # Before the claim stretched it (the claim's own values are for an answer that changes nothing).
+    poll_interval_s: float | None
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
+    """Due tasks locked by the caller's transaction, which must stay open until they are recorded."""
+
     now: datetime
-    # Each claimed task's next_poll_at is the lease: holding it means the row still carries that value.
-    tasks: list[TaskState]
+    tasks: list[ClaimedTask]
     lags_s: list[float]
 
 
@@ -177,25 +208,6 @@ def _task_state(row: Sequence[Any]) -> TaskState:
     return state
 
 
-_RELEASE = text(
-    """
-    UPDATE tasks AS t SET next_poll_at = now()
-    FROM unnest(CAST(:ids AS bigint[]), CAST(:leases AS timestamptz[])) AS v(id, lease_until)
-    WHERE t.id = v.id AND t.next_poll_at = v.lease_until
-    """
-)
-
-
-async def release_leases(session: AsyncSession, leases: Sequence[tuple[int, datetime]]) -> int:
-    """Make still-held tasks due at once, so another process (or the next start) polls them."""
-    if not leases:
-        return 0
-    result = await session.execute(
-        _RELEASE, {"ids": [pk for pk, _ in leases], "leases": [lease for _, lease in leases]}
-    )
-    return int(result.rowcount)  # type: ignore[attr-defined]
-
-
 _NOW = text("SELECT now()")
 
 
@@ -218,13 +230,80 @@ async def lock_task_states(
     return rows[0][0], [_task_state(row[1:]) for row in rows]
 
 
-# One statement writes a page: the tasks' rows, their clips and events, and the next claim. Rows go in
-# as JSON documents read with json_to_recordset: encoding one (msgspec) costs a fraction of what the
-# driver spends encoding a dozen typed arrays element by element, and every round trip saved counts
-# (a quiet page is this one statement, in autocommit).
+# The claim. Every claimed row is written once, here, already scheduled as if the relay's answer will
+# change nothing (the common case): then recording that answer writes nothing at all. The row lock the
+# UPDATE takes is the lease, held until the caller's transaction ends; a crashed process's locks go
+# with its connection.
+_CLAIM = text(
+    """
+    UPDATE tasks AS t SET
+        poll_interval_s = due.interval_s,
+        next_poll_at = least(
+            now() + make_interval(secs => due.interval_s * (1 - :jitter + 2 * :jitter * random())),
+            greatest(t.created_at + make_interval(secs => :deadline_s), now())
+        ),
+        last_polled_at = now(),
+        poll_count = t.poll_count + 1
+    FROM (
+        SELECT id, next_poll_at, poll_interval_s,
+               least(:max_s, coalesce(nullif(poll_interval_s, 0), :min_s) * :factor) AS interval_s
+        FROM tasks
+        WHERE next_poll_at <= now()
+        ORDER BY next_poll_at
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    ) AS due
+    WHERE t.id = due.id
+    RETURNING extract(epoch FROM now())::float8, extract(epoch FROM now() - due.next_poll_at)::float8,
+              t.id, t.task_id, t.kind, t.last_error, t.snapshot_digest,
+              t.last_error IS NULL AND t.consecutive_errors = 0 AND t.missing_count = 0
+                  AND now() < t.created_at + make_interval(secs => :deadline_s),
+              due.poll_interval_s
+    """
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UnchangedSchedule:
+    """How the claim schedules a task whose answer will not change: the interval stretches by
+    `factor` from at least `min_s` up to `max_s`, with +-`jitter`, never past the task's deadline."""
+
+    min_s: float
+    max_s: float
+    factor: float
+    jitter: float
+    deadline_s: float
+
+
+async def claim_due(db: AsyncSession | AsyncConnection, *, limit: int, schedule: UnchangedSchedule) -> Claim:
+    """Lock up to `limit` due tasks (skipping rows others hold, never waiting on them) and schedule
+    their next poll as if nothing will change; see _CLAIM."""
+    rows = (
+        await db.execute(
+            _CLAIM,
+            {
+                "limit": limit,
+                "min_s": schedule.min_s,
+                "max_s": schedule.max_s,
+                "factor": schedule.factor,
+                "jitter": schedule.jitter,
+                "deadline_s": schedule.deadline_s,
+            },
+        )
+    ).all()
+    if not rows:
+        return Claim((await db.execute(_NOW)).scalar_one(), [], [])
+    # Epoch seconds: the driver builds one float per row faster than one datetime.
+    now = datetime.fromtimestamp(rows[0][0], UTC)
+    return Claim(now, [ClaimedTask._make(row[2:]) for row in rows], [row[1] for row in rows])
+
+
+# One statement writes a page: the tasks' rows, their clips and events. Rows go in as JSON documents
+# read with json_to_recordset: encoding one (msgspec) costs a fraction of what the driver spends
+# encoding a dozen typed arrays element by element.
 
 _WRITE_PAGE = text(
-    f"""
+    """
     WITH written AS (
         UPDATE tasks AS t SET
             status = v.status, upstream_status = v.upstream_status, progress = v.progress,
@@ -233,15 +312,15 @@ _WRITE_PAGE = text(
             next_poll_at = v.next_poll_at, poll_interval_s = v.poll_interval_s,
             last_polled_at = v.last_polled_at, poll_count = v.poll_count,
             consecutive_errors = v.consecutive_errors, missing_count = v.missing_count,
-            last_error = v.last_error
+            last_error = v.last_error, snapshot_digest = decode(v.snapshot_digest, 'base64')
         FROM json_to_recordset(CAST(:tasks AS json)) AS v(
             id bigint, loaded_seq integer, loaded_updated_at timestamptz, loaded_next_poll_at timestamptz,
             status text, upstream_status text, progress smallint, fail_reason text, payload jsonb,
             last_seq integer, updated_at timestamptz, finished_at timestamptz, next_poll_at timestamptz,
             poll_interval_s float8, last_polled_at timestamptz, poll_count integer,
-            consecutive_errors integer, missing_count integer, last_error text
+            consecutive_errors integer, missing_count integer, last_error text, snapshot_digest text
         )
-        -- Only rows still as they were read (TaskState.loaded); the others are left for a redo.
+        -- Only rows still as they were read (TaskState.loaded); the others are the caller's to redo.
         WHERE t.id = v.id AND t.last_seq = v.loaded_seq AND t.updated_at = v.loaded_updated_at
           AND t.next_poll_at IS NOT DISTINCT FROM v.loaded_next_poll_at
         RETURNING t.id
@@ -268,27 +347,9 @@ _WRITE_PAGE = text(
             source text, clip_id text, detail jsonb
         )
         WHERE e.task_pk IN (SELECT id FROM written)
-    ),
-    due AS (
-        -- Never a row written above: one statement must not update a row twice.
-        SELECT id, next_poll_at FROM tasks
-        WHERE next_poll_at <= now() AND id <> ALL(CAST(:written_ids AS bigint[]))
-        ORDER BY next_poll_at
-        LIMIT :limit
-        FOR UPDATE SKIP LOCKED
-    ),
-    claimed AS (
-        UPDATE tasks AS t
-        SET next_poll_at = now() + make_interval(secs => :lease_s)
-        FROM due
-        WHERE t.id = due.id
-        RETURNING extract(epoch FROM now() - due.next_poll_at)::float8,
-                  {", ".join(f"t.{column.strip()}" for column in TASK_STATE_COLUMNS.split(","))},
-                  {_with_clips("t")}
     )
-    SELECT now(), ARRAY(SELECT id FROM written), claimed.*
-    FROM (VALUES (1)) AS one LEFT JOIN claimed ON true
-    """  # noqa: S608  (fixed column lists)
+    SELECT id FROM written
+    """
 )
 
 _encode = msgspec.json.Encoder().encode
@@ -309,15 +370,11 @@ async def write_page(
     events: Sequence[EventRow] = (),
     *,
     at: datetime | None = None,
-    claim: int = 0,
-    lease_s: float = 0.0,
-) -> tuple[set[int], Claim]:
-    """Write tasks back with their clips and events, and lease up to `claim` due tasks (read with
-    their clips), in one statement.
+) -> set[int]:
+    """Write tasks back with their clips and events, in one statement.
 
     A task is written only if its row still carries what was read (TaskState.loaded), and its clips
-    and events only with it; the pks written are returned. The claim skips rows leased by others,
-    never waiting on them.
+    and events only with it; the pks written are returned.
     """
     task_rows = [
         {
@@ -340,6 +397,7 @@ async def write_page(
             "consecutive_errors": s.consecutive_errors,
             "missing_count": s.missing_count,
             "last_error": s.last_error,
+            "snapshot_digest": s.snapshot_digest,
         }
         for s in tasks
     ]
@@ -380,20 +438,6 @@ async def write_page(
             "tasks": _encode(task_rows).decode(),
             "clips": _encode(clip_rows).decode(),
             "events": _encode(event_rows).decode(),
-            "written_ids": [s.pk for s in tasks],
-            "limit": claim,
-            "lease_s": lease_s,
         },
     )
-    found = result.all()
-    first = found[0]
-    claimed = [row for row in found if row[2] is not None]
-    return set(first[1]), Claim(
-        first[0], [_task_state(row[3:]) for row in claimed], [row[2] for row in claimed]
-    )
-
-
-async def claim_due(db: AsyncSession | AsyncConnection, *, limit: int, lease_s: float) -> Claim:
-    """Lease up to `limit` due tasks to the caller and read them with their clips."""
-    _, claim = await write_page(db, (), claim=limit, lease_s=lease_s)
-    return claim
+    return {pk for (pk,) in result}

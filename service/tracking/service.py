@@ -9,23 +9,25 @@ the same change twice.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
+import msgspec
 import structlog
 from sqlalchemy import insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.config import Settings
 from service.errors import Conflict, NotFound, UpstreamUnavailable
 from service.metrics import ANOMALIES, TRANSITIONS
 from service.models import TERMINAL, Task, TaskEvent
 from service.tracking import repository
-from service.tracking.repository import Claim, ClipState, EventRow, TaskState
+from service.tracking.repository import Claim, ClipState, EventRow, TaskState, UnchangedSchedule
 from service.upstream.client import RelayClient
 from service.upstream.schemas import STATUS_RANK, TaskSnapshot, TaskStatus, UpstreamError
 from service.webhooks.service import TransitionNotice, enqueue_deliveries
@@ -71,12 +73,23 @@ async def fetch_snapshot(relay: RelayClient, dialect: str, kind: str, task_id: s
     return await relay.fetch(task_id)
 
 
-@dataclass(frozen=True, slots=True)
-class PollResult:
+_digest_encoder = msgspec.msgpack.Encoder()
+
+
+def snapshot_digest(snapshot: TaskSnapshot) -> bytes:
+    """64 bits that change with anything _Recorder.snapshot() reads. Merging an answer twice changes
+    nothing the second time, so a poll whose answer has the digest of the last one merged is
+    recorded without comparing (or reading) anything."""
+    encoded = _digest_encoder.encode(
+        (snapshot.raw_status, snapshot.status, snapshot.progress, snapshot.fail_reason, snapshot.clips)
+    )
+    return hashlib.blake2b(encoded, digest_size=8).digest()
+
+
+class PollResult(NamedTuple):
     """What one poll of one claimed task produced: a snapshot, an error, or absence from a batch."""
 
     pk: int
-    lease_until: datetime
     endpoint: Endpoint
     snapshot: TaskSnapshot | None = None
     error: UpstreamError | None = None
@@ -90,13 +103,14 @@ class _Recorder:
     clips: list[tuple[int, ClipState]] = field(default_factory=list)
     events: list[EventRow] = field(default_factory=list)
     notices: list[TransitionNotice] = field(default_factory=list)
-    # Logged once written: a write-back that loses a race is redone, and must not be told twice.
-    logs: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
+    # Logged once written.
+    logs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     # -- what the relay said ----------------------------------------------------------------------
 
     def snapshot(self, state: TaskState, snapshot: TaskSnapshot, source: Source) -> bool:
         """Merge one relay answer; True when anything about the task changed."""
+        state.snapshot_digest = snapshot_digest(snapshot)
         if state.status in _TERMINAL:
             self._after_terminal(state, snapshot, source)
             return False
@@ -244,11 +258,9 @@ class _Recorder:
             if state.missing_count == MISSING_ANOMALY_AFTER:
                 self._anomaly(state, "missing_from_batch", "poll", times=state.missing_count)
         self._check_deadline(state)
-        # Only the lease holder schedules: if the lease expired and another process claimed the task,
-        # that process owns next_poll_at now.
         if state.status in _TERMINAL:
             state.next_poll_at = None
-        elif state.next_poll_at == result.lease_until:
+        else:
             self._schedule(state, error=error, reset=changed or had_errors)
         self.dirty[state.pk] = state
 
@@ -272,7 +284,6 @@ class _Recorder:
     def _fail(self, state: TaskState, reason: str, error: UpstreamError) -> None:
         self.logs.append(
             (
-                state.pk,
                 "task.failed_by_errors",
                 {"task_id": state.task_id, "code": error.code, "reason": reason},
             )
@@ -287,7 +298,7 @@ class _Recorder:
         if self.now < state.created_at + timedelta(seconds=deadline_s):
             return
         reason = f"no terminal status within the deadline of {deadline_s:g} s since registration"
-        self.logs.append((state.pk, "task.timed_out", {"task_id": state.task_id, "deadline_s": deadline_s}))
+        self.logs.append(("task.timed_out", {"task_id": state.task_id, "deadline_s": deadline_s}))
         self.transition(
             state, "timed_out", "deadline", detail={"reason": reason}, fail_reason=reason, relay_payload=None
         )
@@ -331,7 +342,7 @@ class _Recorder:
         return state.last_seq
 
     def _anomaly(self, state: TaskState, kind: str, source: Source, **detail: Any) -> None:
-        self.logs.append((state.pk, "task.anomaly", {"task_id": state.task_id, "anomaly": kind, **detail}))
+        self.logs.append(("task.anomaly", {"task_id": state.task_id, "anomaly": kind, **detail}))
         self._event(
             state, "anomaly", state.status, state.status, source=source, detail={"anomaly": kind, **detail}
         )
@@ -375,26 +386,21 @@ class _Recorder:
                 )
             )
 
-    async def flush(
-        self, db: AsyncSession | AsyncConnection, *, claim: int = 0, lease_s: float = 0.0
-    ) -> tuple[set[int], Claim | None]:
-        """Write everything (and claim the next `claim` due tasks, for the poller); returns the pks
-        written. A task whose row had changed since it was read is left out entirely (row, clips,
-        events, notices), for the caller to redo under its lock."""
-        if not self.dirty and not claim:
-            return set(), None
-        written, claimed = await repository.write_page(
-            db, list(self.dirty.values()), self.clips, self.events, at=self.now, claim=claim, lease_s=lease_s
+    async def flush(self, session: AsyncSession) -> None:
+        """Write everything. The rows were read under lock (lock_task_states, claim_due) in this
+        session's transaction, so every write lands; one that does not is a bug, and the whole unit
+        of work is rolled back rather than half-recorded."""
+        if not self.dirty:
+            return
+        written = await repository.write_page(
+            session, list(self.dirty.values()), self.clips, self.events, at=self.now
         )
-        complete = len(written) == len(self.dirty)
-        notices = self.notices if complete else [n for n in self.notices if n.task_pk in written]
-        if notices:
-            # The outbox rows go in the same transaction as their events: a session, never autocommit.
-            assert isinstance(db, AsyncSession)
-            await enqueue_deliveries(db, notices)
+        if len(written) != len(self.dirty):
+            lost = sorted(pk for pk in self.dirty if pk not in written)
+            raise RuntimeError(f"tasks {lost} changed under this transaction's row locks")
+        if self.notices:
+            await enqueue_deliveries(session, self.notices)
         for event in self.events:
-            if not complete and event.task_pk not in written:
-                continue
             if event.type == "anomaly":
                 ANOMALIES.labels(event.detail["anomaly"] if event.detail else "unknown").inc()
             elif event.clip_id is None:
@@ -407,10 +413,8 @@ class _Recorder:
                     status=event.to_status,
                     source=event.source,
                 )
-        for pk, name, fields in self.logs:
-            if pk in written:
-                log.info(name, **fields)
-        return written, claimed if claim else None
+        for name, fields in self.logs:
+            log.info(name, **fields)
 
 
 def _upstream_detail(raw_status: str | None) -> dict[str, Any] | None:
@@ -433,55 +437,61 @@ def _clip_json(clip: ClipState) -> dict[str, Any]:
 # -- entry points -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class PollPlan:
-    """A page of poll results already compared with what the claim read: no I/O, so the poller
-    computes it before taking a connection."""
-
-    recorder: _Recorder
-    results: Sequence[PollResult]
-
-    @property
-    def quiet(self) -> bool:
-        """No outbox row to write, so one statement records the page (see repository.write_page)."""
-        return not self.recorder.notices
-
-
-def plan_polls(
-    claimed: Sequence[TaskState], results: Sequence[PollResult], *, settings: Settings, now: datetime
-) -> PollPlan:
-    by_pk = {task.pk: task for task in claimed}
-    recorder = _Recorder(now, settings)
-    for result in results:
-        recorder.poll(by_pk[result.pk], result)
-    return PollPlan(recorder, results)
+async def claim_polls(session: AsyncSession, *, limit: int, settings: Settings) -> Claim:
+    """Lock up to `limit` due tasks for polling, in the session's transaction: the caller keeps it open
+    until record_polls() has recorded the answers. Each row is already scheduled as if its answer will
+    change nothing (see repository._CLAIM): the backoff of _Recorder._schedule() for that case."""
+    schedule = UnchangedSchedule(
+        min_s=settings.poll_min_interval_s,
+        max_s=settings.poll_max_interval_s,
+        factor=BACKOFF_FACTOR,
+        jitter=JITTER,
+        deadline_s=settings.task_deadline_s,
+    )
+    return await repository.claim_due(session, limit=limit, schedule=schedule)
 
 
 async def record_polls(
-    db: AsyncSession | AsyncConnection, plan: PollPlan, *, claim: int = 0, lease_s: float = 0.0
-) -> tuple[Claim | None, list[PollResult]]:
-    """Record one page of the poller's results, and lease the next `claim` due tasks (returned), in
-    one statement when the plan is quiet.
+    session: AsyncSession,
+    claim: Claim,
+    results: Sequence[PollResult],
+    *,
+    settings: Settings,
+    now: datetime,
+) -> None:
+    """Record the answers about claimed tasks, in the claim's transaction.
 
-    Optimistic: the tasks were compared with the state the claim read, without locking them again.
-    The results of the few whose rows changed meanwhile (a callback, the API) are returned, to be
-    redone under lock with redo_polls.
+    An answer with the digest of the last one merged into its quiet task is already recorded: the
+    claim wrote its schedule. The others are compared with the stored state and recorded in full.
+    Tasks claimed but not polled are made due again.
     """
-    written, claimed = await plan.recorder.flush(db, claim=claim, lease_s=lease_s)
-    lost = [
-        result for result in plan.results if result.pk in plan.recorder.dirty and result.pk not in written
-    ]
-    return claimed, lost
-
-
-async def redo_polls(session: AsyncSession, results: Sequence[PollResult], *, settings: Settings) -> None:
-    """Record poll results under the rows' locks: for those whose optimistic write lost a race."""
-    now, states = await repository.lock_task_states(session, pks=[result.pk for result in results])
-    locked = {state.pk: state for state in states}
-    recorder = _Recorder(now, settings)
+    claimed = {task.pk: task for task in claim.tasks}
+    news: dict[int, PollResult] = {}
     for result in results:
-        if result.pk in locked:
-            recorder.poll(locked[result.pk], result)
+        task = claimed[result.pk]
+        snapshot = result.snapshot
+        if not (
+            task.quiet
+            and snapshot is not None
+            and task.snapshot_digest is not None
+            and task.snapshot_digest == snapshot_digest(snapshot)
+        ):
+            news[task.pk] = result
+    unpolled = claimed.keys() - {result.pk for result in results}
+    if not news and not unpolled:
+        return
+    # Already locked by this transaction: this reads them, with their clips.
+    _, states = await repository.lock_task_states(session, pks=[*news, *unpolled])
+    recorder = _Recorder(now, settings)
+    for state in states:
+        # Undo what the claim wrote for an answer that changes nothing; the recorder schedules anew.
+        state.poll_interval_s = claimed[state.pk].poll_interval_s
+        state.poll_count -= 1
+        if state.pk in news:
+            recorder.poll(state, news[state.pk])
+        else:
+            state.next_poll_at = now  # and last_polled_at says when it was claimed
+            recorder.dirty[state.pk] = state
     await recorder.flush(session)
 
 
@@ -490,8 +500,8 @@ async def record_snapshot(
 ) -> bool:
     """Record one answer that did not come from the poller (relay callback, API refresh).
 
-    It never touches next_poll_at of a live task: that may be a poller's lease. Returns False when
-    the task is not tracked.
+    It leaves next_poll_at of a live task alone: the schedule is the poller's. Returns False when the
+    task is not tracked.
     """
     now, states = await repository.lock_task_states(session, task_ids=[snapshot.task_id])
     if not states:

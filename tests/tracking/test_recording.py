@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 import msgspec
 import pytest
@@ -10,17 +11,17 @@ from sqlalchemy import text
 
 from service.db import transaction
 from service.errors import Conflict
-from service.tracking import repository
 from service.tracking.service import (
+    BACKOFF_FACTOR,
     PollResult,
     cancel_task,
-    plan_polls,
+    claim_polls,
     record_polls,
     record_snapshot,
-    redo_polls,
 )
 from service.upstream.dialects import parse_callback
 from service.upstream.schemas import ClipSnapshot, TaskSnapshot, TaskStatus
+from tests.conftest import wait_until
 from tests.tracking.conftest import Tracking
 from tests.tracking.test_lifecycles import clip_steps
 
@@ -64,15 +65,6 @@ def snapshot(
     )
 
 
-async def record_poll(tracking: Tracking, claim: repository.Claim, result: PollResult) -> None:
-    """As the poller does: optimistically against the claim's read, then redo a lost race under lock."""
-    plan = plan_polls(claim.tasks, [result], settings=tracking.settings, now=claim.now)
-    async with transaction(tracking.sessions) as session:
-        _, lost = await record_polls(session, plan)
-        if lost:
-            await redo_polls(session, lost, settings=tracking.settings)
-
-
 async def record(tracking: Tracking, body: bytes, source: str = "callback") -> bool:
     async with transaction(tracking.sessions) as session:
         return await record_snapshot(session, parse_callback(body), source=source, settings=tracking.settings)  # type: ignore[arg-type]
@@ -93,7 +85,7 @@ async def test_a_callback_records_once_and_a_repeat_writes_nothing(tracking: Tra
     ]
     again = await tracking.task("cb-1")
     assert (again.updated_at, again.last_seq, again.progress) == (first.updated_at, 4, 40)
-    # A callback never moves the schedule of a live task: that row may be a poller's lease.
+    # A callback leaves the schedule of a live task to the poller.
     assert again.next_poll_at == first.next_poll_at is not None
 
 
@@ -120,80 +112,132 @@ async def test_a_late_answer_after_the_end_is_an_anomaly_once(tracking: Tracking
     assert (await tracking.task("late-1")).next_poll_at is None
 
 
-async def test_a_poll_and_a_callback_racing_never_record_a_change_twice(tracking: Tracking) -> None:
-    task_ids = [f"race-{n}" for n in range(20)]
+async def make_due(tracking: Tracking) -> None:
+    async with transaction(tracking.sessions) as session:
+        await session.execute(text("UPDATE tasks SET next_poll_at = now() WHERE next_poll_at IS NOT NULL"))
+
+
+async def poll_once(tracking: Tracking, answers: dict[str, TaskSnapshot]) -> None:
+    """As the poller does: claim what is due, and record the answers in the claim's transaction."""
+    async with transaction(tracking.sessions) as session:
+        claim = await claim_polls(session, limit=100, settings=tracking.settings)
+        results = [PollResult(task.pk, "batch", answers[task.task_id]) for task in claim.tasks]
+        await record_polls(session, claim, results, settings=tracking.settings, now=claim.now)
+
+
+async def waiting_on_locks(tracking: Tracking) -> int:
+    rows = await tracking.fetch(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    return int(rows[0][0])
+
+
+async def test_a_callback_waits_for_the_poll_holding_its_task_and_nothing_is_recorded_twice(
+    tracking: Tracking,
+) -> None:
+    task_ids = [f"race-{n}" for n in range(4)]
     for task_id in task_ids:
         await tracking.register(task_id)
-    async with transaction(tracking.sessions) as session:
-        await session.execute(text("UPDATE tasks SET next_poll_at = now()"))
-    async with transaction(tracking.sessions) as session:
-        claim = await repository.claim_due(session, limit=100, lease_s=30)
-    assert len(claim.tasks) == 20
+    await make_due(tracking)
 
-    async def poll(task: repository.TaskState) -> None:
-        result = PollResult(task.pk, task.next_poll_at, "batch", snapshot(task.task_id, TaskStatus.QUEUED))
-        await record_poll(tracking, claim, result)
-
-    await asyncio.gather(
-        *(poll(task) for task in claim.tasks),
-        *(record(tracking, callback_body(task_id, "QUEUED")) for task_id in task_ids),
-    )
+    async with transaction(tracking.sessions) as session:
+        claim = await claim_polls(session, limit=100, settings=tracking.settings)
+        assert len(claim.tasks) == 4
+        callbacks = [
+            asyncio.create_task(record(tracking, callback_body(task_id, "QUEUED"))) for task_id in task_ids
+        ]
+        await wait_until(lambda: _equals(waiting_on_locks(tracking), 4), timeout=10, what="callbacks blocked")
+        results = [PollResult(t.pk, "batch", snapshot(t.task_id, TaskStatus.QUEUED)) for t in claim.tasks]
+        await record_polls(session, claim, results, settings=tracking.settings, now=claim.now)
+    assert await asyncio.gather(*callbacks) == [True] * 4
 
     for task_id in task_ids:
-        events = await tracking.events(task_id)
-        assert [event[:4] for event in events] == [
-            (1, "transition", None, "submitted"),
-            (2, "transition", "submitted", "queued"),
+        assert await tracking.events(task_id) == [
+            (1, "transition", None, "submitted", "register", None),
+            (2, "transition", "submitted", "queued", "poll", None),
         ]
-        assert events[1][4] in {"poll", "callback"}
 
 
-async def test_a_poll_answer_for_a_task_cancelled_meanwhile_changes_nothing(tracking: Tracking) -> None:
+async def test_a_cancel_waits_for_the_poll_holding_the_task(tracking: Tracking) -> None:
     await tracking.register("cancel-race")
-    async with transaction(tracking.sessions) as session:
-        await session.execute(text("UPDATE tasks SET next_poll_at = now()"))
-    async with transaction(tracking.sessions) as session:
-        claim = await repository.claim_due(session, limit=10, lease_s=30)
-    async with transaction(tracking.sessions) as session:
-        await cancel_task(session, "cancel-race", settings=tracking.settings)
+    await make_due(tracking)
 
-    [task] = claim.tasks
-    result = PollResult(task.pk, task.next_poll_at, "batch", snapshot("cancel-race", TaskStatus.IN_PROGRESS))
-    await record_poll(tracking, claim, result)
+    async def cancel() -> None:
+        async with transaction(tracking.sessions) as session:
+            await cancel_task(session, "cancel-race", settings=tracking.settings)
+
+    async with transaction(tracking.sessions) as session:
+        claim = await claim_polls(session, limit=10, settings=tracking.settings)
+        cancelling = asyncio.create_task(cancel())
+        await wait_until(lambda: _equals(waiting_on_locks(tracking), 1), timeout=10, what="cancel blocked")
+        [task] = claim.tasks
+        results = [PollResult(task.pk, "batch", snapshot("cancel-race", TaskStatus.IN_PROGRESS))]
+        await record_polls(session, claim, results, settings=tracking.settings, now=claim.now)
+    await cancelling
 
     assert await tracking.events("cancel-race") == [
         (1, "transition", None, "submitted", "register", None),
-        (2, "transition", "submitted", "cancelled", "api", None),
+        (2, "transition", "submitted", "in_progress", "poll", None),
+        (3, "transition", "in_progress", "cancelled", "api", None),
     ]
-    task = await tracking.task("cancel-race")
-    assert (task.status, task.next_poll_at) == ("cancelled", None)
+    row = await tracking.task("cancel-race")
+    assert (row.status, row.next_poll_at) == ("cancelled", None)
 
 
-async def test_a_poll_answer_compared_with_a_stale_read_is_redone_under_lock(tracking: Tracking) -> None:
-    """The poller compares with what its claim read; a callback that lands in between is not lost."""
-    await tracking.register("stale")
-    async with transaction(tracking.sessions) as session:
-        await session.execute(text("UPDATE tasks SET next_poll_at = now()"))
-    async with transaction(tracking.sessions) as session:
-        claim = await repository.claim_due(session, limit=10, lease_s=30)
-    await record(tracking, callback_body("stale", "QUEUED", "queued"))
+async def test_an_answer_like_the_last_is_recorded_by_the_claim_alone(tracking: Tracking) -> None:
+    await tracking.register("steady")
+    answer = snapshot("steady", TaskStatus.IN_PROGRESS, {"steady-c0": TaskStatus.IN_PROGRESS})
+    await make_due(tracking)
+    await poll_once(tracking, {"steady": answer})
+    first = await tracking.task("steady")
 
-    [task] = claim.tasks
-    lease = task.next_poll_at
-    assert lease is not None
-    answer = snapshot("stale", TaskStatus.IN_PROGRESS, {"stale-c0": TaskStatus.IN_PROGRESS})
-    await record_poll(tracking, claim, PollResult(task.pk, lease, "batch", answer))
+    await make_due(tracking)
+    await poll_once(tracking, {"steady": answer})
 
-    assert await tracking.events("stale") == [
+    assert await tracking.events("steady") == [
         (1, "transition", None, "submitted", "register", None),
-        (2, "transition", "submitted", "queued", "callback", None),
-        *clip_steps(3, ("stale-c0", "stale-c1"), None, "queued", source="callback"),
-        (5, "transition", "queued", "in_progress", "poll", None),
-        (6, "transition", "queued", "in_progress", "poll", "stale-c0"),
+        (2, "transition", "submitted", "in_progress", "poll", None),
+        (3, "transition", None, "in_progress", "poll", "steady-c0"),
     ]
-    row = await tracking.task("stale")
-    # Still this poller's to schedule: its lease was intact, only the status had moved.
-    assert (row.poll_count, row.next_poll_at < lease) == (1, True)
+    second = await tracking.task("steady")
+    assert (second.poll_count, second.last_seq, second.updated_at) == (2, 3, first.updated_at)
+    settings = tracking.settings
+    # A change resets the interval to the minimum; an answer like the last stretches it.
+    assert first.poll_interval_s == settings.poll_min_interval_s
+    assert second.poll_interval_s == pytest.approx(
+        min(settings.poll_max_interval_s, settings.poll_min_interval_s * BACKOFF_FACTOR)
+    )
+    assert second.last_polled_at > first.last_polled_at
+    assert second.snapshot_digest == first.snapshot_digest is not None
+
+
+async def test_a_callback_in_between_makes_the_next_poll_compare_again(tracking: Tracking) -> None:
+    """The digest of the last answer merged moves with every writer, not only with the poller."""
+    await tracking.register("lagging")
+    clips = ("lagging-c0", "lagging-c1")
+    queued = snapshot("lagging", TaskStatus.QUEUED, dict.fromkeys(clips, TaskStatus.QUEUED))
+    await make_due(tracking)
+    await poll_once(tracking, {"lagging": queued})
+    await record(tracking, callback_body("lagging", "IN_PROGRESS", "streaming"))
+
+    # A lagging replica answers the poll with what the poll saw before.
+    await make_due(tracking)
+    await poll_once(tracking, {"lagging": queued})
+
+    assert await tracking.events("lagging") == [
+        (1, "transition", None, "submitted", "register", None),
+        (2, "transition", "submitted", "queued", "poll", None),
+        *clip_steps(3, clips, None, "queued"),
+        (5, "transition", "queued", "in_progress", "callback", None),
+        *clip_steps(6, clips, "queued", "in_progress", source="callback"),
+        (8, "anomaly", "in_progress", "in_progress", "poll", None),
+    ]
+    assert (await tracking.details("lagging"))[7]["anomaly"] == "regression"
+
+
+async def _equals(count: Awaitable[int], expected: int) -> bool:
+    return await count == expected
 
 
 async def test_cancel_is_idempotent_and_refuses_a_finished_task(tracking: Tracking) -> None:

@@ -1,9 +1,12 @@
-"""Stopping the poller: stop claiming, let in-flight work finish briefly, hand back what did not."""
+"""Stopping the poller: stop claiming, let in-flight work finish briefly, roll back what did not."""
 
 from __future__ import annotations
 
 import time
 
+from sqlalchemy import text
+
+from service.db import transaction
 from service.tracking.jobs import Poller
 from service.upstream.fake import FakeRelay, FaultKind, Lifecycle
 from tests.conftest import wait_until
@@ -14,6 +17,9 @@ async def start_polling(tracking: Tracking, poller: Poller, count: int) -> list[
     task_ids = [tracking.fake.add_task(lifecycle=Lifecycle.MUSIC_SUCCESS) for _ in range(count)]
     for task_id in task_ids:
         await tracking.register(task_id)
+    async with transaction(tracking.sessions) as session:
+        # All due at once, so the first page holds them all.
+        await session.execute(text("UPDATE tasks SET next_poll_at = now()"))
 
     async def asked() -> bool:
         return tracking.fake.requests["fetch_batch"] > 0
@@ -22,7 +28,7 @@ async def start_polling(tracking: Tracking, poller: Poller, count: int) -> list[
     return task_ids
 
 
-async def test_stop_cancels_slow_work_and_releases_its_leases(
+async def test_stop_cancels_slow_work_and_rolls_its_claims_back(
     tracking: Tracking, fake_relay: FakeRelay
 ) -> None:
     fake_relay.inject(FaultKind.LATENCY, latency_s=5)

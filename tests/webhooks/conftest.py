@@ -21,6 +21,9 @@ from service.webhooks.jobs import Dispatcher, start_dispatcher
 from service.webhooks.service import TransitionNotice, enqueue_deliveries
 from tests.conftest import wait_until
 
+# next_poll_at of a live task no poller should touch.
+NEVER = datetime.max.replace(tzinfo=UTC)
+
 # Two rotated secrets: the dispatcher signs with both, a receiver holding either must verify.
 SECRET_OLD = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 SECRET_NEW = "whsec_" + "c3Vub3RyYWNrLXJvdGF0ZWQtc2VjcmV0LTIwMjY="
@@ -123,6 +126,7 @@ async def add_task(
                     notify_hook=hook,
                     notify_format=notify_format,
                     last_seq=1,
+                    next_poll_at=NEVER,  # live, but no poller runs in these tests
                 )
                 .returning(Task.id)
             )
