@@ -49,13 +49,13 @@ class _Connections:
     would add the pool's pre-ping round trip to every page.
 
     Each holds its page's transaction open while the relay answers. Postgres ends a session idle in
-    its transaction for longer than the lease (SUNOTRACK_LEASE_S), so a process that hangs rather than
-    dies (a stalled network, a frozen VM) cannot keep its tasks locked for longer than that.
+    its transaction for longer than `idle_s`, so a process that hangs rather than dies (a stalled
+    network, a frozen VM) cannot keep its tasks locked for longer than that.
     """
 
-    def __init__(self, engine: AsyncEngine, *, lease_s: float) -> None:
+    def __init__(self, engine: AsyncEngine, *, idle_s: float) -> None:
         self._engine = engine
-        self._lease_ms = max(1, round(lease_s * 1000))
+        self._idle_ms = max(1, round(idle_s * 1000))
         self._idle: list[AsyncConnection] = []
 
     @contextlib.asynccontextmanager
@@ -65,7 +65,7 @@ class _Connections:
             connection = self._idle.pop()
         else:
             connection = await self._engine.connect()
-            await connection.exec_driver_sql(f"SET idle_in_transaction_session_timeout = {self._lease_ms}")
+            await connection.exec_driver_sql(f"SET idle_in_transaction_session_timeout = {self._idle_ms}")
             await connection.commit()
         try:
             async with AsyncSession(connection, expire_on_commit=False) as session, session.begin():
@@ -96,7 +96,9 @@ class Poller:
     ) -> None:
         self._settings = settings
         self._drain_timeout_s = drain_timeout_s
-        self._connections = _Connections(engine, lease_s=settings.lease_s)
+        # A page's transaction sits idle while the relay answers: single requests start within half a
+        # lease of the claim (_poll_single), and none takes longer than the upstream timeout.
+        self._connections = _Connections(engine, idle_s=settings.lease_s + settings.upstream_timeout_s)
         self._relay = relay
         # A page is a few batch requests' worth of tasks, claimed and recorded together: per task,
         # fewer and larger statements cost Postgres and the driver less (measured: pages of 4 batches

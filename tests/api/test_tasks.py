@@ -174,3 +174,80 @@ async def test_bad_list_parameters_are_refused_naming_them(
 
     assert response.status_code == 400
     assert named in response.json()["detail"]
+
+
+async def register(api: httpx.AsyncClient, task_id: str, kind: str) -> None:
+    response = await api.post("/api/v1/tasks", json={"task_id": task_id, "kind": kind})
+    assert response.status_code == 201, response.text
+
+
+async def list_task_ids(api: httpx.AsyncClient, *, limit: int = 50, **filters: str) -> list[str]:
+    """Every task the listing returns for `filters`, page by page through the cursor."""
+    seen: list[str] = []
+    cursor: str | None = None
+    for _ in range(100):
+        params: dict[str, Any] = {**filters, "limit": limit} | ({"cursor": cursor} if cursor else {})
+        response = await api.get("/api/v1/tasks", params=params)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        assert len(page["items"]) <= limit
+        for item in page["items"]:
+            for name, value in filters.items():
+                assert item[name] == value, (filters, item)
+        seen += [item["task_id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return seen
+    raise AssertionError(f"the listing of {filters} did not end")
+
+
+async def test_filters_find_live_and_finished_tasks_newest_first(api: httpx.AsyncClient) -> None:
+    # Even numbers are lyrics, odd ones music; every third task is cancelled (a finished task), so
+    # each kind has live and finished tasks interleaved in registration order.
+    numbers = range(16)
+    kinds = {f"t{n:02}": "lyrics" if n % 2 == 0 else "music" for n in numbers}
+    for task_id, kind in kinds.items():
+        await register(api, task_id, kind)
+    cancelled = {f"t{n:02}" for n in numbers if n % 3 == 0}
+    # Cancelled out of registration order: the listing's order is the registration's.
+    for task_id in ("t09", "t00", "t15", "t06", "t12", "t03"):
+        response = await api.delete(f"/api/v1/tasks/{task_id}")
+        assert (response.status_code, response.json()["status"]) == (200, "cancelled")
+
+    def newest_first(wanted: set[str]) -> list[str]:
+        return sorted(wanted, reverse=True)
+
+    live = set(kinds) - cancelled
+    lyrics = {task_id for task_id, kind in kinds.items() if kind == "lyrics"}
+    music = set(kinds) - lyrics
+    assert await list_task_ids(api, status="cancelled") == newest_first(cancelled)
+    assert await list_task_ids(api, status="submitted") == newest_first(live)
+    assert await list_task_ids(api, kind="lyrics") == newest_first(lyrics)
+    assert await list_task_ids(api, kind="music") == newest_first(music)
+    assert await list_task_ids(api, kind="lyrics", status="cancelled") == newest_first(lyrics & cancelled)
+    assert await list_task_ids(api, kind="music", status="submitted") == newest_first(music & live)
+    assert await list_task_ids(api, status="complete") == []
+    assert await list_task_ids(api) == newest_first(set(kinds))
+
+
+async def test_paging_a_filter_returns_every_live_and_finished_match_once_in_order(
+    api: httpx.AsyncClient,
+) -> None:
+    for n in range(12):
+        kind = "lyrics" if n % 2 == 0 else "music"
+        await register(api, f"t{n:02}", kind)
+    for task_id in ("t00", "t04", "t06", "t09", "t10"):
+        assert (await api.delete(f"/api/v1/tasks/{task_id}")).status_code == 200
+
+    # Lyrics: t10 cancelled, t08 live, t06 and t04 cancelled, t02 live, t00 cancelled. Pages of any
+    # size cross between the finished and the live part of the listing.
+    for limit in (1, 2, 3, 5):
+        assert await list_task_ids(api, kind="lyrics", limit=limit) == [
+            "t10", "t08", "t06", "t04", "t02", "t00",
+        ], limit  # fmt: skip
+        assert await list_task_ids(api, status="cancelled", limit=limit) == [
+            "t10", "t09", "t06", "t04", "t00",
+        ], limit  # fmt: skip
+        assert await list_task_ids(api, status="submitted", limit=limit) == [
+            "t11", "t08", "t07", "t05", "t03", "t02", "t01",
+        ], limit  # fmt: skip

@@ -41,8 +41,18 @@ async def test_an_unhealthy_relay_backs_off_and_everything_finishes_once_it_reco
         await run_for(tracking, 1.2)
         # At the minimum interval each task would be asked ~24 times in 1.2 s; backing off, a handful.
         assert 1 <= max(fake_relay.task_requests[t] for t in task_ids) <= 7, (kind, fake_relay.task_requests)
-        errors = {(await tracking.task(t)).last_error.partition(":")[0] for t in task_ids}
-        assert errors == {code}, kind
+
+        # Every task is asked during the outage and keeps what went wrong, though not necessarily
+        # within the window: a task coming due (up to a max interval plus jitter after its last poll in
+        # the previous outage) while a drain waits out a timed-out request is claimed by the next drain,
+        # and on a loaded machine a request can outlive the 0.3 s timeout (`timeout` until asked again).
+        async def all_failed_with(code: str = code) -> bool:
+            rows = await tracking.fetch("SELECT last_error FROM tasks")
+            return {str(row[0]).partition(":")[0] for row in rows} == {code}
+
+        await wait_until(
+            all_failed_with, timeout=10, what=f"every task failing with {code}", step=tracking.poller.drain
+        )
         fake_relay.clear_faults()
 
     await tracking.poll_until_all_terminal(timeout=20)

@@ -1,4 +1,4 @@
-"""Several `sunotrack serve` processes on one database and one relay: Postgres leases share the work."""
+"""Several `sunotrack serve` processes on one database and one relay: row locks share the work."""
 
 from __future__ import annotations
 
@@ -94,6 +94,8 @@ def services(
             "SUNOTRACK_POLL_TICK_S": "0.05",
             "SUNOTRACK_LEASE_S": "2",
             "SUNOTRACK_UPSTREAM_TIMEOUT_S": "1",
+            # Pages of 40 (4 requests of 10): one process cannot claim every task of a round at once.
+            "SUNOTRACK_POLL_BATCH_SIZE": "10",
             "SUNOTRACK_LOG_LEVEL": "warning",
         }
         for n in range(count):
@@ -154,20 +156,20 @@ async def register(database: Database, settings: Settings, task_ids: list[str]) 
             )  # fmt: skip
 
 
-async def test_two_processes_share_the_work_and_survive_a_kill(
+async def test_processes_share_the_work_and_survive_a_kill_and_a_hang(
     services: Callable[[int], list[Service]],
     http: aiohttp.ClientSession,
     database: Database,
     make_settings: Callable[..., Settings],
     fake_relay: FakeRelay,
 ) -> None:
-    """One pair of processes (starting them is the slow part) through two rounds of 500 tasks."""
+    """Three processes (starting them is the slow part) through three rounds of 500 tasks."""
     settings = make_settings()
-    pair = services(2)
-    for service in pair:
+    trio = services(3)
+    for service in trio:
         await wait_until(functools.partial(service.ready, http), timeout=90)
 
-    # Round 1: both up before the tasks exist, so neither can take everything alone.
+    # Round 1: all up before the tasks exist, so none can take everything alone.
     task_ids = [fake_relay.add_task(lifecycle=Lifecycle.MUSIC_SUCCESS) for _ in range(TASKS)]
     await register(database, settings, task_ids)
     await wait_until(database.finished, timeout=60)
@@ -178,40 +180,50 @@ async def test_two_processes_share_the_work_and_survive_a_kill(
     assert fake_relay.overlaps() == {}
     # Each task was asked about exactly once per stage, and both processes did part of the work.
     assert {fake_relay.task_requests[task_id] for task_id in task_ids} == {4}
-    polls = [await service.polls(http) for service in pair]
-    assert min(polls) > 0, polls
+    assert min([await service.polls(http) for service in trio]) > 0
 
-    # Round 2: kill -9 one process mid-run; its leases run out and the survivor finishes every task.
-    fake_relay.reset_counters()
-    task_ids = [
-        fake_relay.add_task(lifecycle=Lifecycle.MUSIC_SUCCESS, advance=Advance.TIMED, stage_s=1.0)
-        for _ in range(TASKS)
-    ]
-    await register(database, settings, task_ids)
+    async def round_interrupted_by(signal_number: int, target: Service, running: list[Service]) -> None:
+        """500 more tasks; once every running process polls them, signal `target`; the others must
+        finish every task, each history consistent, no task ever asked by two processes at once."""
+        fake_relay.reset_counters()
+        task_ids = [
+            fake_relay.add_task(lifecycle=Lifecycle.MUSIC_SUCCESS, advance=Advance.TIMED, stage_s=1.0)
+            for _ in range(TASKS)
+        ]
+        polls = [await service.polls(http) for service in running]
+        await register(database, settings, task_ids)
 
-    async def both_polling() -> bool:
-        return all(
-            [await service.polls(http) > before + 50 for service, before in zip(pair, polls, strict=True)]
-        )
+        async def all_polling() -> bool:
+            now = [await service.polls(http) for service in running]
+            return all(after > before + 50 for before, after in zip(polls, now, strict=True))
 
-    await wait_until(both_polling, timeout=60)
-    victim, survivor = pair
-    victim.process.send_signal(signal.SIGKILL)
+        await wait_until(all_polling, timeout=60, what="every process polling this round's tasks")
+        target.process.send_signal(signal_number)
+        await wait_until(database.finished, timeout=60, what="the other processes finishing every task")
+
+        found = await database.histories()
+        for task_id in task_ids:
+            assert_consistent_history(found[task_id], "complete")
+        assert fake_relay.overlaps() == {}
+
+    # Round 2: kill -9 one process mid-run; its transactions die with its connections.
+    victim, hung, survivor = trio
+    await round_interrupted_by(signal.SIGKILL, victim, trio)
     await asyncio.to_thread(victim.process.wait, 10)
 
-    await wait_until(database.finished, timeout=60)
-
-    assert survivor.process.poll() is None
-    found = await database.histories()
-    for task_id in task_ids:
-        assert_consistent_history(found[task_id], "complete")
+    # Round 3: another one hangs (SIGSTOP) instead: Postgres ends its sessions once they have sat idle
+    # in their transactions for SUNOTRACK_LEASE_S + SUNOTRACK_UPSTREAM_TIMEOUT_S (3 s here).
+    await round_interrupted_by(signal.SIGSTOP, hung, [hung, survivor])
     statuses = await database.query("SELECT status, count(*) FROM tasks GROUP BY status")
-    assert [tuple(row) for row in statuses] == [("complete", 2 * TASKS)]
-    assert fake_relay.overlaps() == {}
+    assert [tuple(row) for row in statuses] == [("complete", 3 * TASKS)]
+    assert survivor.process.poll() is None
+    hung.process.send_signal(signal.SIGCONT)  # it finds its sessions gone, and carries on
 
-    # A graceful stop ends the survivor within a few seconds.
+    # A graceful stop ends both within a few seconds.
     started = time.monotonic()
-    survivor.process.send_signal(signal.SIGTERM)
-    # uvicorn re-raises the signal it handled once its shutdown is complete.
-    assert await asyncio.to_thread(survivor.process.wait, 15) in (0, -signal.SIGTERM)
+    for service in (hung, survivor):
+        service.process.send_signal(signal.SIGTERM)
+    for service in (hung, survivor):
+        # uvicorn re-raises the signal it handled once its shutdown is complete.
+        assert await asyncio.to_thread(service.process.wait, 15) in (0, -signal.SIGTERM)
     assert time.monotonic() - started < 10
