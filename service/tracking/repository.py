@@ -104,12 +104,8 @@ class ClipState:
 
 @dataclass(slots=True)
 class TaskState:
-    """A task row as the recorder sees it; mutated in place, then written back.
-
-    `loaded` is (last_seq, updated_at, next_poll_at) as read: the write-back only lands if the row still
-    carries them, so a change made meanwhile by anyone else (callback, API, another poller) is detected
-    instead of overwritten. Every change to a task bumps one of the three.
-    """
+    """A task row as the recorder sees it; mutated in place, then written back. Always read under the
+    row's lock (lock_task_states), held until the write-back: nobody can change it in between."""
 
     pk: int
     task_id: str
@@ -135,10 +131,6 @@ class TaskState:
     snapshot_digest: bytes | None
     clips: list[ClipState] = field(default_factory=list)
     payload: bytes | None = None
-    loaded: tuple[int, datetime, datetime | None] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.loaded = (self.last_seq, self.updated_at, self.next_poll_at)
 
 
 class ClaimedTask(NamedTuple):
@@ -316,16 +308,12 @@ _WRITE_PAGE = text(
             consecutive_errors = v.consecutive_errors, missing_count = v.missing_count,
             last_error = v.last_error, snapshot_digest = decode(v.snapshot_digest, 'base64')
         FROM json_to_recordset(CAST(:tasks AS json)) AS v(
-            id bigint, loaded_seq integer, loaded_updated_at timestamptz, loaded_next_poll_at timestamptz,
-            status text, upstream_status text, progress smallint, fail_reason text, payload jsonb,
+            id bigint, status text, upstream_status text, progress smallint, fail_reason text, payload jsonb,
             last_seq integer, updated_at timestamptz, finished_at timestamptz, next_poll_at timestamptz,
             poll_interval_s float8, last_polled_at timestamptz, poll_count integer,
             consecutive_errors integer, missing_count integer, last_error text, snapshot_digest text
         )
-        -- Only rows still as they were read (TaskState.loaded); the others are the caller's to redo.
-        WHERE t.id = v.id AND t.last_seq = v.loaded_seq AND t.updated_at = v.loaded_updated_at
-          AND t.next_poll_at IS NOT DISTINCT FROM v.loaded_next_poll_at
-        RETURNING t.id
+        WHERE t.id = v.id
     ),
     clips_written AS (
         INSERT INTO clips (task_pk, clip_id, position, status, upstream_status, title, audio_url,
@@ -335,7 +323,6 @@ _WRITE_PAGE = text(
             title text, audio_url text, image_url text, video_url text, duration float8, error text,
             updated_at timestamptz
         )
-        WHERE c.task_pk IN (SELECT id FROM written)
         ON CONFLICT (task_pk, clip_id) DO UPDATE SET
             status = excluded.status, upstream_status = excluded.upstream_status,
             title = excluded.title, audio_url = excluded.audio_url, image_url = excluded.image_url,
@@ -348,9 +335,8 @@ _WRITE_PAGE = text(
             task_pk bigint, seq integer, at timestamptz, type text, from_status text, to_status text,
             source text, clip_id text, detail jsonb
         )
-        WHERE e.task_pk IN (SELECT id FROM written)
     )
-    SELECT id FROM written
+    SELECT 1
     """
 )
 
@@ -372,18 +358,11 @@ async def write_page(
     events: Sequence[EventRow] = (),
     *,
     at: datetime | None = None,
-) -> set[int]:
-    """Write tasks back with their clips and events, in one statement.
-
-    A task is written only if its row still carries what was read (TaskState.loaded), and its clips
-    and events only with it; the pks written are returned.
-    """
+) -> None:
+    """Write tasks back with their clips and events, in one statement."""
     task_rows = [
         {
             "id": s.pk,
-            "loaded_seq": s.loaded[0],
-            "loaded_updated_at": s.loaded[1],
-            "loaded_next_poll_at": s.loaded[2],
             "status": s.status,
             "upstream_status": s.upstream_status,
             "progress": s.progress,
@@ -434,7 +413,7 @@ async def write_page(
         }
         for e in events
     ]
-    result = await db.execute(
+    await db.execute(
         _WRITE_PAGE,
         {
             "tasks": _encode(task_rows).decode(),
@@ -442,4 +421,3 @@ async def write_page(
             "events": _encode(event_rows).decode(),
         },
     )
-    return {pk for (pk,) in result}
