@@ -45,8 +45,9 @@ PAGE_REQUESTS = 4
 
 
 class _Connections:
-    """The poller's connections, one per worker, kept for a whole drain: checking one out per page
-    would add the pool's pre-ping round trip to every page.
+    """The poller's connections, one per worker, kept from drain to drain until stop(): checking one
+    out per page (or per tick) would add the pool's pre-ping, and the session setting below, to every
+    page (or tick, even one that finds nothing due).
 
     Each holds its page's transaction open while the relay answers. Postgres ends a session idle in
     its transaction for longer than `idle_s`, so a process that hangs rather than dies (a stalled
@@ -147,6 +148,7 @@ class Poller:
             if pending:
                 drain.cancel()
                 await asyncio.wait({drain})
+        await self._connections.close()
         log.info("poll.stopped")
 
     # -- the work ---------------------------------------------------------------------------------
@@ -155,12 +157,9 @@ class Poller:
         """Poll everything due now; returns how many task polls were recorded."""
         started = time.perf_counter()
         counts = [0] * self.workers
-        try:
-            async with asyncio.TaskGroup() as group:
-                for n in range(self.workers):
-                    group.create_task(self._worker(counts, n))
-        finally:
-            await self._connections.close()
+        async with asyncio.TaskGroup() as group:
+            for n in range(self.workers):
+                group.create_task(self._worker(counts, n))
         POLL_TICK.observe(time.perf_counter() - started)
         return sum(counts)
 
