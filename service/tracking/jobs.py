@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import timedelta
+from typing import Any
 
 import structlog
 from apscheduler.job import Job
@@ -156,24 +157,33 @@ class Poller:
     async def drain(self) -> int:
         """Poll everything due now; returns how many task polls were recorded."""
         started = time.perf_counter()
-        counts = [0] * self.workers
+        crew = _Crew(self.workers)
         async with asyncio.TaskGroup() as group:
-            for n in range(self.workers):
-                group.create_task(self._worker(counts, n))
+            crew.group = group
+            crew.top_up(self._worker)
         POLL_TICK.observe(time.perf_counter() - started)
-        return sum(counts)
+        return crew.polled
 
-    async def _worker(self, counts: list[int], n: int) -> None:
-        while not self._stopping:
-            try:
-                claimed = await self._poll_page()
-            except Exception:
-                # Rolled back: the page's tasks are due again, for the next tick.
-                log.exception("poll.page_failed")
-                return
-            counts[n] += claimed
-            if claimed < self._page_size:  # nothing more is due
-                return
+    async def _worker(self, crew: _Crew) -> None:
+        try:
+            while not self._stopping:
+                try:
+                    claimed = await self._poll_page()
+                except Exception:
+                    # Rolled back: the page's tasks are due again, for the next tick. No more workers
+                    # this drain: a failing database should not be hammered at the speed of a loop.
+                    log.exception("poll.page_failed")
+                    crew.failed = True
+                    return
+                crew.polled += claimed
+                if claimed < self._page_size:  # nothing more is due, or others hold the rest
+                    return
+                # A full page: more may be due than this worker alone can poll. A worker that found a
+                # short page (others held the rest at that moment) is replaced, so the drain keeps its
+                # width for as long as work keeps coming instead of narrowing to one worker.
+                crew.top_up(self._worker)
+        finally:
+            crew.active -= 1
 
     async def _poll_page(self) -> int:
         """Claim, poll and record one page in one transaction; returns how many tasks it claimed."""
@@ -243,6 +253,23 @@ class Poller:
             else:
                 POLLS.labels(endpoint).inc()
         return [PollResult(task.pk, endpoint, snapshot, error)]
+
+
+class _Crew:
+    """A drain's workers: how many run, what they polled, and whether one failed."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.active = 0
+        self.polled = 0
+        self.failed = False
+        self.group: asyncio.TaskGroup | None = None
+
+    def top_up(self, worker: Callable[[_Crew], Coroutine[Any, Any, None]]) -> None:
+        assert self.group is not None
+        while not self.failed and self.active < self.size:
+            self.active += 1
+            self.group.create_task(worker(self))
 
 
 def _count_error(error: UpstreamError, *, tasks: int, task_id: str | None = None) -> None:

@@ -1,0 +1,75 @@
+"""How a drain spreads its pages over workers. Pages come from a script here instead of Postgres and
+the relay (those are covered by the lifecycle and process tests): what is under test is only which
+workers run, and when."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from service.tracking.jobs import Poller
+from tests.tracking.conftest import Tracking
+
+
+class ScriptedPoller(Poller):
+    """Each page claims the script's next count (0 once it runs out); a negative count fails."""
+
+    def __init__(self, tracking: Tracking, script: list[int]) -> None:
+        super().__init__(tracking.settings, tracking.engine, tracking.relay)
+        self.script = iter(script)
+        self.in_flight = 0
+        # How many pages were in flight when each page started, after the first short (or failed) one.
+        self.widths_after_short: list[int] = []
+        self.widths_after_failure: list[int] = []
+        self._seen_short = self._seen_failure = False
+
+    async def _poll_page(self) -> int:
+        self.in_flight += 1
+        if self._seen_short:
+            self.widths_after_short.append(self.in_flight)
+        if self._seen_failure:
+            self.widths_after_failure.append(self.in_flight)
+        try:
+            claimed = next(self.script, 0)
+            await asyncio.sleep(0.01)  # a page takes a while: the others get to start theirs
+            if claimed < 0:
+                self._seen_failure = True
+                raise RuntimeError("the database went away")
+            if claimed < self._page_size:
+                self._seen_short = True
+            return claimed
+        finally:
+            self.in_flight -= 1
+
+
+async def test_a_short_page_does_not_narrow_the_drain(
+    tracking_factory: Callable[..., Awaitable[Tracking]],
+) -> None:
+    # Pages of 5 x 4 tasks on 2 workers.
+    tracking = await tracking_factory(SUNOTRACK_POLL_BATCH_SIZE="5", SUNOTRACK_UPSTREAM_CONCURRENCY="8")
+    full = 20
+    # The first page comes back empty (the other worker's claim held every due row at that moment);
+    # plenty is due after it.
+    poller = ScriptedPoller(tracking, [0] + [full] * 12 + [7])
+    assert (poller.workers, poller._page_size) == (2, full)
+
+    polled = await poller.drain()
+
+    assert polled == 12 * full + 7
+    # The worker that found nothing was replaced as soon as a full page came back: two pages ran side
+    # by side for the rest of the drain, not one.
+    assert poller.widths_after_short.count(2) >= 10, poller.widths_after_short
+
+
+async def test_a_failed_page_stops_replacing_workers(
+    tracking_factory: Callable[..., Awaitable[Tracking]],
+) -> None:
+    tracking = await tracking_factory(SUNOTRACK_POLL_BATCH_SIZE="5", SUNOTRACK_UPSTREAM_CONCURRENCY="8")
+    full = 20
+    poller = ScriptedPoller(tracking, [-1] + [full] * 6)
+
+    polled = await poller.drain()
+
+    # The other worker polls what is due on its own, and the drain ends.
+    assert polled == 6 * full
+    assert poller.widths_after_failure == [1] * 6
