@@ -8,11 +8,10 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import msgspec
-from sqlalchemy import select, text, union_all
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
-from sqlalchemy.orm import aliased
 
-from service.models import TERMINAL, Clip, Task, TaskEvent
+from service.models import LIVE, Clip, Task, TaskEvent
 
 
 async def get_task(session: AsyncSession, task_id: str, *, for_update: bool = False) -> Task | None:
@@ -43,26 +42,14 @@ async def list_tasks(
     limit: int,
     before_pk: int | None,
 ) -> list[Task]:
-    """Newest first by the identity key: a cursor of the last pk seen is stable while rows are added.
-
-    The status and kind indexes hold finished tasks only (models.Task); live tasks are found through
-    ix_tasks_due. Filtering says which part is wanted (next_poll_at is NULL exactly when a task is
-    finished), so the planner can use them.
-    """
+    """Newest first by the identity key: a cursor of the last pk seen is stable while rows are added."""
     query = select(Task).order_by(Task.id.desc()).limit(limit)
     if before_pk is not None:
         query = query.where(Task.id < before_pk)
     if kind is not None:
         query = query.where(Task.kind == kind)
     if status is not None:
-        finished = Task.next_poll_at.is_(None) if status in TERMINAL else Task.next_poll_at.is_not(None)
-        query = query.where(Task.status == status, finished)
-    elif kind is not None:
-        parts = union_all(
-            query.where(Task.next_poll_at.is_(None)), query.where(Task.next_poll_at.is_not(None))
-        ).subquery()
-        either = aliased(Task, parts)
-        query = select(either).order_by(either.id.desc()).limit(limit)
+        query = query.where(Task.status == status)
     return list((await session.execute(query)).scalars())
 
 
@@ -226,8 +213,13 @@ async def lock_task_states(
 # change nothing (the common case): then recording that answer writes nothing at all. The row lock the
 # UPDATE takes is the lease, held until the caller's transaction ends; a crashed process's locks go
 # with its connection.
+#
+# It sweeps the live tasks in id order from a cursor (the last id the previous page claimed), taking
+# the due ones: every due task is reached within one sweep however large the backlog, and, with no
+# index on what the UPDATE writes, the update is HOT (models.Task). The due index this replaces cost
+# a new entry in every index of the table for every poll.
 _CLAIM = text(
-    """
+    f"""
     UPDATE tasks AS t SET
         poll_interval_s = due.interval_s,
         next_poll_at = least(
@@ -240,8 +232,8 @@ _CLAIM = text(
         SELECT ctid, next_poll_at, poll_interval_s,
                least(:max_s, coalesce(nullif(poll_interval_s, 0), :min_s) * :factor) AS interval_s
         FROM tasks
-        WHERE next_poll_at <= now()
-        ORDER BY next_poll_at
+        WHERE {LIVE} AND id > :after AND next_poll_at <= now()
+        ORDER BY id
         LIMIT :limit
         FOR UPDATE SKIP LOCKED
     ) AS due
@@ -253,7 +245,7 @@ _CLAIM = text(
               t.last_error IS NULL AND t.consecutive_errors = 0 AND t.missing_count = 0
                   AND now() < t.created_at + make_interval(secs => :deadline_s),
               due.poll_interval_s
-    """
+    """  # noqa: S608
 )
 
 
@@ -269,13 +261,16 @@ class UnchangedSchedule:
     deadline_s: float
 
 
-async def claim_due(db: AsyncSession | AsyncConnection, *, limit: int, schedule: UnchangedSchedule) -> Claim:
-    """Lock up to `limit` due tasks (skipping rows others hold, never waiting on them) and schedule
-    their next poll as if nothing will change; see _CLAIM."""
+async def claim_due(
+    db: AsyncSession | AsyncConnection, *, after: int, limit: int, schedule: UnchangedSchedule
+) -> Claim:
+    """Lock up to `limit` due tasks with ids above `after` (skipping rows others hold, never waiting on
+    them) and schedule their next poll as if nothing will change; see _CLAIM."""
     rows = (
         await db.execute(
             _CLAIM,
             {
+                "after": after,
                 "limit": limit,
                 "min_s": schedule.min_s,
                 "max_s": schedule.max_s,

@@ -430,10 +430,11 @@ def _clip_json(clip: ClipState) -> dict[str, Any]:
 # -- entry points -----------------------------------------------------------------------------------
 
 
-async def claim_polls(session: AsyncSession, *, limit: int, settings: Settings) -> Claim:
-    """Lock up to `limit` due tasks for polling, in the session's transaction: the caller keeps it open
-    until record_polls() has recorded the answers. Each row is already scheduled as if its answer will
-    change nothing (see repository._CLAIM): the backoff of _Recorder._schedule() for that case."""
+async def claim_polls(session: AsyncSession, *, after: int = 0, limit: int, settings: Settings) -> Claim:
+    """Lock up to `limit` due tasks with ids above `after` for polling, in the session's transaction: the
+    caller keeps it open until record_polls() has recorded the answers. Each row is already scheduled
+    as if its answer will change nothing (see repository._CLAIM): the backoff of _Recorder._schedule()
+    for that case."""
     schedule = UnchangedSchedule(
         min_s=settings.poll_min_interval_s,
         max_s=settings.poll_max_interval_s,
@@ -441,7 +442,7 @@ async def claim_polls(session: AsyncSession, *, limit: int, settings: Settings) 
         jitter=JITTER,
         deadline_s=settings.task_deadline_s,
     )
-    return await repository.claim_due(session, limit=limit, schedule=schedule)
+    return await repository.claim_due(session, after=after, limit=limit, schedule=schedule)
 
 
 async def record_polls(

@@ -45,9 +45,9 @@ class ScriptedPoller(Poller):
 async def test_a_short_page_does_not_narrow_the_drain(
     tracking_factory: Callable[..., Awaitable[Tracking]],
 ) -> None:
-    # Pages of 5 x 4 tasks on 2 workers.
+    # Pages of 5 x 8 tasks on 2 workers.
     tracking = await tracking_factory(SUNOTRACK_POLL_BATCH_SIZE="5", SUNOTRACK_UPSTREAM_CONCURRENCY="8")
-    full = 20
+    full = 40
     # The first page comes back empty (the other worker's claim held every due row at that moment);
     # plenty is due after it.
     poller = ScriptedPoller(tracking, [0] + [full] * 12 + [7])
@@ -65,7 +65,7 @@ async def test_a_failed_page_stops_replacing_workers(
     tracking_factory: Callable[..., Awaitable[Tracking]],
 ) -> None:
     tracking = await tracking_factory(SUNOTRACK_POLL_BATCH_SIZE="5", SUNOTRACK_UPSTREAM_CONCURRENCY="8")
-    full = 20
+    full = 40
     poller = ScriptedPoller(tracking, [-1] + [full] * 6)
 
     polled = await poller.drain()
