@@ -240,7 +240,8 @@ _CLAIM = text(
     -- By the row's address: the planner joins that with a TID scan per row, where joining by id it
     -- preferred a whole-table hash join while the table was small (most of a claim's time, measured).
     WHERE t.ctid = due.ctid
-    RETURNING extract(epoch FROM now())::float8, extract(epoch FROM now() - due.next_poll_at)::float8,
+    RETURNING extract(epoch FROM now())::float8,
+              greatest(0, extract(epoch FROM now() - due.next_poll_at))::float8,
               t.id, t.task_id, t.kind, t.last_error, t.snapshot_digest,
               t.last_error IS NULL AND t.consecutive_errors = 0 AND t.missing_count = 0
                   AND now() < t.created_at + make_interval(secs => :deadline_s),
