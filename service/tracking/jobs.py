@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 from apscheduler.job import Job
 from apscheduler.jobstores.base import JobLookupError
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from service.config import Settings
@@ -44,16 +45,21 @@ log = structlog.get_logger()
 DRAIN_TIMEOUT_S = 3.0
 _BATCH_ACTIONS = {"music": "MUSIC", "lyrics": "LYRICS"}
 PAGE_REQUESTS = 8
+DURABLE = text("SET LOCAL synchronous_commit = on")
 
 
 class _Connections:
     """The poller's connections, one per worker, kept from drain to drain until stop(): checking one
-    out per page (or per tick) would add the pool's pre-ping, and the session setting below, to every
+    out per page (or per tick) would add the pool's pre-ping, and the session settings below, to every
     page (or tick, even one that finds nothing due).
 
     Each holds its page's transaction open while the relay answers. Postgres ends a session idle in
     its transaction for longer than `idle_s`, so a process that hangs rather than dies (a stalled
     network, a frozen VM) cannot keep its tasks locked for longer than that.
+
+    Their commits do not wait for the WAL flush unless the page asks for it (DURABLE): a page whose
+    answers changed nothing wrote only its tasks' next poll, and losing that in a server crash means
+    polling them again. A page that recorded anything commits durably.
     """
 
     def __init__(self, engine: AsyncEngine, *, idle_s: float) -> None:
@@ -69,6 +75,7 @@ class _Connections:
         else:
             connection = await self._engine.connect()
             await connection.exec_driver_sql(f"SET idle_in_transaction_session_timeout = {self._idle_ms}")
+            await connection.exec_driver_sql("SET synchronous_commit = off")
             await connection.commit()
         try:
             async with AsyncSession(connection, expire_on_commit=False) as session, session.begin():
@@ -84,6 +91,7 @@ class _Connections:
             # The pool's other users keep the server's default.
             with contextlib.suppress(Exception):
                 await connection.exec_driver_sql("RESET idle_in_transaction_session_timeout")
+                await connection.exec_driver_sql("RESET synchronous_commit")
                 await connection.commit()
             await connection.close()
 
@@ -212,7 +220,8 @@ class Poller:
             # The database's clock, read by the claim, carried forward: every process schedules by
             # that one clock.
             now = claim.now + timedelta(seconds=time.monotonic() - claimed_at)
-            await record_polls(session, claim, results, settings=self._settings, now=now)
+            if await record_polls(session, claim, results, settings=self._settings, now=now):
+                await session.execute(DURABLE)
         return len(claim.tasks)
 
     async def _fetch(self, claim: Claim, claimed_at: float) -> list[PollResult]:

@@ -452,8 +452,9 @@ async def record_polls(
     *,
     settings: Settings,
     now: datetime,
-) -> None:
-    """Record the answers about claimed tasks, in the claim's transaction.
+) -> bool:
+    """Record the answers about claimed tasks, in the claim's transaction; returns whether anything
+    beyond what the claim wrote was written.
 
     An answer with the digest of the last one merged into its quiet task is already recorded: the
     claim wrote its schedule. The others are compared with the stored state and recorded in full.
@@ -473,7 +474,7 @@ async def record_polls(
             news[task.pk] = result
     unpolled = claimed.keys() - {result.pk for result in results}
     if not news and not unpolled:
-        return
+        return False
     # Already locked by this transaction: this reads them, with their clips.
     _, states = await repository.lock_task_states(session, pks=[*news, *unpolled])
     recorder = _Recorder(now, settings)
@@ -487,6 +488,7 @@ async def record_polls(
             state.next_poll_at = now  # and last_polled_at says when it was claimed
             recorder.dirty[state.pk] = state
     await recorder.flush(session)
+    return True
 
 
 async def record_snapshot(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable
 
 import msgspec
@@ -11,6 +12,7 @@ from sqlalchemy import text
 
 from service.db import transaction
 from service.errors import Conflict
+from service.tracking.jobs import DURABLE
 from service.tracking.service import (
     BACKOFF_FACTOR,
     PollResult,
@@ -117,12 +119,13 @@ async def make_due(tracking: Tracking) -> None:
         await session.execute(text("UPDATE tasks SET next_poll_at = now() WHERE next_poll_at IS NOT NULL"))
 
 
-async def poll_once(tracking: Tracking, answers: dict[str, TaskSnapshot]) -> None:
-    """As the poller does: claim what is due, and record the answers in the claim's transaction."""
+async def poll_once(tracking: Tracking, answers: dict[str, TaskSnapshot]) -> bool:
+    """As the poller does: claim what is due, and record the answers in the claim's transaction;
+    returns whether the recorder wrote anything."""
     async with transaction(tracking.sessions) as session:
         claim = await claim_polls(session, limit=100, settings=tracking.settings)
         results = [PollResult(task.pk, "batch", answers[task.task_id]) for task in claim.tasks]
-        await record_polls(session, claim, results, settings=tracking.settings, now=claim.now)
+        return await record_polls(session, claim, results, settings=tracking.settings, now=claim.now)
 
 
 async def waiting_on_locks(tracking: Tracking) -> int:
@@ -189,11 +192,13 @@ async def test_an_answer_like_the_last_is_recorded_by_the_claim_alone(tracking: 
     await tracking.register("steady")
     answer = snapshot("steady", TaskStatus.IN_PROGRESS, {"steady-c0": TaskStatus.IN_PROGRESS})
     await make_due(tracking)
-    await poll_once(tracking, {"steady": answer})
+    assert await poll_once(tracking, {"steady": answer})
     first = await tracking.task("steady")
 
     await make_due(tracking)
-    await poll_once(tracking, {"steady": answer})
+    # Nothing written but the claim's bookkeeping: the poller commits such a page without waiting
+    # for the WAL flush.
+    assert not await poll_once(tracking, {"steady": answer})
 
     assert await tracking.events("steady") == [
         (1, "transition", None, "submitted", "register", None),
@@ -223,7 +228,7 @@ async def test_a_callback_in_between_makes_the_next_poll_compare_again(tracking:
 
     # A lagging replica answers the poll with what the poll saw before.
     await make_due(tracking)
-    await poll_once(tracking, {"lagging": queued})
+    assert await poll_once(tracking, {"lagging": queued})
 
     assert await tracking.events("lagging") == [
         (1, "transition", None, "submitted", "register", None),
@@ -321,3 +326,23 @@ async def test_only_task_level_transitions_of_hooked_tasks_reach_the_outbox(trac
     assert body["data"]["status"] == "complete"
     assert body["data"]["previous_status"] == "queued"
     assert [clip["status"] for clip in body["data"]["clips"]] == ["complete", "complete"]
+
+
+async def test_poller_sessions_commit_without_waiting_for_the_flush_until_stopped(tracking: Tracking) -> None:
+    """Pages that recorded something ask for a durable commit (jobs.DURABLE); the others need not."""
+    setting = text("SHOW synchronous_commit")
+    async with tracking.poller._connections.transaction() as session:
+        assert (await session.execute(setting)).scalar_one() == "off"
+        await session.execute(DURABLE)
+        assert (await session.execute(setting)).scalar_one() == "on"
+    async with tracking.poller._connections.transaction() as session:
+        assert (await session.execute(setting)).scalar_one() == "off"
+
+    await tracking.poller.stop()
+
+    # The pool's other users get their connections back as they were: every idle one is checked.
+    idle = tracking.engine.pool.checkedin()  # type: ignore[attr-defined]
+    assert idle >= 1
+    async with contextlib.AsyncExitStack() as stack:
+        connections = [await stack.enter_async_context(tracking.engine.connect()) for _ in range(idle)]
+        assert [(await c.execute(setting)).scalar_one() for c in connections] == ["on"] * idle
