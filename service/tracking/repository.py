@@ -210,8 +210,8 @@ async def lock_task_states(
 
 
 # The claim. Every claimed row is written once, here, already scheduled as if the relay's answer will
-# change nothing (the common case): then recording that answer writes nothing at all. The row lock the
-# UPDATE takes is the lease, held until the caller's transaction ends; a crashed process's locks go
+# change nothing (the common case): then recording that answer writes nothing at all. The row locks
+# taken by `due` are the lease, held until the caller's transaction ends; a crashed process's locks go
 # with its connection.
 #
 # It sweeps the live tasks in id order from a cursor (the last id the previous page claimed), taking
@@ -220,32 +220,38 @@ async def lock_task_states(
 # a new entry in every index of the table for every poll.
 _CLAIM = text(
     f"""
-    UPDATE tasks AS t SET
-        poll_interval_s = due.interval_s,
-        next_poll_at = least(
-            now() + make_interval(secs => due.interval_s * (1 - :jitter + 2 * :jitter * random())),
-            greatest(t.created_at + make_interval(secs => :deadline_s), now())
-        ),
-        last_polled_at = now(),
-        poll_count = t.poll_count + 1
-    FROM (
-        SELECT ctid, next_poll_at, poll_interval_s,
-               least(:max_s, coalesce(nullif(poll_interval_s, 0), :min_s) * :factor) AS interval_s
+    WITH due AS MATERIALIZED (
+        SELECT ctid, id, next_poll_at, poll_interval_s
         FROM tasks
         WHERE {LIVE} AND id > :after AND next_poll_at <= now()
         ORDER BY id
         LIMIT :limit
         FOR UPDATE SKIP LOCKED
-    ) AS due
-    -- By the row's address: the planner joins that with a TID scan per row, where joining by id it
-    -- preferred a whole-table hash join while the table was small (most of a claim's time, measured).
-    WHERE t.ctid = due.ctid
-    RETURNING extract(epoch FROM now())::float8,
-              greatest(0, extract(epoch FROM now() - due.next_poll_at))::float8,
-              t.id, t.task_id, t.kind, t.last_error, t.snapshot_digest,
-              t.last_error IS NULL AND t.consecutive_errors = 0 AND t.missing_count = 0
-                  AND now() < t.created_at + make_interval(secs => :deadline_s),
-              due.poll_interval_s
+    ),
+    claimed AS (
+        UPDATE tasks AS t SET
+            poll_interval_s = least(:max_s, coalesce(nullif(t.poll_interval_s, 0), :min_s) * :factor),
+            next_poll_at = least(
+                now() + make_interval(
+                    secs => least(:max_s, coalesce(nullif(t.poll_interval_s, 0), :min_s) * :factor)
+                        * (1 - :jitter + 2 * :jitter * random())
+                ),
+                greatest(t.created_at + make_interval(secs => :deadline_s), now())
+            ),
+            last_polled_at = now(),
+            poll_count = t.poll_count + 1
+        -- The locked rows by their addresses, as one array: a TID scan whatever the table's size.
+        -- Joined to `due` instead, the planner chose a whole-table scan and hash join on tables of
+        -- up to some 40,000 rows (1.8 ms of a 4.2 ms claim of 400 rows, measured).
+        WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM due))
+        RETURNING t.id, t.task_id, t.kind, t.last_error, t.snapshot_digest,
+                  t.last_error IS NULL AND t.consecutive_errors = 0 AND t.missing_count = 0
+                      AND now() < t.created_at + make_interval(secs => :deadline_s) AS quiet
+    )
+    SELECT extract(epoch FROM now())::float8,
+           greatest(0, extract(epoch FROM now() - due.next_poll_at))::float8,
+           claimed.*, due.poll_interval_s
+    FROM claimed JOIN due USING (id)
     """  # noqa: S608
 )
 
