@@ -136,6 +136,9 @@ class Poller:
         # at a time, so this process's workers take consecutive pages instead of walking past each
         # other's locked rows; a claim takes a few ms, a page's relay requests ten times that.
         self._sweep_after = 0
+        # Set when a sweep from the lowest id came back short, for the rest of the drain: every due task
+        # was claimed, so the other workers need not read the live tasks again to find that out.
+        self._swept_all = False
         self._claiming = asyncio.Lock()
         self._drain_task: asyncio.Task[int] | None = None
         self._stopping = False
@@ -176,6 +179,7 @@ class Poller:
         """Poll everything due now; returns how many task polls were recorded."""
         started = time.perf_counter()
         crew = _Crew(self.workers)
+        self._swept_all = False
         async with asyncio.TaskGroup() as group:
             crew.group = group
             crew.top_up(self._worker)
@@ -207,11 +211,15 @@ class Poller:
         """Claim, poll and record one page in one transaction; returns how many tasks it claimed."""
         async with self._connections.transaction() as session:
             async with self._claiming:
+                if self._swept_all:
+                    return 0
+                after = self._sweep_after
                 claim = await claim_polls(
-                    session, after=self._sweep_after, limit=self._page_size, settings=self._settings
+                    session, after=after, limit=self._page_size, settings=self._settings
                 )
                 full = len(claim.tasks) == self._page_size
                 self._sweep_after = max(task.pk for task in claim.tasks) if full else 0
+                self._swept_all = after == 0 and not full
             if not claim.tasks:
                 return 0
             claimed_at = time.monotonic()

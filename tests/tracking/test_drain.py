@@ -6,8 +6,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+import pytest
+from sqlalchemy import text
+
+from service.db import transaction
+from service.tracking import jobs
 from service.tracking.jobs import Poller
+from service.tracking.repository import Claim
 from tests.tracking.conftest import Tracking
 
 
@@ -73,3 +80,34 @@ async def test_a_failed_page_stops_replacing_workers(
     # The other worker polls what is due on its own, and the drain ends.
     assert polled == 6 * full
     assert poller.widths_after_failure == [1] * 6
+
+
+async def test_a_drain_with_nothing_due_reads_the_live_tasks_once(
+    tracking_factory: Callable[..., Awaitable[Tracking]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each claim that finds nothing reads every live task above its cursor: the other workers must
+    not each sweep the whole table again to find out the same."""
+    tracking = await tracking_factory(SUNOTRACK_POLL_BATCH_SIZE="5", SUNOTRACK_UPSTREAM_CONCURRENCY="8")
+    for n in range(50):
+        await tracking.register(f"idle-{n}")
+    async with transaction(tracking.sessions) as session:
+        await session.execute(text("UPDATE tasks SET next_poll_at = now() + interval '1 hour'"))
+    claims_from: list[int] = []
+    claim_polls = jobs.claim_polls
+
+    async def counted(*args: Any, after: int, **kwargs: Any) -> Claim:
+        claims_from.append(after)
+        return await claim_polls(*args, after=after, **kwargs)
+
+    monkeypatch.setattr(jobs, "claim_polls", counted)
+    poller = tracking.poller
+    assert poller.workers == 2
+
+    assert await poller.drain() == 0
+    assert claims_from == [0]
+
+    # A sweep that had stopped part-way ends where it was, then goes once over the rest.
+    poller._sweep_after = 25
+    claims_from.clear()
+    assert await poller.drain() == 0
+    assert claims_from == [25, 0]
