@@ -46,7 +46,7 @@ class Settings(BaseSettings):
         default=60.0, validation_alias="SUNOTRACK_POLL_MAX_INTERVAL_S"
     )
     poll_tick_s: PositiveSeconds = Field(default=0.5, validation_alias="SUNOTRACK_POLL_TICK_S")
-    poll_claim_size: int = Field(default=2000, ge=1, le=100_000, validation_alias="SUNOTRACK_POLL_CLAIM_SIZE")
+    poll_claim_size: int = Field(default=4000, ge=1, le=100_000, validation_alias="SUNOTRACK_POLL_CLAIM_SIZE")
     task_deadline_s: PositiveSeconds = Field(default=3600.0, validation_alias="SUNOTRACK_TASK_DEADLINE_S")
     lease_s: PositiveSeconds = Field(default=30.0, validation_alias="SUNOTRACK_LEASE_S")
     not_found_grace_s: float = Field(default=600.0, ge=0, validation_alias="SUNOTRACK_NOT_FOUND_GRACE_S")
