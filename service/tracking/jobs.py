@@ -107,18 +107,14 @@ class Poller:
     ) -> None:
         self._settings = settings
         self._drain_timeout_s = drain_timeout_s
-        # A page's transaction sits idle while the relay answers: single requests start within half a
-        # lease of the claim (_poll_single), and none takes longer than the upstream timeout.
-        self._connections = _Connections(engine, idle_s=settings.lease_s + settings.upstream_timeout_s)
         self._relay = relay
         # A page is several batch requests' worth of tasks, claimed and recorded together: per task,
         # fewer and larger statements and transactions cost Postgres, the driver and this process less
         # (measured on 20,000 unchanging tasks: pages of 16 batches polled about 10% more than pages
         # of 8, those 20-30% more than pages of 4). The workers' requests fill upstream_concurrency,
         # with two pages more: while those are being claimed or recorded, the others keep every
-        # request slot busy (their requests wait in the client for a slot, at most one round of
-        # others' requests, well within a page's idle limit above). The tasks they hold stay within
-        # poll_claim_size.
+        # request slot busy (their requests wait in the client for a slot, which the idle limit below
+        # allows for). The tasks they hold stay within poll_claim_size.
         requests_per_page = min(PAGE_REQUESTS, settings.upstream_concurrency)
         self._page_size = min(settings.poll_batch_size * requests_per_page, settings.poll_claim_size)
         # Each worker keeps a connection for the whole drain: at most the pool's steady size, leaving
@@ -132,6 +128,13 @@ class Poller:
             ),
         )
         self._single_slots = asyncio.Semaphore(settings.upstream_concurrency)
+        # A page's transaction sits idle while the relay answers. Single requests start within half a
+        # lease of the claim (_poll_single); a page's batch requests may queue behind the other pages'
+        # for a slot (a round per page ahead), and none takes longer than the upstream timeout once it
+        # has one.
+        rounds = -(-self.workers * requests_per_page // settings.upstream_concurrency)
+        self.idle_limit_s = settings.lease_s + settings.upstream_timeout_s * rounds
+        self._connections = _Connections(engine, idle_s=self.idle_limit_s)
         # Claims sweep the live tasks by id (repository._CLAIM): each page starts after the last id the
         # previous one took, and a short page ends the sweep (the next starts again from 0). One claim
         # at a time, so this process's workers take consecutive pages instead of walking past each

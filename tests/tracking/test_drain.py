@@ -111,3 +111,18 @@ async def test_a_drain_with_nothing_due_reads_the_live_tasks_once(
     claims_from.clear()
     assert await poller.drain() == 0
     assert claims_from == [25, 0]
+
+
+async def test_the_idle_limit_allows_for_each_round_of_requests_a_page_may_queue_behind(
+    tracking_factory: Callable[..., Awaitable[Tracking]],
+) -> None:
+    # 3 pages of 16 requests on 16 slots: the last page's requests may wait for two rounds of the others'.
+    tracking = await tracking_factory(
+        SUNOTRACK_LEASE_S="2", SUNOTRACK_UPSTREAM_TIMEOUT_S="1", SUNOTRACK_UPSTREAM_CONCURRENCY="16"
+    )
+    poller = tracking.poller
+    assert (poller.workers, poller.idle_limit_s) == (3, 2 + 3 * 1)
+
+    async with poller._connections.transaction() as session:
+        setting = "SELECT setting FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout'"
+        assert (await session.execute(text(setting))).scalar_one() == "5000"

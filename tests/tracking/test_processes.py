@@ -212,7 +212,8 @@ async def test_processes_share_the_work_and_survive_a_kill_and_a_hang(
     await asyncio.to_thread(victim.process.wait, 10)
 
     # Round 3: another one hangs (SIGSTOP) instead: Postgres ends its sessions once they have sat idle
-    # in their transactions for SUNOTRACK_LEASE_S + SUNOTRACK_UPSTREAM_TIMEOUT_S (3 s here).
+    # in their transactions for SUNOTRACK_LEASE_S plus SUNOTRACK_UPSTREAM_TIMEOUT_S for each round of
+    # requests a page may wait through (2 + 3 x 1 s here: Poller.idle_limit_s).
     await round_interrupted_by(signal.SIGSTOP, hung, [hung, survivor])
     statuses = await database.query("SELECT status, count(*) FROM tasks GROUP BY status")
     assert [tuple(row) for row in statuses] == [("complete", 3 * TASKS)]
