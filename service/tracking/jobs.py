@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -132,7 +133,7 @@ class Poller:
         # lease of the claim (_poll_single); a page's batch requests may queue behind the other pages'
         # for a slot (a round per page ahead), and none takes longer than the upstream timeout once it
         # has one.
-        rounds = -(-self.workers * requests_per_page // settings.upstream_concurrency)
+        rounds = math.ceil(self.workers * requests_per_page / settings.upstream_concurrency)
         self.idle_limit_s = settings.lease_s + settings.upstream_timeout_s * rounds
         self._connections = _Connections(engine, idle_s=self.idle_limit_s)
         # Claims sweep the live tasks by id (repository._CLAIM): each page starts after the last id the
@@ -141,9 +142,6 @@ class Poller:
         # other's locked rows (measured: 20% more polls than concurrent claims); a claim takes a few ms,
         # a page's relay requests several times that.
         self._sweep_after = 0
-        # Set when a sweep from the lowest id came back short, for the rest of the drain: every due task
-        # was claimed, so the other workers need not read the live tasks again to find that out.
-        self._swept_all = False
         self._claiming = asyncio.Lock()
         self._drain_task: asyncio.Task[int] | None = None
         self._stopping = False
@@ -183,11 +181,9 @@ class Poller:
     async def drain(self) -> int:
         """Poll everything due now; returns how many task polls were recorded."""
         started = time.perf_counter()
-        crew = _Crew(self.workers)
-        self._swept_all = False
         async with asyncio.TaskGroup() as group:
-            crew.group = group
-            crew.top_up(self._worker)
+            crew = _Crew(group, self._worker, self.workers)
+            crew.top_up()
         POLL_TICK.observe(time.perf_counter() - started)
         return crew.polled
 
@@ -195,7 +191,7 @@ class Poller:
         try:
             while not self._stopping:
                 try:
-                    claimed = await self._poll_page()
+                    claimed = await self._poll_page(crew)
                 except Exception:
                     # Rolled back: the page's tasks are due again, for the next tick. No more workers
                     # this drain: a failing database should not be hammered at the speed of a loop.
@@ -208,15 +204,15 @@ class Poller:
                 # A full page: more may be due than this worker alone can poll. A worker that found a
                 # short page (others held the rest at that moment) is replaced, so the drain keeps its
                 # width for as long as work keeps coming instead of narrowing to one worker.
-                crew.top_up(self._worker)
+                crew.top_up()
         finally:
             crew.active -= 1
 
-    async def _poll_page(self) -> int:
+    async def _poll_page(self, crew: _Crew) -> int:
         """Claim, poll and record one page in one transaction; returns how many tasks it claimed."""
         async with self._connections.transaction() as session:
             async with self._claiming:
-                if self._swept_all:
+                if crew.swept_all:
                     return 0
                 after = self._sweep_after
                 claim = await claim_polls(
@@ -224,7 +220,7 @@ class Poller:
                 )
                 full = len(claim.tasks) == self._page_size
                 self._sweep_after = max(task.pk for task in claim.tasks) if full else 0
-                self._swept_all = after == 0 and not full
+                crew.swept_all = after == 0 and not full
             if not claim.tasks:
                 return 0
             claimed_at = time.monotonic()
@@ -292,20 +288,25 @@ class Poller:
 
 
 class _Crew:
-    """A drain's workers: how many run, what they polled, and whether one failed."""
+    """A drain's workers: how many run, what they polled, whether one failed, and whether a sweep from
+    the lowest id came back short (every due task was claimed: the other workers need not read the
+    live tasks again to find that out)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(
+        self, group: asyncio.TaskGroup, worker: Callable[[_Crew], Coroutine[Any, Any, None]], size: int
+    ) -> None:
+        self._group = group
+        self._worker = worker
         self.size = size
         self.active = 0
         self.polled = 0
         self.failed = False
-        self.group: asyncio.TaskGroup | None = None
+        self.swept_all = False
 
-    def top_up(self, worker: Callable[[_Crew], Coroutine[Any, Any, None]]) -> None:
-        assert self.group is not None
-        while not self.failed and self.active < self.size:
+    def top_up(self) -> None:
+        while not self.failed and not self.swept_all and self.active < self.size:
             self.active += 1
-            self.group.create_task(worker(self))
+            self._group.create_task(self._worker(self))
 
 
 def _count_error(error: UpstreamError, *, tasks: int, task_id: str | None = None) -> None:

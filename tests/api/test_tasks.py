@@ -240,7 +240,7 @@ async def test_paging_a_filter_returns_every_live_and_finished_match_once_in_ord
         assert (await api.delete(f"/api/v1/tasks/{task_id}")).status_code == 200
 
     # Lyrics: t10 cancelled, t08 live, t06 and t04 cancelled, t02 live, t00 cancelled. Pages of any
-    # size cross between the finished and the live part of the listing.
+    # size cross between live and finished tasks.
     for limit in (1, 2, 3, 5):
         assert await list_task_ids(api, kind="lyrics", limit=limit) == [
             "t10", "t08", "t06", "t04", "t02", "t00",

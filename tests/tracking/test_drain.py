@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from service.db import transaction
 from service.tracking import jobs
-from service.tracking.jobs import Poller
+from service.tracking.jobs import Poller, _Crew
 from service.tracking.repository import Claim
 from tests.tracking.conftest import Tracking
 
@@ -30,7 +30,7 @@ class ScriptedPoller(Poller):
         self.widths_after_failure: list[int] = []
         self._seen_short = self._seen_failure = False
 
-    async def _poll_page(self) -> int:
+    async def _poll_page(self, crew: _Crew) -> int:
         self.in_flight += 1
         if self._seen_short:
             self.widths_after_short.append(self.in_flight)

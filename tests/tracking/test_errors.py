@@ -168,8 +168,8 @@ async def test_the_deadline_applies_while_the_relay_is_down(
 async def test_unchanged_answers_back_off_to_the_maximum_and_a_change_resets(
     tracking_factory: Callable[..., Awaitable[Tracking]], fake_relay: FakeRelay
 ) -> None:
-    # One request at a time: a drain then polls the task at most once (its other workers' claims find
-    # the task held), so the interval read is the one just set.
+    # One request at a time: a drain then polls the task at most once (its sweep from the lowest id
+    # comes back short, which ends the drain), so the interval read is the one just set.
     tracking = await tracking_factory(SUNOTRACK_UPSTREAM_CONCURRENCY="1")
     task_id = fake_relay.add_task(stages=["QUEUED", "IN_PROGRESS", "SUCCESS"], advance="manual")  # type: ignore[arg-type]
     await tracking.register(task_id)

@@ -94,8 +94,9 @@ def services(
             "SUNOTRACK_POLL_TICK_S": "0.05",
             "SUNOTRACK_LEASE_S": "2",
             "SUNOTRACK_UPSTREAM_TIMEOUT_S": "1",
-            # Pages of 40 (4 requests of 10): one process cannot claim every task of a round at once.
-            "SUNOTRACK_POLL_BATCH_SIZE": "10",
+            # Pages of 80 (16 requests of 5) on 3 workers: one process holds at most 240 of a round's
+            # tasks at once, so none can take a whole round alone.
+            "SUNOTRACK_POLL_BATCH_SIZE": "5",
             "SUNOTRACK_LOG_LEVEL": "warning",
         }
         for n in range(count):
