@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.upstream.schemas import Dialect
+
 DEFAULT_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
@@ -29,7 +31,7 @@ class Settings(BaseSettings):
 
     suno_base_url: str | None = Field(default=None, validation_alias="SUNO_BASE_URL")
     suno_api_key: SecretStr | None = Field(default=None, validation_alias="SUNO_API_KEY")
-    suno_api_dialect: Literal["fetch", "v1"] = Field(default="fetch", validation_alias="SUNO_API_DIALECT")
+    suno_api_dialect: Dialect = Field(default=Dialect.FETCH, validation_alias="SUNO_API_DIALECT")
     upstream_timeout_s: PositiveSeconds = Field(default=15.0, validation_alias="SUNOTRACK_UPSTREAM_TIMEOUT_S")
     upstream_concurrency: int = Field(
         default=16, ge=1, le=1024, validation_alias="SUNOTRACK_UPSTREAM_CONCURRENCY"

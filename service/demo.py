@@ -19,9 +19,9 @@ import uvicorn
 
 from service.app import create_app
 from service.config import Settings
-from service.models import TERMINAL
 from service.upstream.client import RelayClient
 from service.upstream.fake import Advance, FakeRelay
+from service.vocabulary import TERMINAL_STATUSES
 
 SAMPLES: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("music", "music", {"title": "Neon Harbor", "fake_lifecycle": "music_success"}),
@@ -130,7 +130,7 @@ async def watch(
                 else:
                     change = f"{event['from_status']} -> {event['to_status']}"
                 print(f"demo: {kinds[task_id]:6} {task_id}  {event['type']:10} {change}", flush=True)
-        if not announced_all_done and all(value in TERMINAL for value in status.values()):
+        if not announced_all_done and all(value in TERMINAL_STATUSES for value in status.values()):
             announced_all_done = True
             print("demo: all sample tasks finished; the service keeps running (Ctrl-C to stop)", flush=True)
         await asyncio.sleep(0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -25,24 +26,28 @@ from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.types import TIMESTAMP
 
 from service.db import Base
+from service.vocabulary import (
+    TERMINAL_STATUSES,
+    DeliveryStatus,
+    EventSource,
+    EventType,
+    NotifyFormat,
+    TaskKind,
+    TaskStatus,
+)
 
-STATUSES = ("submitted", "queued", "in_progress", "complete", "failed", "timed_out", "cancelled")
-TERMINAL = ("complete", "failed", "timed_out", "cancelled")
-KINDS = ("music", "lyrics", "stems")
-SOURCES = ("register", "poll", "callback", "api", "deadline")
-EVENT_TYPES = ("transition", "anomaly")
-DELIVERY_STATUSES = ("pending", "delivered", "failed", "dead")
-NOTIFY_FORMATS = ("sunotrack", "relay")
+# In declaration order, so the generated SQL is the same from run to run.
+_TERMINAL = tuple(status for status in TaskStatus if status in TERMINAL_STATUSES)
 
 
-def _one_of(column: str, values: tuple[str, ...], *, nullable: bool = False) -> str:
+def _one_of(column: str, values: Iterable[str], *, nullable: bool = False) -> str:
     allowed = ", ".join(f"'{value}'" for value in values)
     check = f"{column} IN ({allowed})"
     return f"{column} IS NULL OR {check}" if nullable else check
 
 
 # What the poller's claim and its index (ix_tasks_live) select: the tasks still being polled.
-LIVE = f"NOT ({_one_of('status', TERMINAL)})"
+LIVE = f"NOT ({_one_of('status', _TERMINAL)})"
 
 Timestamp = TIMESTAMP(timezone=True)
 
@@ -58,7 +63,7 @@ class Task(Base):
     progress: Mapped[int | None] = mapped_column(SmallInteger)
     fail_reason: Mapped[str | None] = mapped_column(Text)
     notify_hook: Mapped[str | None] = mapped_column(Text)
-    notify_format: Mapped[str] = mapped_column(Text, server_default="sunotrack")
+    notify_format: Mapped[str] = mapped_column(Text, server_default=NotifyFormat.SUNOTRACK.value)
     client_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB)
     last_payload: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     # Highest event seq handed out for this task; bumping it in the same UPDATE allocates seqs without max().
@@ -82,12 +87,12 @@ class Task(Base):
     snapshot_digest: Mapped[bytes | None] = mapped_column(LargeBinary)
 
     __table_args__ = (
-        CheckConstraint(_one_of("kind", KINDS), name="kind"),
-        CheckConstraint(_one_of("status", STATUSES), name="status"),
-        CheckConstraint(_one_of("notify_format", NOTIFY_FORMATS), name="notify_format"),
+        CheckConstraint(_one_of("kind", TaskKind), name="kind"),
+        CheckConstraint(_one_of("status", TaskStatus), name="status"),
+        CheckConstraint(_one_of("notify_format", NotifyFormat), name="notify_format"),
         # Polling keeps to this: a task is polled exactly while it is live.
         CheckConstraint(
-            f"(next_poll_at IS NULL) = ({_one_of('status', TERMINAL)})", name="polled_while_live"
+            f"(next_poll_at IS NULL) = ({_one_of('status', _TERMINAL)})", name="polled_while_live"
         ),
         # The poller's claim sweeps the live tasks by id (tracking.repository._CLAIM). No index names a
         # column a claim writes (next_poll_at and the poll counters), so the claim's update is HOT: the
@@ -120,7 +125,7 @@ class Clip(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
 
-    __table_args__ = (CheckConstraint(_one_of("status", STATUSES, nullable=True), name="status"),)
+    __table_args__ = (CheckConstraint(_one_of("status", TaskStatus, nullable=True), name="status"),)
 
 
 class TaskEvent(Base):
@@ -132,7 +137,7 @@ class TaskEvent(Base):
     task_pk: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
     seq: Mapped[int] = mapped_column(Integer)
     at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
-    type: Mapped[str] = mapped_column(Text, server_default="transition")
+    type: Mapped[str] = mapped_column(Text, server_default=EventType.TRANSITION.value)
     from_status: Mapped[str | None] = mapped_column(Text)
     to_status: Mapped[str] = mapped_column(Text)
     source: Mapped[str] = mapped_column(Text)
@@ -141,8 +146,8 @@ class TaskEvent(Base):
 
     __table_args__ = (
         UniqueConstraint("task_pk", "seq"),
-        CheckConstraint(_one_of("type", EVENT_TYPES), name="type"),
-        CheckConstraint(_one_of("source", SOURCES), name="source"),
+        CheckConstraint(_one_of("type", EventType), name="type"),
+        CheckConstraint(_one_of("source", EventSource), name="source"),
     )
 
 
@@ -158,7 +163,7 @@ class Delivery(Base):
     url: Mapped[str] = mapped_column(Text)
     # The exact bytes signed and sent, frozen at transition time so every retry carries the same body.
     body: Mapped[bytes] = mapped_column(LargeBinary)
-    status: Mapped[str] = mapped_column(Text, server_default="pending")
+    status: Mapped[str] = mapped_column(Text, server_default=DeliveryStatus.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     # Like tasks.next_poll_at: NULL once settled, pushed one lease ahead while a dispatcher holds it.
     next_attempt_at: Mapped[datetime | None] = mapped_column(Timestamp, server_default=func.now())
@@ -169,7 +174,7 @@ class Delivery(Base):
 
     __table_args__ = (
         UniqueConstraint("task_pk", "event_seq"),
-        CheckConstraint(_one_of("status", DELIVERY_STATUSES), name="status"),
+        CheckConstraint(_one_of("status", DeliveryStatus), name="status"),
         Index("ix_deliveries_due", "next_attempt_at", postgresql_where=text("next_attempt_at IS NOT NULL")),
         Index("ix_deliveries_status_id", "status", "id"),
     )

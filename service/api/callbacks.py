@@ -20,6 +20,7 @@ from service.metrics import CALLBACKS
 from service.tracking.service import record_snapshot
 from service.upstream.dialects import parse_callback
 from service.upstream.schemas import UpstreamError
+from service.vocabulary import EventSource
 
 
 @post(
@@ -42,7 +43,7 @@ async def relay_callback(
     except UpstreamError as exc:
         CALLBACKS.labels("malformed").inc()
         raise InvalidInput(f"body: not a relay task object ({exc.code}): {exc.message}") from None
-    if not await record_snapshot(session, snapshot, source="callback", settings=runtime.settings):
+    if not await record_snapshot(session, snapshot, source=EventSource.CALLBACK, settings=runtime.settings):
         # Acknowledged so the relay does not retry a task nobody asked us to track.
         CALLBACKS.labels("unknown_task").inc()
         return Response({"status": "ignored", "task_id": snapshot.task_id}, status_code=202)

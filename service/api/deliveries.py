@@ -12,17 +12,17 @@ from service.api.schemas import (
     DeliveryList,
     DeliveryOut,
     DeliveryPage,
-    DeliveryStatus,
     HookHostList,
     HookHostOut,
     decode_cursor,
     delivery_out,
     encode_cursor,
 )
+from service.vocabulary import DeliveryStatus
 from service.webhooks import service
 
 DeliveryIdPath = Annotated[int, PathParameter(description="The delivery's id", ge=1)]
-REQUEUE_STATUSES = ("failed", "dead")
+REQUEUE_STATUSES = (DeliveryStatus.FAILED, DeliveryStatus.DEAD)
 
 
 @get("/api/v1/tasks/{task_id:str}/deliveries", summary="A task's webhook deliveries with their attempt logs")
@@ -62,7 +62,7 @@ async def redeliver_task(
     ] = False,
 ) -> DeliveryList:
     task_pk = await service.task_pk_of(session, task_id)
-    statuses = ("pending", "delivered", *REQUEUE_STATUSES) if all_ else REQUEUE_STATUSES
+    statuses = tuple(DeliveryStatus) if all_ else REQUEUE_STATUSES
     requeued = await service.requeue(session, task_pk=task_pk, statuses=statuses)
     return DeliveryList(items=[delivery_out(delivery, task_id) for delivery in requeued])
 
@@ -75,7 +75,7 @@ async def redeliver_task(
 async def retry_delivery(delivery_id: DeliveryIdPath, session: DbSession) -> DeliveryOut:
     delivery, task_id = await service.get_delivery(session, delivery_id)
     # A pending delivery is already queued; sending it twice at once would only race its claim.
-    if delivery.status != "pending":
+    if delivery.status != DeliveryStatus.PENDING:
         requeued = await service.requeue(session, delivery_id=delivery_id, statuses=(delivery.status,))
         if requeued:
             delivery = requeued[0]

@@ -5,26 +5,24 @@ from __future__ import annotations
 import base64
 import binascii
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 
 from service.errors import InvalidInput
 from service.models import Clip, Delivery, DeliveryAttempt, Task, TaskEvent
+from service.vocabulary import NotifyFormat, TaskKind
 
 TaskIdStr = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
-KindStr = Literal["music", "lyrics", "stems"]
-DeliveryStatus = Literal["pending", "delivered", "failed", "dead"]
-StatusStr = Literal["submitted", "queued", "in_progress", "complete", "failed", "timed_out", "cancelled"]
 METADATA_MAX_BYTES = 16 * 1024
 HOOK_MAX_LENGTH = 2048
 
 
 class RegisterTask(msgspec.Struct, forbid_unknown_fields=True):
     task_id: TaskIdStr
-    kind: KindStr = "music"
+    kind: TaskKind = TaskKind.MUSIC
     notify_hook: Annotated[str, msgspec.Meta(min_length=1, max_length=HOOK_MAX_LENGTH)] | None = None
-    notify_format: Literal["sunotrack", "relay"] | None = None
+    notify_format: NotifyFormat | None = None
     metadata: dict[str, Any] | None = None
 
 

@@ -14,9 +14,7 @@ from service.api import AppRuntime, DbSession, TaskIdPath
 from service.api.schemas import (
     METADATA_MAX_BYTES,
     EventList,
-    KindStr,
     RegisterTask,
-    StatusStr,
     TaskOut,
     TaskPage,
     decode_cursor,
@@ -28,6 +26,7 @@ from service.errors import InvalidInput, NotFound
 from service.models import Task
 from service.tracking import repository
 from service.tracking.service import cancel_task, refresh_task, register_task
+from service.vocabulary import TaskKind, TaskStatus
 from service.webhooks.ssrf import check_hook_url
 
 
@@ -72,8 +71,8 @@ async def read_task(task_id: TaskIdPath, session: DbSession) -> TaskOut:
 @get("/api/v1/tasks", summary="Tasks, newest first, with keyset pagination")
 async def list_tasks(
     session: DbSession,
-    status: FromQuery[StatusStr | None] = None,
-    kind: FromQuery[KindStr | None] = None,
+    status: FromQuery[TaskStatus | None] = None,
+    kind: FromQuery[TaskKind | None] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, QueryParameter(max_length=64)] = None,
 ) -> TaskPage:

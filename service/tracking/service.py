@@ -25,16 +25,24 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.config import Settings
 from service.errors import Conflict, NotFound, UpstreamUnavailable
 from service.metrics import ANOMALIES, TRANSITIONS
-from service.models import TERMINAL, Task, TaskEvent
+from service.models import Task, TaskEvent
 from service.tracking import repository
 from service.tracking.repository import Claim, ClipState, EventRow, TaskState, UnchangedSchedule
 from service.upstream.client import RelayClient
-from service.upstream.schemas import STATUS_RANK, TaskSnapshot, TaskStatus, UpstreamError
+from service.upstream.schemas import TaskSnapshot, UpstreamError
+from service.vocabulary import (
+    STATUS_RANK,
+    TERMINAL_STATUSES,
+    EventSource,
+    EventType,
+    NotifyFormat,
+    TaskKind,
+    TaskStatus,
+)
 from service.webhooks.service import TransitionNotice, enqueue_deliveries
 
 log = structlog.get_logger()
 
-Source = Literal["poll", "callback", "api", "deadline"]
 Endpoint = Literal["batch", "single", "v1", "stems"]
 
 # Unchanged answers stretch the interval by this factor up to the maximum; a change resets it.
@@ -52,8 +60,8 @@ MISSING_ANOMALY_AFTER = 3
 MISSING_FROM_BATCH = "missing_from_batch"
 LAST_ERROR_MAX = 500
 
-_TERMINAL = frozenset(TERMINAL)
-_RANK = {str(status): rank for status, rank in STATUS_RANK.items()}
+_TERMINAL = TERMINAL_STATUSES
+_RANK: dict[str, int] = {str(status): rank for status, rank in STATUS_RANK.items()}
 
 
 def polls_singly(last_error: str | None) -> bool:
@@ -108,7 +116,7 @@ class _Recorder:
 
     # -- what the relay said ----------------------------------------------------------------------
 
-    def snapshot(self, state: TaskState, snapshot: TaskSnapshot, source: Source) -> bool:
+    def snapshot(self, state: TaskState, snapshot: TaskSnapshot, source: EventSource) -> bool:
         """Merge one relay answer; True when anything about the task changed."""
         state.snapshot_digest = snapshot_digest(snapshot)
         if state.status in _TERMINAL:
@@ -146,14 +154,14 @@ class _Recorder:
         for clip_id, before, after, raw in clip_moves:
             self._event(
                 state,
-                "transition",
+                EventType.TRANSITION,
                 before,
                 after,
                 source=source,
                 clip_id=clip_id,
                 detail=_upstream_detail(raw),
             )
-        if new_clip_ids and state.kind == "stems" and len(state.clips) > len(new_clip_ids):
+        if new_clip_ids and state.kind == TaskKind.STEMS and len(state.clips) > len(new_clip_ids):
             # Some relays start a new separation job per call: the first-seen stems stay the task's.
             self._anomaly(state, "new_stem_clips", source, clip_ids=new_clip_ids)
         if changed:
@@ -162,7 +170,7 @@ class _Recorder:
             self.dirty[state.pk] = state
         return changed
 
-    def _after_terminal(self, state: TaskState, snapshot: TaskSnapshot, source: Source) -> None:
+    def _after_terminal(self, state: TaskState, snapshot: TaskSnapshot, source: EventSource) -> None:
         """Terminal is for good; a later answer that disagrees is only worth noting, once."""
         if snapshot.raw_status == state.upstream_status:
             return
@@ -245,7 +253,7 @@ class _Recorder:
         changed = False
         error = result.error
         if result.snapshot is not None:
-            changed = self.snapshot(state, result.snapshot, "poll")
+            changed = self.snapshot(state, result.snapshot, EventSource.POLL)
             state.consecutive_errors = 0
             state.last_error = None
             if result.endpoint == "batch":
@@ -256,7 +264,7 @@ class _Recorder:
             state.missing_count += 1
             state.last_error = f"{MISSING_FROM_BATCH}: the relay's batch answer left the task out"
             if state.missing_count == MISSING_ANOMALY_AFTER:
-                self._anomaly(state, "missing_from_batch", "poll", times=state.missing_count)
+                self._anomaly(state, "missing_from_batch", EventSource.POLL, times=state.missing_count)
         self._check_deadline(state)
         if state.status in _TERMINAL:
             state.next_poll_at = None
@@ -289,7 +297,9 @@ class _Recorder:
             )
         )
         detail = {"reason": reason, "error": error.code}
-        self.transition(state, "failed", "poll", detail=detail, fail_reason=reason, relay_payload=None)
+        self.transition(
+            state, TaskStatus.FAILED, EventSource.POLL, detail=detail, fail_reason=reason, relay_payload=None
+        )
 
     def _check_deadline(self, state: TaskState) -> None:
         if state.status in _TERMINAL:
@@ -300,7 +310,12 @@ class _Recorder:
         reason = f"no terminal status within the deadline of {deadline_s:g} s since registration"
         self.logs.append(("task.timed_out", {"task_id": state.task_id, "deadline_s": deadline_s}))
         self.transition(
-            state, "timed_out", "deadline", detail={"reason": reason}, fail_reason=reason, relay_payload=None
+            state,
+            TaskStatus.TIMED_OUT,
+            EventSource.DEADLINE,
+            detail={"reason": reason},
+            fail_reason=reason,
+            relay_payload=None,
         )
 
     def _schedule(self, state: TaskState, *, error: UpstreamError | None, reset: bool) -> None:
@@ -330,7 +345,7 @@ class _Recorder:
         from_status: str | None,
         to_status: str,
         *,
-        source: Source,
+        source: EventSource,
         clip_id: str | None = None,
         detail: dict[str, Any] | None = None,
     ) -> int:
@@ -341,24 +356,29 @@ class _Recorder:
         self.dirty[state.pk] = state
         return state.last_seq
 
-    def _anomaly(self, state: TaskState, kind: str, source: Source, **detail: Any) -> None:
+    def _anomaly(self, state: TaskState, kind: str, source: EventSource, **detail: Any) -> None:
         self.logs.append(("task.anomaly", {"task_id": state.task_id, "anomaly": kind, **detail}))
         self._event(
-            state, "anomaly", state.status, state.status, source=source, detail={"anomaly": kind, **detail}
+            state,
+            EventType.ANOMALY,
+            state.status,
+            state.status,
+            source=source,
+            detail={"anomaly": kind, **detail},
         )
 
     def transition(
         self,
         state: TaskState,
         to_status: str,
-        source: Source,
+        source: EventSource,
         *,
         detail: dict[str, Any] | None,
         fail_reason: str | None,
         relay_payload: bytes | None,
     ) -> None:
         previous = state.status
-        seq = self._event(state, "transition", previous, to_status, source=source, detail=detail)
+        seq = self._event(state, EventType.TRANSITION, previous, to_status, source=source, detail=detail)
         state.status = to_status
         state.updated_at = self.now
         if fail_reason is not None:
@@ -394,7 +414,7 @@ class _Recorder:
         if self.notices:
             await enqueue_deliveries(session, self.notices)
         for event in self.events:
-            if event.type == "anomaly":
+            if event.type == EventType.ANOMALY:
                 ANOMALIES.labels(event.detail["anomaly"] if event.detail else "unknown").inc()
             elif event.clip_id is None:
                 TRANSITIONS.labels(event.source, event.to_status).inc()
@@ -492,7 +512,7 @@ async def record_polls(
 
 
 async def record_snapshot(
-    session: AsyncSession, snapshot: TaskSnapshot, *, source: Source, settings: Settings
+    session: AsyncSession, snapshot: TaskSnapshot, *, source: EventSource, settings: Settings
 ) -> bool:
     """Record one answer that did not come from the poller (relay callback, API refresh).
 
@@ -506,7 +526,7 @@ async def record_snapshot(
     recorder = _Recorder(now, settings)
     if recorder.snapshot(state, snapshot, source):
         state.poll_interval_s = settings.poll_min_interval_s
-    if source == "api":
+    if source == EventSource.API:
         recorder.dirty[state.pk] = state
         state.last_polled_at = now
         state.poll_count += 1
@@ -536,7 +556,7 @@ async def refresh_task(
             f"the relay did not answer usefully: {exc.message}",
             extra={"error_class": exc.error_class, "upstream_code": exc.code},
         ) from exc
-    await record_snapshot(session, snapshot, source="api", settings=settings)
+    await record_snapshot(session, snapshot, source=EventSource.API, settings=settings)
 
 
 async def cancel_task(session: AsyncSession, task_id: str, *, settings: Settings) -> None:
@@ -549,7 +569,7 @@ async def cancel_task(session: AsyncSession, task_id: str, *, settings: Settings
     if not states:
         raise NotFound(f"task {task_id!r} is not tracked", extra={"task_id": task_id})
     state = states[0]
-    if state.status == "cancelled":
+    if state.status == TaskStatus.CANCELLED:
         return
     if state.status in _TERMINAL:
         raise Conflict(
@@ -559,8 +579,8 @@ async def cancel_task(session: AsyncSession, task_id: str, *, settings: Settings
     recorder = _Recorder(now, settings)
     recorder.transition(
         state,
-        "cancelled",
-        "api",
+        TaskStatus.CANCELLED,
+        EventSource.API,
         detail={"reason": "cancelled through the API"},
         fail_reason=None,
         relay_payload=None,
@@ -587,9 +607,9 @@ async def register_task(
             .values(
                 task_id=task_id,
                 kind=kind,
-                status="submitted",
+                status=TaskStatus.SUBMITTED,
                 notify_hook=notify_hook,
-                notify_format=notify_format or "sunotrack",
+                notify_format=notify_format or NotifyFormat.SUNOTRACK,
                 client_metadata=metadata,
                 last_seq=1,
                 created_at=now,
@@ -609,10 +629,10 @@ async def register_task(
                 task_pk=created_pk,
                 seq=1,
                 at=now,
-                type="transition",
+                type=EventType.TRANSITION,
                 from_status=None,
-                to_status="submitted",
-                source="register",
+                to_status=TaskStatus.SUBMITTED,
+                source=EventSource.REGISTER,
             )
         )
         task = await repository.get_task(session, task_id)

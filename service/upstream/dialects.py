@@ -19,16 +19,15 @@ from typing import Any, NamedTuple, TypeVar
 import msgspec
 
 from service.upstream.schemas import (
-    STATUS_RANK,
     ClipSnapshot,
     Dialect,
     MalformedUpstreamError,
     PermanentUpstreamError,
     TaskSnapshot,
-    TaskStatus,
     TransientUpstreamError,
     UpstreamError,
 )
+from service.vocabulary import STATUS_RANK, TaskStatus
 
 __all__ = [
     "BatchParse",

@@ -33,7 +33,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from service.upstream.schemas import TaskKind
+from service.vocabulary import TaskKind
 
 __all__ = [
     "Advance",

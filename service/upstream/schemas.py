@@ -3,48 +3,12 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
 from datetime import datetime
-from types import MappingProxyType
 from typing import ClassVar
 
 import msgspec
 
-
-class TaskStatus(enum.StrEnum):
-    """Normalised status of a task, and of each of its clips."""
-
-    SUBMITTED = "submitted"
-    QUEUED = "queued"
-    IN_PROGRESS = "in_progress"
-    COMPLETE = "complete"
-    FAILED = "failed"
-    TIMED_OUT = "timed_out"
-    CANCELLED = "cancelled"
-
-
-TERMINAL_STATUSES: frozenset[TaskStatus] = frozenset(
-    {TaskStatus.COMPLETE, TaskStatus.FAILED, TaskStatus.TIMED_OUT, TaskStatus.CANCELLED}
-)
-
-# Terminal statuses share one rank: none of them is "more finished" than another.
-STATUS_RANK: Mapping[TaskStatus, int] = MappingProxyType(
-    {
-        TaskStatus.SUBMITTED: 0,
-        TaskStatus.QUEUED: 1,
-        TaskStatus.IN_PROGRESS: 2,
-        TaskStatus.COMPLETE: 3,
-        TaskStatus.FAILED: 3,
-        TaskStatus.TIMED_OUT: 3,
-        TaskStatus.CANCELLED: 3,
-    }
-)
-
-
-class TaskKind(enum.StrEnum):
-    MUSIC = "music"
-    LYRICS = "lyrics"
-    STEMS = "stems"
+from service.vocabulary import TaskStatus
 
 
 class Dialect(enum.StrEnum):

@@ -28,6 +28,7 @@ from yarl import URL
 from service.db import transaction
 from service.metrics import DELIVERY_ATTEMPTS, DELIVERY_LATENCY, HOSTS_PAUSED
 from service.runtime import Runtime
+from service.vocabulary import DeliveryStatus
 from service.webhooks.service import (
     CHANNEL,
     RESPONSE_BODY_LIMIT,
@@ -451,7 +452,11 @@ class Dispatcher:
         DELIVERY_LATENCY.observe(result.duration_ms / 1000)
         if result.ok:
             return
-        event = "webhooks.delivery_dead" if settlement.status == "dead" else "webhooks.attempt_failed"
+        event = (
+            "webhooks.delivery_dead"
+            if settlement.status == DeliveryStatus.DEAD
+            else "webhooks.attempt_failed"
+        )
         self._log.warning(
             event,
             delivery_id=delivery.id,

@@ -22,7 +22,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.errors import NotFound
-from service.models import TERMINAL, Delivery, DeliveryAttempt, HookHost, Task
+from service.models import Delivery, DeliveryAttempt, HookHost, Task
+from service.vocabulary import TERMINAL_STATUSES, DeliveryStatus
 from service.webhooks.ssrf import check_hook_url, hook_host
 
 __all__ = [
@@ -91,7 +92,7 @@ def _utc(moment: datetime) -> datetime:
 def _relay_object(notice: TransitionNotice) -> dict[str, Any]:
     """What the relay's fetch endpoint would return for this state, for transitions the relay never saw."""
     progress = notice.progress if notice.progress is not None else (100 if notice.status == "complete" else 0)
-    finished = int(_utc(notice.at).timestamp()) if notice.status in TERMINAL else None
+    finished = int(_utc(notice.at).timestamp()) if notice.status in TERMINAL_STATUSES else None
     return {
         "task_id": notice.task_id,
         "notify_hook": notice.notify_hook,
@@ -264,15 +265,15 @@ def settle(
 ) -> Settlement:
     """The delivery's state after this attempt: delivered, dead, or failed with its next attempt time."""
     if result.ok:
-        return Settlement("delivered", None)
+        return Settlement(DeliveryStatus.DELIVERED, None)
     attempt = delivery.attempts + 1
     if result.status_code == 410 or attempt > len(schedule):
-        return Settlement("dead", None)
+        return Settlement(DeliveryStatus.DEAD, None)
     delay = schedule[attempt - 1] * (1 + (rng or random).uniform(0, JITTER))
     if result.retry_after_s is not None:
         delay = max(delay, min(result.retry_after_s, RETRY_AFTER_CAP_S))
     finished = result.at + timedelta(milliseconds=result.duration_ms)
-    return Settlement("failed", finished + timedelta(seconds=delay))
+    return Settlement(DeliveryStatus.FAILED, finished + timedelta(seconds=delay))
 
 
 # One round trip: the claim, plus the (few) hosts the circuit breaker has tripped. hook_hosts only holds
@@ -572,7 +573,7 @@ async def requeue(
     query = (
         update(Delivery)
         .where(Delivery.status.in_(statuses))
-        .values(status="pending", attempts=0, next_attempt_at=func.now())
+        .values(status=DeliveryStatus.PENDING, attempts=0, next_attempt_at=func.now())
         .returning(Delivery)
         # The API may have loaded these rows already: refresh them from RETURNING.
         .execution_options(synchronize_session=False, populate_existing=True)

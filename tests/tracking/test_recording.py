@@ -22,7 +22,8 @@ from service.tracking.service import (
     record_snapshot,
 )
 from service.upstream.dialects import parse_callback
-from service.upstream.schemas import ClipSnapshot, TaskSnapshot, TaskStatus
+from service.upstream.schemas import ClipSnapshot, TaskSnapshot
+from service.vocabulary import TaskStatus
 from tests.conftest import wait_until
 from tests.tracking.conftest import Tracking
 from tests.tracking.test_lifecycles import clip_steps

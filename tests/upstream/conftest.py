@@ -9,7 +9,8 @@ import pytest
 
 from service.upstream.client import RelayClient
 from service.upstream.fake import FakeRelay
-from service.upstream.schemas import ClipSnapshot, TaskSnapshot, TaskStatus
+from service.upstream.schemas import ClipSnapshot, TaskSnapshot
+from service.vocabulary import TaskStatus
 
 FIXTURES = Path(__file__).parent / "fixtures"
 API_KEY = "sk-test-relay-key-0123456789"

@@ -17,10 +17,10 @@ from service.upstream.fake import FakeRelay, FaultKind
 from service.upstream.schemas import (
     MalformedUpstreamError,
     PermanentUpstreamError,
-    TaskStatus,
     TransientUpstreamError,
     UpstreamError,
 )
+from service.vocabulary import TaskStatus
 from tests.upstream.conftest import (
     API_KEY,
     STEMS_SOURCE_CLIP,

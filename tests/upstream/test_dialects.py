@@ -20,16 +20,14 @@ from service.upstream.dialects import (
     parse_v1,
 )
 from service.upstream.schemas import (
-    STATUS_RANK,
-    TERMINAL_STATUSES,
     ClipSnapshot,
     Dialect,
     MalformedUpstreamError,
     PermanentUpstreamError,
-    TaskStatus,
     TransientUpstreamError,
     UpstreamError,
 )
+from service.vocabulary import STATUS_RANK, TERMINAL_STATUSES, TaskStatus
 from tests.upstream.conftest import (
     STEMS_SOURCE_CLIP,
     expected_fetch_doc,

@@ -13,13 +13,8 @@ import pytest
 
 from service.upstream.client import RelayClient
 from service.upstream.fake import Advance, FakeRelay, FaultKind, Lifecycle, Stage
-from service.upstream.schemas import (
-    STATUS_RANK,
-    PermanentUpstreamError,
-    TaskSnapshot,
-    TaskStatus,
-    TransientUpstreamError,
-)
+from service.upstream.schemas import PermanentUpstreamError, TaskSnapshot, TransientUpstreamError
+from service.vocabulary import STATUS_RANK, TaskStatus
 from tests.conftest import wait_until
 from tests.upstream.conftest import API_KEY
 

@@ -23,7 +23,8 @@ from service.upstream.dialects import (
     parse_submit,
     parse_v1,
 )
-from service.upstream.schemas import TaskSnapshot, TaskStatus, TransientUpstreamError, UpstreamError
+from service.upstream.schemas import TaskSnapshot, TransientUpstreamError, UpstreamError
+from service.vocabulary import TaskStatus
 from tests.upstream.conftest import fixture_bytes
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
