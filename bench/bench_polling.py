@@ -40,6 +40,8 @@ from service.upstream.fake import Advance, FakeRelay, Lifecycle
 
 RELAY_KEY = "bench-relay-key"
 TIME_LIMIT_S = 300
+# The hook the steady tasks' relay answers name: adopted on their first poll, then the same each time.
+STEADY_HOOK = "https://orders.example.com/hooks/suno?order="
 TARGETS = {"polls": 5_000.0, "ratio": 0.5, "transitions": 2_000.0, "rss_mb": 300.0}
 
 
@@ -52,8 +54,11 @@ def run_relay(steady: list[str], changing: list[str], port_out: Any) -> None:
     async def serve() -> None:
         relay = FakeRelay(api_key=RELAY_KEY, record_windows=False)
         for task_id in steady:
-            # Streaming with both clips, as a real in-progress song: ~6.5 KB per task in a batch answer.
-            relay.add_task(task_id, stages=["IN_PROGRESS"], advance=Advance.MANUAL)
+            # Streaming with both clips, as a real in-progress song: ~6.5 KB per task in a batch answer,
+            # naming the notify_hook its client submitted it with (registered here without one).
+            relay.add_task(
+                task_id, stages=["IN_PROGRESS"], advance=Advance.MANUAL, notify_hook=STEADY_HOOK + task_id
+            )
         for task_id in changing:
             relay.add_task(task_id, Lifecycle.MUSIC_SUCCESS)
         await relay.start("127.0.0.1", 0)
@@ -145,6 +150,8 @@ async def run(
             SUNOTRACK_POLL_MAX_INTERVAL_S="0.001",
             SUNOTRACK_POLL_TICK_S="0.5",
             SUNOTRACK_LEASE_S="30",
+            # The relay's hooks are adopted without a DNS lookup (the bench has no resolver to ask).
+            SUNOTRACK_ALLOW_PRIVATE_HOOKS="true",
         )
         # The app's own resources (engine, HTTP session, relay client, started scheduler).
         async with open_runtime(settings) as runtime:

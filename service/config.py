@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     )
     webhook_sweep_s: PositiveSeconds = Field(default=1.0, validation_alias="SUNOTRACK_WEBHOOK_SWEEP_S")
     allow_private_hooks: bool = Field(default=False, validation_alias="SUNOTRACK_ALLOW_PRIVATE_HOOKS")
+    # `ignore` for relays that call their clients' hooks themselves.
+    relay_hooks: Literal["adopt", "ignore"] = Field(default="adopt", validation_alias="SUNOTRACK_RELAY_HOOKS")
     hook_breaker_failures: int = Field(default=20, ge=1, validation_alias="SUNOTRACK_HOOK_BREAKER_FAILURES")
     hook_breaker_pause_s: PositiveSeconds = Field(
         default=60.0, validation_alias="SUNOTRACK_HOOK_BREAKER_PAUSE_S"

@@ -31,6 +31,7 @@ from service.vocabulary import (
     DeliveryStatus,
     EventSource,
     EventType,
+    HookSource,
     NotifyFormat,
     TaskKind,
     TaskStatus,
@@ -63,7 +64,13 @@ class Task(Base):
     progress: Mapped[int | None] = mapped_column(SmallInteger)
     fail_reason: Mapped[str | None] = mapped_column(Text)
     notify_hook: Mapped[str | None] = mapped_column(Text)
-    notify_format: Mapped[str] = mapped_column(Text, server_default=NotifyFormat.SUNOTRACK.value)
+    # Who gave notify_hook: the registration (`client`, never replaced by the relay's) or a relay
+    # answer (`relay`, adopted). NULL while there is no hook.
+    notify_hook_source: Mapped[str | None] = mapped_column(Text)
+    # The last hook a relay answer named, adopted or refused: each new one is decided once.
+    relay_notify_hook: Mapped[str | None] = mapped_column(Text)
+    # NULL: the registration chose no format, so it follows the hook's source (webhooks.delivery_format).
+    notify_format: Mapped[str | None] = mapped_column(Text)
     client_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB)
     last_payload: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     # Highest event seq handed out for this task; bumping it in the same UPDATE allocates seqs without max().
@@ -89,7 +96,8 @@ class Task(Base):
     __table_args__ = (
         CheckConstraint(_one_of("kind", TaskKind), name="kind"),
         CheckConstraint(_one_of("status", TaskStatus), name="status"),
-        CheckConstraint(_one_of("notify_format", NotifyFormat), name="notify_format"),
+        CheckConstraint(_one_of("notify_format", NotifyFormat, nullable=True), name="notify_format"),
+        CheckConstraint(_one_of("notify_hook_source", HookSource, nullable=True), name="notify_hook_source"),
         # Polling keeps to this: a task is polled exactly while it is live.
         CheckConstraint(
             f"(next_poll_at IS NULL) = ({_one_of('status', _TERMINAL)})", name="polled_while_live"

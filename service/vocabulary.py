@@ -48,6 +48,13 @@ class NotifyFormat(enum.StrEnum):
     RELAY = "relay"
 
 
+class HookSource(enum.StrEnum):
+    """Who gave a task its notify_hook."""
+
+    CLIENT = "client"  # the registration: never replaced by the relay's
+    RELAY = "relay"  # a relay answer: adopted by a task registered without one
+
+
 class EventType(enum.StrEnum):
     TRANSITION = "transition"
     ANOMALY = "anomaly"

@@ -12,10 +12,11 @@ import msgspec
 from service.errors import InvalidInput
 from service.models import Clip, Delivery, DeliveryAttempt, Task, TaskEvent
 from service.vocabulary import NotifyFormat, TaskKind
+from service.webhooks.service import delivery_format
+from service.webhooks.ssrf import HOOK_MAX_LENGTH
 
 TaskIdStr = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
 METADATA_MAX_BYTES = 16 * 1024
-HOOK_MAX_LENGTH = 2048
 
 
 class RegisterTask(msgspec.Struct, forbid_unknown_fields=True):
@@ -55,6 +56,8 @@ class TaskOut(msgspec.Struct):
     next_poll_at: datetime | None
     poll_count: int
     last_error: str | None
+    # `client` (given at registration), `relay` (adopted from a relay answer) or None (no hook).
+    notify_hook_source: str | None
 
 
 class TaskPage(msgspec.Struct):
@@ -99,7 +102,7 @@ def task_out(task: Task, clips: list[Clip]) -> TaskOut:
         progress=task.progress,
         fail_reason=task.fail_reason,
         notify_hook=task.notify_hook,
-        notify_format=task.notify_format,
+        notify_format=delivery_format(task.notify_format, task.notify_hook_source),
         metadata=task.client_metadata,
         clips=[clip_out(clip) for clip in clips],
         created_at=task.created_at,
@@ -109,6 +112,7 @@ def task_out(task: Task, clips: list[Clip]) -> TaskOut:
         next_poll_at=task.next_poll_at,
         poll_count=task.poll_count,
         last_error=task.last_error,
+        notify_hook_source=task.notify_hook_source,
     )
 
 

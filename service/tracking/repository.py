@@ -68,7 +68,8 @@ async def list_events(session: AsyncSession, task_pk: int, *, after_seq: int = 0
 TASK_STATE_COLUMNS = (
     "id, task_id, kind, status, upstream_status, progress, fail_reason, last_seq, created_at, "
     "updated_at, finished_at, next_poll_at, poll_interval_s, last_polled_at, poll_count, "
-    "consecutive_errors, missing_count, last_error, notify_hook, notify_format, metadata, snapshot_digest"
+    "consecutive_errors, missing_count, last_error, notify_hook, notify_format, metadata, snapshot_digest, "
+    "notify_hook_source, relay_notify_hook"
 )
 
 
@@ -113,9 +114,11 @@ class TaskState:
     missing_count: int
     last_error: str | None
     notify_hook: str | None
-    notify_format: str
+    notify_format: str | None
     metadata: dict[str, Any] | None
     snapshot_digest: bytes | None
+    notify_hook_source: str | None
+    relay_notify_hook: str | None
     clips: list[ClipState] = field(default_factory=list)
     payload: bytes | None = None
 
@@ -309,12 +312,15 @@ _WRITE_PAGE = text(
             next_poll_at = v.next_poll_at, poll_interval_s = v.poll_interval_s,
             last_polled_at = v.last_polled_at, poll_count = v.poll_count,
             consecutive_errors = v.consecutive_errors, missing_count = v.missing_count,
-            last_error = v.last_error, snapshot_digest = decode(v.snapshot_digest, 'base64')
+            last_error = v.last_error, snapshot_digest = decode(v.snapshot_digest, 'base64'),
+            notify_hook = v.notify_hook, notify_hook_source = v.notify_hook_source,
+            relay_notify_hook = v.relay_notify_hook
         FROM json_to_recordset(CAST(:tasks AS json)) AS v(
             id bigint, status text, upstream_status text, progress smallint, fail_reason text, payload jsonb,
             last_seq integer, updated_at timestamptz, finished_at timestamptz, next_poll_at timestamptz,
             poll_interval_s float8, last_polled_at timestamptz, poll_count integer,
-            consecutive_errors integer, missing_count integer, last_error text, snapshot_digest text
+            consecutive_errors integer, missing_count integer, last_error text, snapshot_digest text,
+            notify_hook text, notify_hook_source text, relay_notify_hook text
         )
         WHERE t.id = v.id
     ),
@@ -382,6 +388,9 @@ async def write_page(
             "missing_count": s.missing_count,
             "last_error": s.last_error,
             "snapshot_digest": s.snapshot_digest,
+            "notify_hook": s.notify_hook,
+            "notify_hook_source": s.notify_hook_source,
+            "relay_notify_hook": s.relay_notify_hook,
         }
         for s in tasks
     ]

@@ -9,9 +9,10 @@ the same change twice.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, NamedTuple
@@ -35,11 +36,12 @@ from service.vocabulary import (
     TERMINAL_STATUSES,
     EventSource,
     EventType,
-    NotifyFormat,
+    HookSource,
     TaskKind,
     TaskStatus,
 )
-from service.webhooks.service import TransitionNotice, enqueue_deliveries
+from service.webhooks.service import TransitionNotice, delivery_format, enqueue_deliveries
+from service.webhooks.ssrf import hook_host, hook_refusal
 
 log = structlog.get_logger()
 
@@ -89,9 +91,35 @@ def snapshot_digest(snapshot: TaskSnapshot) -> bytes:
     nothing the second time, so a poll whose answer has the digest of the last one merged is
     recorded without comparing (or reading) anything."""
     encoded = _digest_encoder.encode(
-        (snapshot.raw_status, snapshot.status, snapshot.progress, snapshot.fail_reason, snapshot.clips)
+        (
+            snapshot.raw_status,
+            snapshot.status,
+            snapshot.progress,
+            snapshot.fail_reason,
+            snapshot.clips,
+            snapshot.notify_hook,
+        )
     )
     return hashlib.blake2b(encoded, digest_size=8).digest()
+
+
+def relay_hook_news(state: TaskState, snapshot: TaskSnapshot | None, settings: Settings) -> str | None:
+    """The hook a relay answer names, when it is one to decide about now: the task has no hook from
+    its registration, this is not the hook last decided, adopting is on, and it is not our own
+    callback route (a relay told to call us back reports that as the task's hook)."""
+    hook = None if snapshot is None else snapshot.notify_hook
+    if (
+        hook is None
+        or hook == state.relay_notify_hook
+        or state.notify_hook_source == HookSource.CLIENT
+        or state.status in _TERMINAL
+        or settings.relay_hooks == "ignore"
+    ):
+        return None
+    token = settings.callback_token
+    if token is not None and token.get_secret_value() in hook:
+        return None
+    return hook
 
 
 class PollResult(NamedTuple):
@@ -111,10 +139,49 @@ class _Recorder:
     clips: list[tuple[int, ClipState]] = field(default_factory=list)
     events: list[EventRow] = field(default_factory=list)
     notices: list[TransitionNotice] = field(default_factory=list)
+    # Why each relay hook about to be decided is refused (None: adopt it), from check_relay_hooks().
+    hook_refusals: dict[str, str | None] = field(default_factory=dict)
     # Logged once written.
     logs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     # -- what the relay said ----------------------------------------------------------------------
+
+    async def check_relay_hooks(self, answers: Iterable[tuple[TaskState, TaskSnapshot | None]]) -> None:
+        """Check the new relay hooks among these answers as a registered hook is checked (which may
+        resolve its host), before snapshot() decides about them. Rare: a task's hook is new once."""
+        hooks = {
+            hook for state, snapshot in answers if (hook := relay_hook_news(state, snapshot, self.settings))
+        }
+        allow_private = self.settings.allow_private_hooks
+        reasons = await asyncio.gather(*(hook_refusal(hook, allow_private=allow_private) for hook in hooks))
+        self.hook_refusals.update(zip(hooks, reasons, strict=True))
+
+    def _relay_hook(self, state: TaskState, snapshot: TaskSnapshot, source: EventSource) -> None:
+        """Adopt the hook a relay answer names for a task registered without one (or replace the one
+        adopted before), unless refused. Before the answer's transition: that one is delivered too."""
+        hook = relay_hook_news(state, snapshot, self.settings)
+        if hook is None:
+            return
+        state.relay_notify_hook = hook
+        self.dirty[state.pk] = state
+        refusal = self.hook_refusals[hook]
+        host = hook_host(hook)
+        if refusal is not None:
+            logged = {"host": host, "reason": refusal}
+            self._anomaly(
+                state, "relay_hook_refused", source, logged=logged, notify_hook=hook, reason=refusal
+            )
+            return
+        previous, state.notify_hook, state.notify_hook_source = state.notify_hook, hook, HookSource.RELAY
+        state.updated_at = self.now
+        if previous is None:
+            self.logs.append(("task.relay_hook_adopted", {"task_id": state.task_id, "host": host}))
+        elif previous != hook:
+            # The relay is the source of truth for the hooks it reports.
+            logged = {"host": host, "previous_host": hook_host(previous)}
+            self._anomaly(
+                state, "relay_hook_replaced", source, logged=logged, notify_hook=hook, previous=previous
+            )
 
     def snapshot(self, state: TaskState, snapshot: TaskSnapshot, source: EventSource) -> bool:
         """Merge one relay answer; True when anything about the task changed."""
@@ -122,6 +189,7 @@ class _Recorder:
         if state.status in _TERMINAL:
             self._after_terminal(state, snapshot, source)
             return False
+        self._relay_hook(state, snapshot, source)
         clip_moves, new_clip_ids, clip_news, clips_changed = self._merge_clips(state, snapshot)
         news = clip_news or snapshot.raw_status != state.upstream_status
         changed = clips_changed or news
@@ -356,8 +424,19 @@ class _Recorder:
         self.dirty[state.pk] = state
         return state.last_seq
 
-    def _anomaly(self, state: TaskState, kind: str, source: EventSource, **detail: Any) -> None:
-        self.logs.append(("task.anomaly", {"task_id": state.task_id, "anomaly": kind, **detail}))
+    def _anomaly(
+        self,
+        state: TaskState,
+        kind: str,
+        source: EventSource,
+        *,
+        logged: dict[str, Any] | None = None,
+        **detail: Any,
+    ) -> None:
+        """`logged`, when given, is what the log line says instead of `detail` (hook URLs may carry
+        their receivers' tokens: the event keeps them, the log only their hosts)."""
+        fields = detail if logged is None else logged
+        self.logs.append(("task.anomaly", {"task_id": state.task_id, "anomaly": kind, **fields}))
         self._event(
             state,
             EventType.ANOMALY,
@@ -401,7 +480,7 @@ class _Recorder:
                     metadata=state.metadata,
                     at=self.now,
                     notify_hook=state.notify_hook,
-                    notify_format=state.notify_format,
+                    notify_format=delivery_format(state.notify_format, state.notify_hook_source),
                     relay_payload=relay_payload,
                 )
             )
@@ -498,6 +577,7 @@ async def record_polls(
     # Already locked by this transaction: this reads them, with their clips.
     _, states = await repository.lock_task_states(session, pks=[*news, *unpolled])
     recorder = _Recorder(now, settings)
+    await recorder.check_relay_hooks((state, news[state.pk].snapshot) for state in states if state.pk in news)
     for state in states:
         # Undo what the claim wrote for an answer that changes nothing; the recorder schedules anew.
         state.poll_interval_s = claimed[state.pk].poll_interval_s
@@ -524,6 +604,7 @@ async def record_snapshot(
         return False
     state = states[0]
     recorder = _Recorder(now, settings)
+    await recorder.check_relay_hooks([(state, snapshot)])
     if recorder.snapshot(state, snapshot, source):
         state.poll_interval_s = settings.poll_min_interval_s
     if source == EventSource.API:
@@ -609,7 +690,8 @@ async def register_task(
                 kind=kind,
                 status=TaskStatus.SUBMITTED,
                 notify_hook=notify_hook,
-                notify_format=notify_format or NotifyFormat.SUNOTRACK,
+                notify_hook_source=None if notify_hook is None else HookSource.CLIENT,
+                notify_format=notify_format,
                 client_metadata=metadata,
                 last_seq=1,
                 created_at=now,
@@ -648,8 +730,10 @@ async def register_task(
             extra={"task_id": task_id, "kind": existing.kind},
         )
     changed = False
+    # A hook given at registration replaces one adopted from the relay, and the relay's never replaces it.
     for attribute, value in (
         ("notify_hook", notify_hook),
+        ("notify_hook_source", None if notify_hook is None else HookSource.CLIENT),
         ("notify_format", notify_format),
         ("client_metadata", metadata),
     ):

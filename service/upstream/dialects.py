@@ -105,8 +105,14 @@ _Number = float | str | None
 _Data = list[_Clip] | _Lyrics | None
 
 
+# The hook is only ever read as a string: any other JSON there (a relay's null, a number) is "none",
+# never a reason to reject the whole answer.
+_Hook = msgspec.Raw
+
+
 class _Task(msgspec.Struct):
     task_id: str
+    notify_hook: _Hook = msgspec.Raw()
     status: str | None = None
     fail_reason: str | None = None
     submit_time: _Number = None
@@ -119,6 +125,8 @@ class _Task(msgspec.Struct):
 class _CallbackTask(msgspec.Struct):
     task_id: str | None = None
     task_id_camel: str | None = msgspec.field(default=None, name="taskId")
+    notify_hook: _Hook = msgspec.Raw()
+    notify_hook_camel: _Hook = msgspec.field(default_factory=msgspec.Raw, name="notifyHook")
     status: str | None = None
     fail_reason: str | None = None
     fail_reason_camel: str | None = msgspec.field(default=None, name="failReason")
@@ -215,6 +223,7 @@ def _fetch_task(raw: bytes) -> TaskSnapshot:
         progress=task.progress,
         data=task.data,
         raw=raw,
+        notify_hook=_hook(task.notify_hook),
     )
 
 
@@ -314,6 +323,7 @@ def parse_callback(body: bytes) -> TaskSnapshot:
         progress=task.progress,
         data=task.data,
         raw=raw,
+        notify_hook=_hook(task.notify_hook) or _hook(task.notify_hook_camel),
     )
 
 
@@ -403,6 +413,7 @@ def _snapshot(
     progress: _Number,
     data: _Data,
     raw: bytes,
+    notify_hook: str | None,
 ) -> TaskSnapshot:
     clips: tuple[ClipSnapshot, ...] = ()
     lyrics = lyrics_status = None
@@ -425,6 +436,7 @@ def _snapshot(
         lyrics=lyrics,
         lyrics_status=lyrics_status,
         raw=raw,
+        notify_hook=notify_hook,
     )
 
 
@@ -442,6 +454,7 @@ def _finish(
     lyrics: str | None,
     lyrics_status: TaskStatus | None,
     raw: bytes,
+    notify_hook: str | None = None,
 ) -> TaskSnapshot:
     if not task_id:
         raise MalformedUpstreamError("bad_shape", "task without an id")
@@ -471,6 +484,7 @@ def _finish(
         clips=clips,
         lyrics=lyrics,
         raw=raw,
+        notify_hook=notify_hook,
     )
 
 
@@ -502,6 +516,16 @@ def _clip(clip: _Clip, fallback_id: str | None) -> ClipSnapshot:
         duration=duration,
         error=error,
     )
+
+
+def _hook(raw: msgspec.Raw) -> str | None:
+    if len(raw) <= 2:  # absent or ""
+        return None
+    try:
+        hook = _str.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    return hook.strip() or None
 
 
 def _task_status(raw: str | None) -> TaskStatus | None:

@@ -332,6 +332,10 @@ class FakeRelay:
     def advance(self, task_id: str, steps: int = 1) -> None:
         self._tasks[task_id].offset += steps
 
+    def set_notify_hook(self, task_id: str, notify_hook: str) -> None:
+        """Name another hook (or none: "") in the task's fetch answers from now on."""
+        self._tasks[task_id].values["notify_hook"] = _inner(notify_hook)
+
     def stage_of(self, task_id: str) -> Stage:
         task = self._tasks[task_id]
         return task.stages[task.stage_index(time.monotonic())]

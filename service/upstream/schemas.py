@@ -35,7 +35,8 @@ class TaskSnapshot(msgspec.Struct, frozen=True, kw_only=True):
 
     `status` is None when the relay gave no usable status and none could be derived from the clips:
     the caller keeps the previous status and records an anomaly. `raw` is the task object's JSON
-    exactly as received.
+    exactly as received. `notify_hook` is the hook the relay says the task was submitted with (None
+    when it names none).
     """
 
     task_id: str
@@ -49,6 +50,7 @@ class TaskSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     clips: tuple[ClipSnapshot, ...]
     lyrics: str | None
     raw: bytes
+    notify_hook: str | None = None
 
 
 class UpstreamError(Exception):

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.errors import NotFound
 from service.models import Delivery, DeliveryAttempt, HookHost, Task
-from service.vocabulary import TERMINAL_STATUSES, DeliveryStatus
+from service.vocabulary import TERMINAL_STATUSES, DeliveryStatus, HookSource, NotifyFormat
 from service.webhooks.ssrf import check_hook_url, hook_host
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "TransitionNotice",
     "build_body",
     "check_hook_url",
+    "delivery_format",
     "enqueue_deliveries",
 ]
 
@@ -83,6 +84,15 @@ class TransitionNotice:
     notify_hook: str
     notify_format: str
     relay_payload: bytes | None
+
+
+def delivery_format(chosen: str | None, hook_source: str | None) -> str:
+    """The body a task's webhooks carry: the format its registration chose, else the relay's own task
+    object for a hook adopted from the relay (that consumer was written for the relay's callback),
+    else ours."""
+    if chosen is not None:
+        return chosen
+    return NotifyFormat.RELAY if hook_source == HookSource.RELAY else NotifyFormat.SUNOTRACK
 
 
 def _utc(moment: datetime) -> datetime:

@@ -23,6 +23,7 @@ from service.errors import InvalidInput
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 RESOLVE_TIMEOUT_S = 5.0
+HOOK_MAX_LENGTH = 2048
 # RFC 6052 NAT64 prefix: an address in it reaches the embedded IPv4 address through the translator.
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
@@ -85,21 +86,27 @@ def hook_host(url: str) -> str:
         return ""
 
 
-async def check_hook_url(url: str, *, allow_private: bool) -> None:
-    """Registration-time check: an absolute http(s) URL whose host resolves only to public addresses.
+async def hook_refusal(url: str, *, allow_private: bool) -> str | None:
+    """Why `url` may not be a notify_hook, or None: it must be an absolute http(s) URL whose host
+    resolves only to public addresses (any address with `allow_private`). Registered hooks and hooks
+    adopted from the relay both pass here.
 
     Parsed with yarl, as aiohttp parses it at delivery, so both checks see the same host.
     """
+    if len(url) > HOOK_MAX_LENGTH:
+        return f"longer than {HOOK_MAX_LENGTH} characters"
     try:
         parsed = URL(url)
         port = parsed.port
     except ValueError as exc:
-        raise InvalidInput(f"notify_hook: not a valid URL ({exc})") from None
+        return f"not a valid URL ({exc})"
     host = parsed.raw_host
     if parsed.scheme not in ("http", "https") or not parsed.is_absolute() or not host:
-        raise InvalidInput("notify_hook: must be an absolute http:// or https:// URL")
-    if allow_private:
-        return
+        return "must be an absolute http:// or https:// URL"
+    return None if allow_private else await _address_refusal(host, port)
+
+
+async def _address_refusal(host: str, port: int | None) -> str | None:
     literal = parse_address(host)
     if literal is not None:
         addresses = [literal]
@@ -112,14 +119,18 @@ async def check_hook_url(url: str, *, allow_private: bool) -> None:
                 RESOLVE_TIMEOUT_S,
             )
         except (OSError, TimeoutError) as exc:
-            raise InvalidInput(f"notify_hook: host {host!r} does not resolve ({exc})") from None
+            return f"host {host!r} does not resolve ({exc})"
         addresses = [ip for info in infos if (ip := parse_address(str(info[4][0]).split("%")[0]))]
     for address in addresses:
         if reason := refusal_reason(address):
-            raise InvalidInput(
-                f"notify_hook: host {host!r} is not allowed: {reason}",
-                extra={"field": "notify_hook"},
-            )
+            return f"host {host!r} is not allowed: {reason}"
+    return None
+
+
+async def check_hook_url(url: str, *, allow_private: bool) -> None:
+    """Registration-time check (hook_refusal), refusing with a 400 that names the field."""
+    if reason := await hook_refusal(url, allow_private=allow_private):
+        raise InvalidInput(f"notify_hook: {reason}", extra={"field": "notify_hook"})
 
 
 class GuardedResolver(AbstractResolver):

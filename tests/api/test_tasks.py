@@ -10,7 +10,7 @@ import pytest
 TASK_KEYS = {
     "task_id", "kind", "status", "upstream_status", "progress", "fail_reason", "notify_hook",
     "notify_format", "metadata", "clips", "created_at", "updated_at", "finished_at",
-    "last_polled_at", "next_poll_at", "poll_count", "last_error",
+    "last_polled_at", "next_poll_at", "poll_count", "last_error", "notify_hook_source",
 }  # fmt: skip
 
 
@@ -52,6 +52,8 @@ async def test_registering_again_is_idempotent_and_updates_the_hook(
 
     assert (first.status_code, again.status_code, other_kind.status_code) == (201, 200, 409)
     assert again.json()["notify_hook"] == "http://127.0.0.1:9/hook"
+    assert (first.json()["notify_hook_source"], again.json()["notify_hook_source"]) == (None, "client")
+    assert (first.json()["notify_format"], again.json()["notify_format"]) == ("sunotrack", "sunotrack")
     assert "lyrics" in other_kind.json()["detail"]
     assert len(await db_rows(database_url, "SELECT 1 FROM task_events")) == 1
 

@@ -482,3 +482,42 @@ def test_a_task_needs_an_id() -> None:
     with pytest.raises(MalformedUpstreamError):
         parse_fetch(fetch_body(task(task_id="")))
     assert parse_fetch_batch(dumps({"code": "success", "data": [task(task_id="")]})).snapshots == []
+
+
+@pytest.mark.parametrize(
+    ("hook", "expected"),
+    [
+        ("https://backend.example/hook?order=7", "https://backend.example/hook?order=7"),
+        (" https://backend.example/hook ", "https://backend.example/hook"),
+        ("", None),
+        ("   ", None),
+        (None, None),
+        (42, None),
+        ({"url": "https://backend.example/hook"}, None),
+    ],
+)
+def test_the_notify_hook_the_relay_names_is_read_and_nothing_else_spoils_the_answer(
+    hook: Any, expected: str | None
+) -> None:
+    body = fetch_body(task(notify_hook=hook))
+    batch = dumps({"code": "success", "data": [task(notify_hook=hook)]})
+
+    assert parse_fetch(body).notify_hook == expected
+    assert [s.notify_hook for s in parse_fetch_batch(batch).snapshots] == [expected]
+    assert parse_fetch(body).status is S.COMPLETE
+
+
+def test_a_callback_names_its_hook_in_either_case() -> None:
+    snake = parse_callback(dumps(task(notify_hook="https://backend.example/a")))
+    camel = parse_callback(
+        dumps({"taskId": "t1", "notifyHook": "https://backend.example/b", "status": "QUEUED"})
+    )
+    enveloped = parse_callback(fetch_body(task(notify_hook="https://backend.example/c")))
+    without = parse_callback(dumps({"taskId": "t1", "status": "QUEUED"}))
+
+    assert [s.notify_hook for s in (snake, camel, enveloped, without)] == [
+        "https://backend.example/a",
+        "https://backend.example/b",
+        "https://backend.example/c",
+        None,
+    ]
