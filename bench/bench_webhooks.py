@@ -35,6 +35,7 @@ from service.models import Delivery, Task
 from service.runtime import open_runtime
 from service.webhooks.jobs import start_dispatcher
 from service.webhooks.service import (
+    ClipView,
     TransitionNotice,
     enqueue_deliveries,
     secret_keys,
@@ -106,16 +107,12 @@ def transition(task_pk: int, task_id: str, seq: int, hook: str) -> TransitionNot
         progress=seq % 100,
         fail_reason=None,
         clips=[
-            {
-                "id": f"{task_id}-clip-{n}",
-                "status": "in_progress",
-                "title": "Benchmark song",
-                "audio_url": f"https://cdn.example/{task_id}-{n}.mp3",
-                "image_url": None,
-                "video_url": None,
-                "duration": None,
-                "error": None,
-            }
+            ClipView(
+                id=f"{task_id}-clip-{n}",
+                status="in_progress",
+                title="Benchmark song",
+                audio_url=f"https://cdn.example/{task_id}-{n}.mp3",
+            )
             for n in range(2)
         ],
         metadata={"order": seq},

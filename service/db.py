@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import operator
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import MetaData
+from sqlalchemy import Column, LargeBinary, MetaData, Table
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 
@@ -97,3 +99,41 @@ async def migrate(engine: AsyncEngine) -> None:
         await connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
         await connection.run_sync(upgrade)
     log.info("db.migrated")
+
+
+# --- rows read and written by name --------------------------------------------------------------------
+
+_Shape = TypeVar("_Shape")
+
+
+def rows_as(keys: Sequence[str], rows: Iterable[Sequence[Any]], shape: type[_Shape]) -> list[_Shape]:
+    """Each row as `shape` (a NamedTuple of two fields or more), every field filled from the column of
+    its name. The positions are looked up once per result, so this costs what `shape._make(row)` does,
+    and a statement whose columns move or lose a name fails here instead of swapping data silently."""
+    fields: tuple[str, ...] = shape._fields  # type: ignore[attr-defined]
+    make: Callable[[Any], _Shape] = shape._make  # type: ignore[attr-defined]
+    missing = [name for name in fields if name not in keys]
+    if missing:
+        raise LookupError(f"{shape.__name__}: the result has no column {', '.join(missing)}")
+    pick = operator.itemgetter(*(list(keys).index(name) for name in fields))
+    return [make(pick(row)) for row in rows]
+
+
+def sql_type(column: Column[Any]) -> str:
+    return str(column.type.compile(dialect=postgresql.dialect()))  # type: ignore[no-untyped-call]
+
+
+def recordset(table: Table, names: Sequence[str]) -> str:
+    """The column definitions of `json_to_recordset(...) AS x(...)` for these columns of `table`.
+    bytea travels in JSON as base64 text (msgspec's encoding of bytes): see `recordset_value`."""
+    return ", ".join(
+        f"{name} text" if isinstance(table.c[name].type, LargeBinary) else f"{name} {sql_type(table.c[name])}"
+        for name in names
+    )
+
+
+def recordset_value(table: Table, name: str, alias: str) -> str:
+    """A recordset column as the table stores it."""
+    if isinstance(table.c[name].type, LargeBinary):
+        return f"decode({alias}.{name}, 'base64')"
+    return f"{alias}.{name}"

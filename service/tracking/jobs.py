@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from service.config import Settings
 from service.metrics import CLAIM_LAG, POLL_TICK, POLLS, UPSTREAM_ERRORS
 from service.runtime import Runtime
-from service.tracking.repository import Claim, ClaimedTask
+from service.tracking.repository import ClaimedTask, PollClaim
 from service.tracking.service import (
     Endpoint,
     PollResult,
@@ -219,12 +219,12 @@ class Poller:
                     session, after=after, limit=self._page_size, settings=self._settings
                 )
                 full = len(claim.tasks) == self._page_size
-                self._sweep_after = max(task.pk for task in claim.tasks) if full else 0
+                self._sweep_after = max(task.id for task in claim.tasks) if full else 0
                 crew.swept_all = after == 0 and not full
             if not claim.tasks:
                 return 0
             claimed_at = time.monotonic()
-            CLAIM_LAG.observe_many(claim.lags_s)
+            CLAIM_LAG.observe_many([task.lag_s for task in claim.tasks])
             results = await self._fetch(claim, claimed_at)
             # The database's clock, read by the claim, carried forward: every process schedules by
             # that one clock.
@@ -233,7 +233,7 @@ class Poller:
                 await session.execute(DURABLE)
         return len(claim.tasks)
 
-    async def _fetch(self, claim: Claim, claimed_at: float) -> list[PollResult]:
+    async def _fetch(self, claim: PollClaim, claimed_at: float) -> list[PollResult]:
         batches: defaultdict[str, list[ClaimedTask]] = defaultdict(list)
         singles: list[ClaimedTask] = []
         for task in claim.tasks:
@@ -261,7 +261,7 @@ class Poller:
         for task in tasks:
             snapshot = answer.snapshots.get(task.task_id)
             error = answer.errors.get(task.task_id) if snapshot is None else None
-            results.append(PollResult(task.pk, "batch", snapshot, error))
+            results.append(PollResult(task.id, "batch", snapshot, error))
         return results
 
     async def _poll_single(self, task: ClaimedTask, claimed_at: float) -> list[PollResult]:
@@ -284,7 +284,7 @@ class Poller:
                 _count_error(exc, tasks=1, task_id=task.task_id)
             else:
                 POLLS.labels(endpoint).inc()
-        return [PollResult(task.pk, endpoint, snapshot, error)]
+        return [PollResult(task.id, endpoint, snapshot, error)]
 
 
 class _Crew:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import operator
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,9 +29,16 @@ from service.errors import Conflict, NotFound, UpstreamUnavailable
 from service.metrics import ANOMALIES, TRANSITIONS
 from service.models import Task, TaskEvent
 from service.tracking import repository
-from service.tracking.repository import Claim, ClipState, EventRow, TaskState, UnchangedSchedule
+from service.tracking.repository import (
+    ClipState,
+    EventRow,
+    PollClaim,
+    TaskState,
+    UnchangedSchedule,
+    relay_json,
+)
 from service.upstream.client import RelayClient
-from service.upstream.schemas import TaskSnapshot, UpstreamError
+from service.upstream.schemas import ClipContent, TaskSnapshot, UpstreamError
 from service.vocabulary import (
     STATUS_RANK,
     TERMINAL_STATUSES,
@@ -40,7 +48,7 @@ from service.vocabulary import (
     TaskKind,
     TaskStatus,
 )
-from service.webhooks.service import TransitionNotice, delivery_format, enqueue_deliveries
+from service.webhooks.service import ClipView, TransitionNotice, delivery_format, enqueue_deliveries
 from service.webhooks.ssrf import hook_host, hook_refusal
 
 log = structlog.get_logger()
@@ -63,6 +71,8 @@ MISSING_FROM_BATCH = "missing_from_batch"
 LAST_ERROR_MAX = 500
 
 _TERMINAL = TERMINAL_STATUSES
+_CLIP_CONTENT = ClipContent.__struct_fields__
+_clip_content = operator.attrgetter(*_CLIP_CONTENT)
 _RANK: dict[str, int] = {str(status): rank for status, rank in STATUS_RANK.items()}
 
 
@@ -125,7 +135,7 @@ def relay_hook_news(state: TaskState, snapshot: TaskSnapshot | None, settings: S
 class PollResult(NamedTuple):
     """What one poll of one claimed task produced: a snapshot, an error, or absence from a batch."""
 
-    pk: int
+    task_pk: int
     endpoint: Endpoint
     snapshot: TaskSnapshot | None = None
     error: UpstreamError | None = None
@@ -136,7 +146,7 @@ class _Recorder:
     now: datetime
     settings: Settings
     dirty: dict[int, TaskState] = field(default_factory=dict)
-    clips: list[tuple[int, ClipState]] = field(default_factory=list)
+    clips: dict[tuple[int, str], ClipState] = field(default_factory=dict)
     events: list[EventRow] = field(default_factory=list)
     notices: list[TransitionNotice] = field(default_factory=list)
     # Why each relay hook about to be decided is refused (None: adopt it), from check_relay_hooks().
@@ -163,7 +173,7 @@ class _Recorder:
         if hook is None:
             return
         state.relay_notify_hook = hook
-        self.dirty[state.pk] = state
+        self.dirty[state.id] = state
         refusal = self.hook_refusals[hook]
         host = hook_host(hook)
         if refusal is not None:
@@ -233,9 +243,9 @@ class _Recorder:
             # Some relays start a new separation job per call: the first-seen stems stay the task's.
             self._anomaly(state, "new_stem_clips", source, clip_ids=new_clip_ids)
         if changed:
-            state.payload = snapshot.raw
+            state.last_payload = relay_json(snapshot.raw)
             state.updated_at = self.now
-            self.dirty[state.pk] = state
+            self.dirty[state.id] = state
         return changed
 
     def _after_terminal(self, state: TaskState, snapshot: TaskSnapshot, source: EventSource) -> None:
@@ -243,7 +253,7 @@ class _Recorder:
         if snapshot.raw_status == state.upstream_status:
             return
         state.upstream_status = snapshot.raw_status
-        self.dirty[state.pk] = state
+        self.dirty[state.id] = state
         reported = snapshot.status
         if reported is not None and reported != state.status:
             kind = "regression" if _RANK[reported] < _RANK[state.status] else "after_terminal"
@@ -262,9 +272,13 @@ class _Recorder:
             clip = stored.get(seen.id)
             if clip is None:
                 clip = ClipState(
-                    seen.id, len(state.clips), status, seen.raw_status, seen.title, seen.audio_url,
-                    seen.image_url, seen.video_url, seen.duration, seen.error,
-                )  # fmt: skip
+                    task_pk=state.id,
+                    clip_id=seen.id,
+                    position=len(state.clips),
+                    status=status,
+                    upstream_status=seen.raw_status,
+                    **{name: getattr(seen, name) for name in _CLIP_CONTENT},
+                )
                 state.clips.append(clip)
                 stored[seen.id] = clip
                 new_ids.append(seen.id)
@@ -276,12 +290,7 @@ class _Recorder:
             if (
                 seen.raw_status == clip.upstream_status
                 and status == clip.status
-                and seen.audio_url == clip.audio_url
-                and seen.title == clip.title
-                and seen.image_url == clip.image_url
-                and seen.video_url == clip.video_url
-                and seen.duration == clip.duration
-                and seen.error == clip.error
+                and _clip_content(seen) == _clip_content(clip)
             ):
                 continue  # the common answer: nothing new about this clip
             touched = False
@@ -294,7 +303,7 @@ class _Recorder:
                 moves.append((seen.id, clip.status, status, seen.raw_status))
                 clip.status = status
                 touched = True
-            for name in ("title", "audio_url", "image_url", "video_url", "duration", "error"):
+            for name in _CLIP_CONTENT:
                 value = getattr(seen, name)
                 if value is not None and value != getattr(clip, name):
                     setattr(clip, name, value)
@@ -306,9 +315,7 @@ class _Recorder:
 
     def _clip_dirty(self, state: TaskState, clip: ClipState) -> None:
         clip.updated_at = self.now
-        if not clip.dirty:
-            clip.dirty = True
-            self.clips.append((state.pk, clip))
+        self.clips[state.id, clip.clip_id] = clip
 
     # -- what the poller saw ----------------------------------------------------------------------
 
@@ -338,7 +345,7 @@ class _Recorder:
             state.next_poll_at = None
         else:
             self._schedule(state, error=error, reset=changed or had_errors)
-        self.dirty[state.pk] = state
+        self.dirty[state.id] = state
 
     def _error(self, state: TaskState, error: UpstreamError) -> None:
         same = state.last_error is not None and state.last_error.partition(":")[0] == error.code
@@ -419,9 +426,19 @@ class _Recorder:
     ) -> int:
         state.last_seq += 1
         self.events.append(
-            EventRow(state.pk, state.last_seq, type_, from_status, to_status, clip_id, detail, source)
+            EventRow(
+                task_pk=state.id,
+                seq=state.last_seq,
+                at=self.now,
+                type=type_,
+                from_status=from_status,
+                to_status=to_status,
+                source=source,
+                clip_id=clip_id,
+                detail=detail,
+            )
         )
-        self.dirty[state.pk] = state
+        self.dirty[state.id] = state
         return state.last_seq
 
     def _anomaly(
@@ -468,7 +485,7 @@ class _Recorder:
         if state.notify_hook is not None:
             self.notices.append(
                 TransitionNotice(
-                    task_pk=state.pk,
+                    task_pk=state.id,
                     task_id=state.task_id,
                     kind=state.kind,
                     seq=seq,
@@ -476,7 +493,7 @@ class _Recorder:
                     previous_status=previous,
                     progress=state.progress,
                     fail_reason=state.fail_reason,
-                    clips=[_clip_json(clip) for clip in state.clips],
+                    clips=[_clip_view(clip) for clip in state.clips],
                     metadata=state.metadata,
                     at=self.now,
                     notify_hook=state.notify_hook,
@@ -489,7 +506,9 @@ class _Recorder:
         """Write everything, in the transaction that read the rows under lock."""
         if not self.dirty:
             return
-        await repository.write_page(session, list(self.dirty.values()), self.clips, self.events, at=self.now)
+        await repository.write_page(
+            session, list(self.dirty.values()), list(self.clips.values()), self.events
+        )
         if self.notices:
             await enqueue_deliveries(session, self.notices)
         for event in self.events:
@@ -513,23 +532,16 @@ def _upstream_detail(raw_status: str | None) -> dict[str, Any] | None:
     return None if raw_status is None else {"upstream_status": raw_status}
 
 
-def _clip_json(clip: ClipState) -> dict[str, Any]:
-    return {
-        "id": clip.clip_id,
-        "status": clip.status,
-        "title": clip.title,
-        "audio_url": clip.audio_url,
-        "image_url": clip.image_url,
-        "video_url": clip.video_url,
-        "duration": clip.duration,
-        "error": clip.error,
-    }
+def _clip_view(clip: ClipState) -> ClipView:
+    return ClipView(
+        id=clip.clip_id, status=clip.status, **dict(zip(_CLIP_CONTENT, _clip_content(clip), strict=True))
+    )
 
 
 # -- entry points -----------------------------------------------------------------------------------
 
 
-async def claim_polls(session: AsyncSession, *, after: int = 0, limit: int, settings: Settings) -> Claim:
+async def claim_polls(session: AsyncSession, *, after: int = 0, limit: int, settings: Settings) -> PollClaim:
     """Lock up to `limit` due tasks with ids above `after` for polling, in the session's transaction: the
     caller keeps it open until record_polls() has recorded the answers. Each row is already scheduled
     as if its answer will change nothing (see repository._CLAIM): the backoff of _Recorder._schedule()
@@ -541,12 +553,12 @@ async def claim_polls(session: AsyncSession, *, after: int = 0, limit: int, sett
         jitter=JITTER,
         deadline_s=settings.task_deadline_s,
     )
-    return await repository.claim_due(session, after=after, limit=limit, schedule=schedule)
+    return await repository.claim_due_tasks(session, after=after, limit=limit, schedule=schedule)
 
 
 async def record_polls(
     session: AsyncSession,
-    claim: Claim,
+    claim: PollClaim,
     results: Sequence[PollResult],
     *,
     settings: Settings,
@@ -559,10 +571,10 @@ async def record_polls(
     claim wrote its schedule. The others are compared with the stored state and recorded in full.
     Tasks claimed but not polled are made due again.
     """
-    claimed = {task.pk: task for task in claim.tasks}
+    claimed = {task.id: task for task in claim.tasks}
     news: dict[int, PollResult] = {}
     for result in results:
-        task = claimed[result.pk]
+        task = claimed[result.task_pk]
         snapshot = result.snapshot
         if not (
             task.quiet
@@ -570,23 +582,23 @@ async def record_polls(
             and task.snapshot_digest is not None
             and task.snapshot_digest == snapshot_digest(snapshot)
         ):
-            news[task.pk] = result
-    unpolled = claimed.keys() - {result.pk for result in results}
+            news[task.id] = result
+    unpolled = claimed.keys() - {result.task_pk for result in results}
     if not news and not unpolled:
         return False
     # Already locked by this transaction: this reads them, with their clips.
     _, states = await repository.lock_task_states(session, pks=[*news, *unpolled])
     recorder = _Recorder(now, settings)
-    await recorder.check_relay_hooks((state, news[state.pk].snapshot) for state in states if state.pk in news)
+    await recorder.check_relay_hooks((state, news[state.id].snapshot) for state in states if state.id in news)
     for state in states:
         # Undo what the claim wrote for an answer that changes nothing; the recorder schedules anew.
-        state.poll_interval_s = claimed[state.pk].poll_interval_s
+        state.poll_interval_s = claimed[state.id].poll_interval_s
         state.poll_count -= 1
-        if state.pk in news:
-            recorder.poll(state, news[state.pk])
+        if state.id in news:
+            recorder.poll(state, news[state.id])
         else:
             state.next_poll_at = now  # and last_polled_at says when it was claimed
-            recorder.dirty[state.pk] = state
+            recorder.dirty[state.id] = state
     await recorder.flush(session)
     return True
 
@@ -608,7 +620,7 @@ async def record_snapshot(
     if recorder.snapshot(state, snapshot, source):
         state.poll_interval_s = settings.poll_min_interval_s
     if source == EventSource.API:
-        recorder.dirty[state.pk] = state
+        recorder.dirty[state.id] = state
         state.last_polled_at = now
         state.poll_count += 1
         state.consecutive_errors = 0

@@ -18,16 +18,22 @@ class Dialect(enum.StrEnum):
     V1 = "v1"
 
 
-class ClipSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+class ClipContent(msgspec.Struct, kw_only=True):
+    """What a clip says about itself. Declared here once: the parsed answer (ClipSnapshot), the stored
+    row (tracking.repository.ClipState, the clips table), the task JSON and the webhook bodies carry it."""
+
+    title: str | None = None
+    audio_url: str | None = None
+    image_url: str | None = None
+    video_url: str | None = None
+    duration: float | None = None
+    error: str | None = None
+
+
+class ClipSnapshot(ClipContent, kw_only=True):
     id: str
     status: TaskStatus | None
     raw_status: str | None
-    title: str | None
-    audio_url: str | None
-    image_url: str | None
-    video_url: str | None
-    duration: float | None
-    error: str | None
 
 
 class TaskSnapshot(msgspec.Struct, frozen=True, kw_only=True):

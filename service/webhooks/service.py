@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.errors import NotFound
 from service.models import Delivery, DeliveryAttempt, HookHost, Task
+from service.upstream.schemas import ClipContent
 from service.vocabulary import TERMINAL_STATUSES, DeliveryStatus, HookSource, NotifyFormat
 from service.webhooks.ssrf import check_hook_url, hook_host
 
@@ -68,6 +69,13 @@ _RELAY_CLIP_STATUS = {
 }
 
 
+class ClipView(ClipContent, kw_only=True):
+    """A clip as the task JSON shows it."""
+
+    id: str
+    status: str | None
+
+
 @dataclass(frozen=True, slots=True)
 class TransitionNotice:
     task_pk: int
@@ -78,7 +86,7 @@ class TransitionNotice:
     previous_status: str | None
     progress: int | None
     fail_reason: str | None
-    clips: list[dict[str, Any]]
+    clips: list[ClipView]
     metadata: dict[str, Any] | None
     at: datetime
     notify_hook: str
@@ -115,15 +123,15 @@ def _relay_object(notice: TransitionNotice) -> dict[str, Any]:
         "progress": f"{progress}%",
         "data": [
             {
-                "id": clip.get("id"),
-                "clip_id": clip.get("id"),
-                "status": _RELAY_CLIP_STATUS.get(str(clip.get("status")), clip.get("status")),
-                "title": clip.get("title"),
-                "audio_url": clip.get("audio_url"),
-                "image_url": clip.get("image_url"),
-                "video_url": clip.get("video_url"),
-                "duration": clip.get("duration"),
-                "metadata": {"error_message": clip.get("error")},
+                "id": clip.id,
+                "clip_id": clip.id,
+                "status": _RELAY_CLIP_STATUS.get(str(clip.status), clip.status),
+                "title": clip.title,
+                "audio_url": clip.audio_url,
+                "image_url": clip.image_url,
+                "video_url": clip.video_url,
+                "duration": clip.duration,
+                "metadata": {"error_message": clip.error},
             }
             for clip in notice.clips
         ],

@@ -14,7 +14,7 @@ from sqlalchemy import text
 from service.db import transaction
 from service.tracking import jobs
 from service.tracking.jobs import Poller, _Crew
-from service.tracking.repository import Claim
+from service.tracking.repository import PollClaim
 from tests.tracking.conftest import Tracking
 
 
@@ -95,7 +95,7 @@ async def test_a_drain_with_nothing_due_reads_the_live_tasks_once(
     claims_from: list[int] = []
     claim_polls = jobs.claim_polls
 
-    async def counted(*args: Any, after: int, **kwargs: Any) -> Claim:
+    async def counted(*args: Any, after: int, **kwargs: Any) -> PollClaim:
         claims_from.append(after)
         return await claim_polls(*args, after=after, **kwargs)
 

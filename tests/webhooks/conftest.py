@@ -18,7 +18,7 @@ from service.db import SessionMaker, create_engine, create_session_maker, transa
 from service.models import Delivery, DeliveryAttempt, Task
 from service.runtime import Runtime, open_runtime
 from service.webhooks.jobs import Dispatcher, start_dispatcher
-from service.webhooks.service import TransitionNotice, enqueue_deliveries
+from service.webhooks.service import ClipView, TransitionNotice, enqueue_deliveries
 from tests.conftest import wait_until
 
 # next_poll_at of a live task no poller should touch.
@@ -156,7 +156,7 @@ def notice(
         previous_status=previous,
         progress=None,
         fail_reason=None,
-        clips=clips or [],
+        clips=[ClipView(**clip) for clip in clips or []],
         metadata=metadata,
         at=datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC),
         notify_hook=hook,
