@@ -33,14 +33,11 @@ from service.config import Settings
 from service.db import create_engine, create_session_maker, transaction
 from service.models import Delivery, Task
 from service.runtime import open_runtime
+from service.upstream.schemas import ClipView
+from service.webhooks.bodies import TransitionNotice
 from service.webhooks.jobs import start_dispatcher
-from service.webhooks.service import (
-    ClipView,
-    TransitionNotice,
-    enqueue_deliveries,
-    secret_keys,
-    signature_header,
-)
+from service.webhooks.outbox import enqueue_deliveries
+from service.webhooks.signing import secret_keys, signature_header
 
 # next_poll_at of a live task no poller should touch.
 NEVER = datetime.max.replace(tzinfo=UTC)

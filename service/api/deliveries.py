@@ -19,7 +19,7 @@ from service.api.schemas import (
     encode_cursor,
 )
 from service.vocabulary import DeliveryStatus
-from service.webhooks import service
+from service.webhooks import reads
 
 DeliveryIdPath = Annotated[int, PathParameter(description="The delivery's id", ge=1)]
 REQUEUE_STATUSES = (DeliveryStatus.FAILED, DeliveryStatus.DEAD)
@@ -27,8 +27,8 @@ REQUEUE_STATUSES = (DeliveryStatus.FAILED, DeliveryStatus.DEAD)
 
 @get("/api/v1/tasks/{task_id:str}/deliveries", summary="A task's webhook deliveries with their attempt logs")
 async def list_task_deliveries(task_id: TaskIdPath, session: DbSession) -> DeliveryList:
-    task_pk = await service.task_pk_of(session, task_id)
-    deliveries = await service.deliveries_of_task(session, task_pk)
+    task_pk = await reads.task_pk_of(session, task_id)
+    deliveries = await reads.deliveries_of_task(session, task_pk)
     return DeliveryList(items=[delivery_out(d, task_id, attempts) for d, attempts in deliveries])
 
 
@@ -39,7 +39,7 @@ async def list_deliveries(
     limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, QueryParameter(max_length=64)] = None,
 ) -> DeliveryPage:
-    rows = await service.list_deliveries(
+    rows = await reads.list_deliveries(
         session, status=status, limit=limit + 1, before_id=decode_cursor("d", cursor) if cursor else None
     )
     page, more = rows[:limit], len(rows) > limit
@@ -61,9 +61,9 @@ async def redeliver_task(
         bool, QueryParameter(name="all", description="Also re-send pending and delivered")
     ] = False,
 ) -> DeliveryList:
-    task_pk = await service.task_pk_of(session, task_id)
+    task_pk = await reads.task_pk_of(session, task_id)
     statuses = tuple(DeliveryStatus) if all_ else REQUEUE_STATUSES
-    requeued = await service.requeue(session, task_pk=task_pk, statuses=statuses)
+    requeued = await reads.requeue(session, task_pk=task_pk, statuses=statuses)
     return DeliveryList(items=[delivery_out(delivery, task_id) for delivery in requeued])
 
 
@@ -73,10 +73,10 @@ async def redeliver_task(
     summary="Send one delivery again now, with a fresh round of attempts",
 )
 async def retry_delivery(delivery_id: DeliveryIdPath, session: DbSession) -> DeliveryOut:
-    delivery, task_id = await service.get_delivery(session, delivery_id)
+    delivery, task_id = await reads.get_delivery(session, delivery_id)
     # A pending delivery is already queued; sending it twice at once would only race its claim.
     if delivery.status != DeliveryStatus.PENDING:
-        requeued = await service.requeue(session, delivery_id=delivery_id, statuses=(delivery.status,))
+        requeued = await reads.requeue(session, delivery_id=delivery_id, statuses=(delivery.status,))
         if requeued:
             delivery = requeued[0]
     return delivery_out(delivery, task_id)
@@ -87,8 +87,8 @@ async def retry_delivery(delivery_id: DeliveryIdPath, session: DbSession) -> Del
     summary="Webhook hosts on a failure streak, and whether the circuit breaker paused them",
 )
 async def list_hook_hosts(session: DbSession) -> HookHostList:
-    hosts = await service.list_hook_hosts(session)
-    now = await service.database_now(session)
+    hosts = await reads.list_hook_hosts(session)
+    now = await reads.database_now(session)
     return HookHostList(
         items=[
             HookHostOut(

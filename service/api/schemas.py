@@ -12,7 +12,7 @@ import msgspec
 from service.errors import InvalidInput
 from service.models import Clip, Delivery, DeliveryAttempt, Task, TaskEvent
 from service.vocabulary import NotifyFormat, TaskKind
-from service.webhooks.service import delivery_format
+from service.webhooks.bodies import delivery_format
 from service.webhooks.ssrf import HOOK_MAX_LENGTH
 
 TaskIdStr = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]

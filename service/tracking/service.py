@@ -38,7 +38,7 @@ from service.tracking.repository import (
     relay_json,
 )
 from service.upstream.client import RelayClient
-from service.upstream.schemas import ClipContent, TaskSnapshot, UpstreamError
+from service.upstream.schemas import ClipContent, ClipView, TaskSnapshot, UpstreamError
 from service.vocabulary import (
     STATUS_RANK,
     TERMINAL_STATUSES,
@@ -48,7 +48,8 @@ from service.vocabulary import (
     TaskKind,
     TaskStatus,
 )
-from service.webhooks.service import ClipView, TransitionNotice, delivery_format, enqueue_deliveries
+from service.webhooks.bodies import TransitionNotice, delivery_format
+from service.webhooks.outbox import enqueue_deliveries
 from service.webhooks.ssrf import hook_host, hook_refusal
 
 log = structlog.get_logger()
@@ -221,7 +222,7 @@ class _Recorder:
             fail_reason = snapshot.fail_reason if reported is TaskStatus.FAILED else None
             self.transition(
                 state,
-                str(reported),
+                reported,
                 source,
                 detail=_upstream_detail(snapshot.raw_status),
                 fail_reason=fail_reason,
@@ -466,7 +467,7 @@ class _Recorder:
     def transition(
         self,
         state: TaskState,
-        to_status: str,
+        to_status: TaskStatus,
         source: EventSource,
         *,
         detail: dict[str, Any] | None,
@@ -534,7 +535,9 @@ def _upstream_detail(raw_status: str | None) -> dict[str, Any] | None:
 
 def _clip_view(clip: ClipState) -> ClipView:
     return ClipView(
-        id=clip.clip_id, status=clip.status, **dict(zip(_CLIP_CONTENT, _clip_content(clip), strict=True))
+        id=clip.clip_id,
+        status=None if clip.status is None else TaskStatus(clip.status),
+        **dict(zip(_CLIP_CONTENT, _clip_content(clip), strict=True)),
     )
 
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -17,6 +14,7 @@ import msgspec
 import structlog
 from yarl import URL
 
+from service.http import retry_after_s
 from service.upstream.dialects import (
     BatchParse,
     error_code,
@@ -230,27 +228,8 @@ def _status_error(method: str, path: str, status: int, retry_after: str | None, 
     else:
         name = f"http_{status}"
     # Only a retry can honour Retry-After; 503 and 429 are the statuses that usually carry it.
-    delay = _retry_after_s(retry_after) if error_type is TransientUpstreamError else None
+    delay = retry_after_s(retry_after) if error_type is TransientUpstreamError else None
     return error_type(name, where, http_status=status, retry_after_s=delay)
-
-
-def _retry_after_s(value: str | None) -> float | None:
-    """`Retry-After` as seconds from now: either delay-seconds or an HTTP-date."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _same_task(snapshot: TaskSnapshot, task_id: str) -> TaskSnapshot:

@@ -20,6 +20,7 @@ import msgspec
 
 from service.upstream.schemas import (
     ClipSnapshot,
+    ClipView,
     Dialect,
     MalformedUpstreamError,
     PermanentUpstreamError,
@@ -40,11 +41,15 @@ __all__ = [
     "parse_submit",
     "parse_task",
     "parse_v1",
+    "render_task",
 ]
 
+# Both directions of the relay's status words. Parsing looks a word up here; rendering a status
+# (render_task) uses the first word listed for it, and FAILED's for a terminal status the relay has no
+# word for.
 _TASK_STATUS: dict[str, TaskStatus] = {
-    "NOT_START": TaskStatus.SUBMITTED,
     "SUBMITTED": TaskStatus.SUBMITTED,
+    "NOT_START": TaskStatus.SUBMITTED,
     "QUEUED": TaskStatus.QUEUED,
     "IN_PROGRESS": TaskStatus.IN_PROGRESS,
     "SUCCESS": TaskStatus.COMPLETE,
@@ -69,6 +74,15 @@ _PART_STATUS: dict[str, TaskStatus] = {
     "failed": TaskStatus.FAILED,
     "failure": TaskStatus.FAILED,
 }
+
+
+def _words(table: dict[str, TaskStatus]) -> dict[TaskStatus, str]:
+    words = {status: word for word, status in reversed(table.items())}
+    return {status: words.get(status, words[TaskStatus.FAILED]) for status in TaskStatus}
+
+
+_TASK_WORD = _words(_TASK_STATUS)
+_PART_WORD = _words(_PART_STATUS)
 
 _SUCCESS_CODES: frozenset[str | int] = frozenset({"success", 200, "200"})
 _TERMINAL_RANK = STATUS_RANK[TaskStatus.COMPLETE]
@@ -569,3 +583,45 @@ def _timestamp(value: _Number) -> datetime | None:
 
 def _clip_text(text: str) -> str:
     return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "..."
+
+
+def render_task(
+    *,
+    task_id: str,
+    kind: str,
+    status: TaskStatus,
+    progress: int | None,
+    fail_reason: str | None,
+    finished_at: datetime | None,
+    notify_hook: str | None,
+    clips: Sequence[ClipView],
+) -> bytes:
+    """A task object as `GET /suno/fetch/{id}` returns it: what parse_fetch reads, written back, for a
+    state the relay itself never reported (a timeout, a cancellation, a failure after errors)."""
+    if progress is None:
+        progress = 100 if status is TaskStatus.COMPLETE else 0
+    return _encode_task(
+        {
+            "task_id": task_id,
+            "notify_hook": notify_hook,
+            "action": kind.upper(),
+            "status": _TASK_WORD[status],
+            "fail_reason": fail_reason or "",
+            "submit_time": None,
+            "start_time": None,
+            "finish_time": None if finished_at is None else int(finished_at.timestamp()),
+            "progress": f"{progress}%",
+            "data": [_render_clip(clip) for clip in clips],
+        }
+    )
+
+
+def _render_clip(clip: ClipView) -> dict[str, Any]:
+    rendered = msgspec.structs.asdict(clip)
+    rendered["clip_id"] = clip.id
+    rendered["status"] = None if clip.status is None else _PART_WORD[clip.status]
+    rendered["metadata"] = {"error_message": rendered.pop("error")}
+    return rendered
+
+
+_encode_task = msgspec.json.Encoder().encode

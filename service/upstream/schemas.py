@@ -19,8 +19,8 @@ class Dialect(enum.StrEnum):
 
 
 class ClipContent(msgspec.Struct, kw_only=True):
-    """What a clip says about itself. Declared here once: the parsed answer (ClipSnapshot), the stored
-    row (tracking.repository.ClipState, the clips table), the task JSON and the webhook bodies carry it."""
+    """What a clip says about itself, declared once: the parsed answer (ClipSnapshot), the stored row
+    (tracking.repository.ClipState and the clips table), the task JSON and webhook bodies (ClipView)."""
 
     title: str | None = None
     audio_url: str | None = None
@@ -30,9 +30,16 @@ class ClipContent(msgspec.Struct, kw_only=True):
     error: str | None = None
 
 
-class ClipSnapshot(ClipContent, kw_only=True):
+class ClipView(ClipContent, kw_only=True):
+    """A clip as sunotrack shows it: in the task JSON and in webhook bodies."""
+
     id: str
     status: TaskStatus | None
+
+
+class ClipSnapshot(ClipView, kw_only=True):
+    """A clip as the relay reported it, normalised; `raw_status` is the relay's own word."""
+
     raw_status: str | None
 
 

@@ -8,12 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
-import functools
 import math
-import ssl
-import time
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,32 +18,26 @@ import structlog
 from apscheduler.jobstores.base import JobLookupError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
-from yarl import URL
 
 from service.db import transaction
 from service.metrics import DELIVERY_ATTEMPTS, DELIVERY_LATENCY, HOSTS_PAUSED
 from service.runtime import Runtime
 from service.vocabulary import DeliveryStatus
-from service.webhooks.service import (
-    CHANNEL,
-    RESPONSE_BODY_LIMIT,
-    AttemptResult,
+from service.webhooks.attempts import AttemptResult, Settlement, attempt_delivery, outcome, settle
+from service.webhooks.outbox import CHANNEL
+from service.webhooks.repository import (
     ClaimedDelivery,
     Driver,
-    Settlement,
-    claim_due,
+    claim_due_deliveries,
     count_paused_hosts,
-    record_results,
+    record_attempts,
     release_claims,
-    secret_keys,
-    settle,
-    signature_header,
 )
-from service.webhooks.ssrf import HookAddressRefused, refuse_literal_host, webhook_connector
+from service.webhooks.signing import secret_keys
+from service.webhooks.ssrf import webhook_connector
 
 log = structlog.get_logger()
 
-USER_AGENT = "sunotrack-webhooks/1"
 STOP_GRACE_S = 5.0
 LISTEN_HEARTBEAT_S = 10.0
 LISTEN_RETRY_MAX_S = 5.0
@@ -67,107 +56,6 @@ async def start_dispatcher(runtime: Runtime) -> Dispatcher:
     dispatcher = Dispatcher(runtime)
     await dispatcher.start()
     return dispatcher
-
-
-def _elapsed_ms(started: float) -> float:
-    return (time.perf_counter() - started) * 1000
-
-
-def parse_retry_after(value: str | None, now: datetime) -> float | None:
-    """Retry-After as delta-seconds or an HTTP date; None when absent or unreadable."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = (email.utils.parsedate_to_datetime(value) - now).total_seconds()
-        except (TypeError, ValueError):
-            return None
-    return max(seconds, 0.0) if math.isfinite(seconds) else None
-
-
-def classify(exc: BaseException) -> tuple[str, str]:
-    """(error class, message) for a failed attempt: ssrf, timeout, tls, dns, connect or http."""
-    cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
-    if isinstance(cause, HookAddressRefused):
-        return "ssrf", str(cause)
-    if isinstance(exc, TimeoutError):
-        return "timeout", "no complete response within the timeout"
-    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
-        error_class = "tls"
-    elif isinstance(exc, aiohttp.ClientConnectorDNSError):
-        error_class = "dns"
-    elif isinstance(exc, aiohttp.ClientConnectionError | OSError):
-        error_class = "connect"
-    else:
-        return "http", f"{type(exc).__name__}: {exc}"
-    return error_class, str(exc) or type(exc).__name__
-
-
-async def _read_prefix(response: aiohttp.ClientResponse) -> str:
-    chunks: list[bytes] = []
-    size = 0
-    while size < RESPONSE_BODY_LIMIT:
-        chunk = await response.content.read(RESPONSE_BODY_LIMIT - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks).decode("utf-8", errors="replace")
-
-
-@functools.lru_cache(maxsize=4096)
-def _target(url: str, *, allow_private: bool) -> tuple[URL, str | None]:
-    """The parsed URL and, for a refused IP literal, why (names are the guarded resolver's job)."""
-    parsed = URL(url)
-    if allow_private:
-        return parsed, None
-    try:
-        refuse_literal_host(parsed.raw_host or "")
-    except HookAddressRefused as exc:
-        return parsed, str(exc)
-    return parsed, None
-
-
-async def attempt_delivery(
-    http: aiohttp.ClientSession,
-    delivery: ClaimedDelivery,
-    *,
-    keys: Sequence[bytes],
-    allow_private: bool,
-) -> AttemptResult:
-    """One signed POST; never raises for anything the receiver or the network does."""
-    at = datetime.now(UTC)
-    timestamp = int(at.timestamp())
-    headers = {
-        "content-type": "application/json",
-        "user-agent": USER_AGENT,
-        "webhook-id": delivery.webhook_id,
-        "webhook-timestamp": str(timestamp),
-        "webhook-signature": signature_header(keys, delivery.webhook_id, timestamp, delivery.body),
-    }
-    started = time.perf_counter()
-    try:
-        url, refused = _target(delivery.url, allow_private=allow_private)
-        if refused is not None:
-            raise HookAddressRefused(refused)
-        # The session's total timeout covers connecting, sending and reading the answer.
-        async with http.post(url, data=delivery.body, headers=headers, allow_redirects=False) as response:
-            body = await _read_prefix(response)
-            retry_after = None
-            if response.status in (429, 503):
-                retry_after = parse_retry_after(response.headers.get("retry-after"), at)
-            return AttemptResult(
-                at=at,
-                duration_ms=_elapsed_ms(started),
-                status_code=response.status,
-                response_body=body,
-                retry_after_s=retry_after,
-            )
-    except Exception as exc:  # whatever the receiver, the network or the client library throws
-        error_class, message = classify(exc)
-        return AttemptResult(at=at, duration_ms=_elapsed_ms(started), error_class=error_class, error=message)
 
 
 def driver_dsn(engine: AsyncEngine) -> str:
@@ -403,7 +291,7 @@ class Dispatcher:
                     await self._slot_freed.wait()
                     continue
                 try:
-                    claim = await claim_due(
+                    claim = await claim_due_deliveries(
                         await self._claim_db.get(),
                         limit=free,
                         lease_s=settings.lease_s,
@@ -485,9 +373,9 @@ class Dispatcher:
         settings = self._settings
         for attempt in range(1, WRITE_RETRIES + 1):
             try:
-                paused = await record_results(
+                paused = await record_attempts(
                     await self._write_db.get(),
-                    batch,
+                    [(d.host, result.host_failed, outcome(d, result, s)) for d, result, s in batch],
                     breaker_failures=settings.hook_breaker_failures,
                     breaker_pause_s=settings.hook_breaker_pause_s,
                 )

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.upstream.client import _retry_after_s, _status_error
+from service.http import retry_after_s
+from service.upstream.client import _status_error
 from service.upstream.dialects import (
     BatchParse,
     error_code,
@@ -265,5 +266,5 @@ def test_status_classification_is_total(status: int, retry_after: str | None, bo
 @FUZZ
 @given(st.text(max_size=60))
 def test_retry_after_parsing_is_total(value: str) -> None:
-    seconds = _retry_after_s(value)
+    seconds = retry_after_s(value)
     assert seconds is None or (math.isfinite(seconds) and seconds >= 0)

@@ -17,8 +17,10 @@ from service.config import Settings
 from service.db import SessionMaker, create_engine, create_session_maker, transaction
 from service.models import Delivery, DeliveryAttempt, Task
 from service.runtime import Runtime, open_runtime
+from service.upstream.schemas import ClipView
+from service.webhooks.bodies import TransitionNotice
 from service.webhooks.jobs import Dispatcher, start_dispatcher
-from service.webhooks.service import ClipView, TransitionNotice, enqueue_deliveries
+from service.webhooks.outbox import enqueue_deliveries
 from tests.conftest import wait_until
 
 # next_poll_at of a live task no poller should touch.

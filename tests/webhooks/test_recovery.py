@@ -20,7 +20,7 @@ from service.config import Settings
 from service.db import SessionMaker, transaction
 from service.metrics import REGISTRY
 from service.models import HookHost
-from service.webhooks.service import claim_due
+from service.webhooks.repository import claim_due_deliveries as claim_due
 from tests.conftest import TEST_WEBHOOK_SECRET
 from tests.webhooks.conftest import (
     Receiver,

@@ -13,16 +13,11 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 from standardwebhooks import Webhook
 
-from service.webhooks.jobs import classify, parse_retry_after
-from service.webhooks.service import (
-    JITTER,
-    RETRY_AFTER_CAP_S,
-    AttemptResult,
-    ClaimedDelivery,
-    secret_keys,
-    settle,
-    signature_header,
-)
+from service.http import retry_after_s as parse_retry_after
+from service.webhooks.attempts import RETRY_AFTER_CAP_S, AttemptResult, classify, settle
+from service.webhooks.attempts import RETRY_JITTER as JITTER
+from service.webhooks.repository import ClaimedDelivery
+from service.webhooks.signing import secret_keys, signature_header
 from service.webhooks.ssrf import HookAddressRefused
 from tests.webhooks.conftest import SECRET_NEW, SECRET_OLD
 
@@ -33,7 +28,7 @@ SCHEDULE = (5.0, 300.0, 1800.0)
 def claimed(attempts: int) -> ClaimedDelivery:
     return ClaimedDelivery(
         id=1, task_id="t", webhook_id="msg_1", url="https://example.com/h", body=b"{}",
-        attempts=attempts, host="example.com", lease=NOW,
+        attempts=attempts, lease=NOW,
     )  # fmt: skip
 
 
