@@ -16,13 +16,13 @@ from litestar.exceptions import HTTPException, NotAuthorizedException, Validatio
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.types import Scope
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api import AppRuntime
 from service.api.callbacks import CALLBACK_ROUTES
 from service.api.deliveries import DELIVERY_ROUTES
 from service.api.health import HEALTH_ROUTES
+from service.api.schemas import check_json, too_deep
 from service.api.tasks import TASK_ROUTES
 from service.config import Settings
 from service.db import transaction
@@ -47,34 +47,48 @@ def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHa
         raise NotAuthorizedException("missing or invalid bearer token in the Authorization header")
 
 
-def service_error_response(_: Request[Any, Any, Any], exc: ServiceError) -> Response[dict[str, Any]]:
+def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    """The one place an exception becomes a response: `{"status_code", "detail", "extra"}` always."""
+    headers: dict[str, str] = {}
+    extra: Any
+    if isinstance(exc, ServiceError):
+        status, detail, extra = exc.status_code, exc.detail, {"code": exc.code, **exc.extra}
+    elif isinstance(exc, ValidationException):
+        # Litestar says only 'Validation failed'; the detail names each offending field.
+        extra = exc.extra if isinstance(exc.extra, list) else []
+        named = [f"{p.get('key') or p.get('source')}: {p.get('message')}" for p in extra]
+        detail = "; ".join(named) if named else exc.detail
+        # A path segment out of its parameter's domain names nothing that can exist.
+        status = 404 if extra and all(p.get("source") == "path" for p in extra) else 400
+    elif isinstance(exc, HTTPException):
+        status, detail, extra = exc.status_code, exc.detail, exc.extra if exc.extra is not None else {}
+        headers.update(exc.headers or {})
+    else:
+        log.error("http.unhandled_error", path=request.scope.get("path"), exc_info=exc)
+        status, detail, extra = 500, "Internal Server Error", {}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="sunotrack"'
     return Response(
-        {"status_code": exc.status_code, "detail": exc.detail, "extra": {"code": exc.code, **exc.extra}},
-        status_code=exc.status_code,
+        {"status_code": status, "detail": detail, "extra": extra}, status_code=status, headers=headers
     )
 
 
-def validation_error_response(
-    _: Request[Any, Any, Any], exc: ValidationException
-) -> Response[dict[str, Any]]:
-    """Litestar says only 'Validation failed'; the detail should name the offending field."""
-    problems = exc.extra if isinstance(exc.extra, list) else []
-    named = [
-        f"{problem.get('key') or problem.get('source')}: {problem.get('message')}" for problem in problems
-    ]
-    detail = "; ".join(named) if named else exc.detail
-    return Response({"status_code": 400, "detail": detail, "extra": problems}, status_code=exc.status_code)
+class CheckedRequest(Request[Any, Any, Any]):
+    """Every JSON body is checked (depth, NUL) before a handler sees any of it."""
+
+    async def json(self) -> Any:
+        try:
+            value = await super().json()
+        except RecursionError:
+            raise too_deep(await self.body()) from None
+        check_json(value)
+        return value
 
 
 async def provide_session(runtime: AppRuntime) -> AsyncIterator[AsyncSession]:
     """The request owns the transaction: committed after the handler returns, rolled back if it raises."""
     async with transaction(runtime.sessions) as session:
         yield session
-
-
-async def log_unhandled(exc: Exception, scope: Scope) -> None:
-    if not isinstance(exc, ServiceError | HTTPException):
-        log.error("http.unhandled_error", path=scope.get("path"), exc_info=exc)
 
 
 def provide_runtime(request: Request[Any, Any, Any]) -> Runtime:
@@ -115,14 +129,11 @@ def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
             "runtime": Provide(provide_runtime, sync_to_thread=False),
             "session": Provide(provide_session),
         },
-        exception_handlers={
-            ServiceError: service_error_response,
-            ValidationException: validation_error_response,
-        },
+        exception_handlers={Exception: error_response},
+        request_class=CheckedRequest,
         request_max_body_size=REQUEST_MAX_BODY_BYTES,
         # Logging is configured once by the CLI (structlog); Litestar's own config would override it.
         logging_config=None,
-        after_exception=[log_unhandled],
         openapi_config=OpenAPIConfig(
             title="sunotrack",
             version="0.1.0",

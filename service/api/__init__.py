@@ -8,10 +8,19 @@ from litestar.di import NamedDependency
 from litestar.params import PathParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.api.schemas import TASK_ID_MAX_LENGTH, TASK_ID_PATTERN
 from service.runtime import Runtime
 
 # The request's unit of work: committed after the handler returns, rolled back if it raises.
 DbSession = NamedDependency[AsyncSession]
 AppRuntime = NamedDependency[Runtime]
 
-TaskIdPath = Annotated[str, PathParameter(description="The relay's task id", max_length=128)]
+TaskIdPath = Annotated[
+    str,
+    PathParameter(
+        description="The relay's task id",
+        min_length=1,
+        max_length=TASK_ID_MAX_LENGTH,
+        pattern=TASK_ID_PATTERN,
+    ),
+]

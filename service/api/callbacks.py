@@ -15,6 +15,7 @@ from litestar.exceptions import NotAuthorizedException
 from litestar.params import FromPath
 
 from service.api import AppRuntime, DbSession
+from service.api.schemas import decode_json
 from service.errors import InvalidInput, NotFound
 from service.metrics import CALLBACKS
 from service.tracking.service import record_snapshot
@@ -38,8 +39,10 @@ async def relay_callback(
     if not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
         CALLBACKS.labels("unauthorized").inc()
         raise NotAuthorizedException("invalid callback token")
+    body = await request.body()
+    decode_json(body)  # depth and NUL: 400 naming where
     try:
-        snapshot = parse_callback(await request.body())
+        snapshot = parse_callback(body)
     except UpstreamError as exc:
         CALLBACKS.labels("malformed").inc()
         raise InvalidInput(f"body: not a relay task object ({exc.code}): {exc.message}") from None

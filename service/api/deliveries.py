@@ -9,6 +9,7 @@ from litestar.params import FromQuery, PathParameter, QueryParameter
 
 from service.api import DbSession, TaskIdPath
 from service.api.schemas import (
+    INT64_MAX,
     DeliveryList,
     DeliveryOut,
     DeliveryPage,
@@ -21,7 +22,11 @@ from service.api.schemas import (
 from service.vocabulary import DeliveryStatus
 from service.webhooks import reads
 
-DeliveryIdPath = Annotated[int, PathParameter(description="The delivery's id", ge=1)]
+# Litestar writes bounds into the schema as floats, where 2**63 - 1 would read 2**63.
+DeliveryIdPath = Annotated[
+    int,
+    PathParameter(description="The delivery's id", ge=1, le=INT64_MAX, schema_extra={"maximum": INT64_MAX}),
+]
 REQUEUE_STATUSES = (DeliveryStatus.FAILED, DeliveryStatus.DEAD)
 
 
@@ -57,12 +62,11 @@ async def list_deliveries(
 async def redeliver_task(
     task_id: TaskIdPath,
     session: DbSession,
-    all_: Annotated[
-        bool, QueryParameter(name="all", description="Also re-send pending and delivered")
-    ] = False,
+    # Named as the query parameter, so that its validation errors name it too.
+    all: Annotated[bool, QueryParameter(description="Also re-send pending and delivered")] = False,
 ) -> DeliveryList:
     task_pk = await reads.task_pk_of(session, task_id)
-    statuses = tuple(DeliveryStatus) if all_ else REQUEUE_STATUSES
+    statuses = tuple(DeliveryStatus) if all else REQUEUE_STATUSES
     requeued = await reads.requeue(session, task_pk=task_pk, statuses=statuses)
     return DeliveryList(items=[delivery_out(delivery, task_id) for delivery in requeued])
 

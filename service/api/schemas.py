@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -15,8 +16,14 @@ from service.vocabulary import NotifyFormat, TaskKind
 from service.webhooks.bodies import delivery_format
 from service.webhooks.ssrf import HOOK_MAX_LENGTH
 
-TaskIdStr = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+TASK_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
+TASK_ID_MAX_LENGTH = 128
+TaskIdStr = Annotated[str, msgspec.Meta(min_length=1, max_length=TASK_ID_MAX_LENGTH, pattern=TASK_ID_PATTERN)]
 METADATA_MAX_BYTES = 16 * 1024
+# Integers from a request are bounded by the column they reach (Integer, BigInteger).
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+JSON_MAX_DEPTH = 64
 
 
 class RegisterTask(msgspec.Struct, forbid_unknown_fields=True):
@@ -219,8 +226,87 @@ def encode_cursor(prefix: str, pk: int) -> str:
 def decode_cursor(prefix: str, cursor: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not raw.startswith(prefix):
-            raise ValueError(raw)
-        return int(raw.removeprefix(prefix))
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidInput("cursor: not a cursor this API returned") from None
+        raw = ""
+    digits = raw.removeprefix(prefix)
+    if not (raw.startswith(prefix) and digits.isascii() and digits.isdigit() and len(digits) <= 19) or not (
+        1 <= int(digits) <= INT64_MAX
+    ):
+        raise InvalidInput("cursor: not a cursor this API returned")
+    return int(digits)
+
+
+# -- JSON bodies -----------------------------------------------------------------------------------
+# Postgres refuses NUL in text and in JSONB, and msgspec recurses (a RecursionError) about a thousand
+# levels down: every JSON body is checked here before anything of it is used.
+
+_TOO_DEEP = f"JSON may be nested at most {JSON_MAX_DEPTH} levels deep"
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}:]')
+
+
+def too_deep(body: bytes) -> InvalidInput:
+    """The error for a body too deep to decode, naming the top-level key that holds the depth."""
+    depth, raw_key, last_string = 0, b"", b""
+    for match in _JSON_TOKEN.finditer(body):
+        token = match.group()
+        if token in (b"{", b"["):
+            depth += 1
+            if depth > JSON_MAX_DEPTH:
+                break
+        elif token in (b"}", b"]"):
+            depth -= 1
+        elif token == b":":
+            if depth == 1:
+                raw_key = last_string
+        else:
+            last_string = token
+    try:
+        key = msgspec.json.decode(raw_key, type=str) or "body"
+    except msgspec.DecodeError:
+        key = "body"
+    return InvalidInput(f"{key}: {_TOO_DEEP}", extra={"field": key})
+
+
+def check_json(value: Any) -> None:
+    """Refuse a decoded JSON body that nests deeper than JSON_MAX_DEPTH or holds a NUL in any text,
+    naming where (`metadata.a.0`)."""
+    # (value, depth, (key, parent-entry)): the path is only spelled out for the error.
+    stack: list[tuple[Any, int, tuple[Any, Any] | None]] = [(value, 1, None)]
+    while stack:
+        node, depth, entry = stack.pop()
+        problem = None
+        if isinstance(node, str):
+            if "\x00" in node:
+                problem = "text may not contain NUL (\\u0000)"
+        elif isinstance(node, dict | list):
+            if depth > JSON_MAX_DEPTH:
+                problem = _TOO_DEEP
+            else:
+                items = node.items() if isinstance(node, dict) else enumerate(node)
+                for key, child in items:
+                    if isinstance(key, str) and "\x00" in key:
+                        problem = "a key may not contain NUL (\\u0000)"
+                        break
+                    stack.append((child, depth + 1, (key, entry)))
+        if problem is not None:
+            path: list[str] = []
+            while entry is not None:
+                path.append(str(entry[0]))
+                entry = entry[1]
+            path.reverse()
+            if problem is _TOO_DEEP:
+                del path[2:]  # the path is as deep as the limit: its start says where
+            where = ".".join(path) or "body"
+            raise InvalidInput(f"{where}: {problem}", extra={"field": where})
+
+
+def decode_json(body: bytes) -> Any:
+    """A JSON request body decoded and checked (check_json); InvalidInput naming what is wrong."""
+    try:
+        value = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise InvalidInput(f"body: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise too_deep(body) from None
+    check_json(value)
+    return value

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api import AppRuntime, DbSession, TaskIdPath
 from service.api.schemas import (
+    INT32_MAX,
     METADATA_MAX_BYTES,
     EventList,
     RegisterTask,
@@ -95,7 +96,9 @@ async def list_tasks(
 async def list_task_events(
     task_id: TaskIdPath,
     session: DbSession,
-    after: Annotated[int, QueryParameter(ge=0, description="Only events with a greater seq")] = 0,
+    after: Annotated[
+        int, QueryParameter(ge=0, le=INT32_MAX, description="Only events with a greater seq")
+    ] = 0,
 ) -> EventList:
     task = await require_task(session, task_id)
     events = await repository.list_events(session, task.id, after_seq=after)

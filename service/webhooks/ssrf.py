@@ -118,7 +118,8 @@ async def _address_refusal(host: str, port: int | None) -> str | None:
                 ),
                 RESOLVE_TIMEOUT_S,
             )
-        except (OSError, TimeoutError) as exc:
+        # UnicodeError: a name IDNA cannot encode (an empty label, one over 63 characters).
+        except (OSError, TimeoutError, UnicodeError) as exc:
             return f"host {host!r} does not resolve ({exc})"
         addresses = [ip for info in infos if (ip := parse_address(str(info[4][0]).split("%")[0]))]
     for address in addresses:

@@ -62,6 +62,12 @@ async def test_a_host_that_does_not_resolve_is_refused() -> None:
         await check_hook_url("https://no-such-host.invalid/hook", allow_private=False)
 
 
+@pytest.mark.parametrize("url", ["http://a..b/hook", f"https://{'a' * 64}.example/hook"])
+async def test_a_host_name_that_cannot_be_encoded_is_refused(url: str) -> None:
+    with pytest.raises(InvalidInput, match=r"^notify_hook: host .* does not resolve"):
+        await check_hook_url(url, allow_private=False)
+
+
 @pytest.mark.parametrize(
     ("address", "label"),
     [
