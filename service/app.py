@@ -27,6 +27,7 @@ from service.api.tasks import TASK_ROUTES
 from service.config import Settings
 from service.db import transaction
 from service.errors import ServiceError
+from service.redact import mask_credentials, mask_json
 from service.runtime import Runtime, open_runtime
 from service.tracking.jobs import Poller, start_poller
 from service.webhooks.jobs import Dispatcher, start_dispatcher
@@ -68,9 +69,9 @@ def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[
         status, detail, extra = 500, "Internal Server Error", {}
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="sunotrack"'
-    return Response(
-        {"status_code": status, "detail": detail, "extra": extra}, status_code=status, headers=headers
-    )
+    # A detail may quote a notify_hook (a yarl error, a refusal): never with its password.
+    body = {"status_code": status, "detail": mask_credentials(detail), "extra": mask_json(extra)}
+    return Response(body, status_code=status, headers=headers)
 
 
 class CheckedRequest(Request[Any, Any, Any]):

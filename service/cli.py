@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import structlog
 
 from service.config import ConfigError, Settings
+from service.redact import mask_log_credentials
 
 
 def configure_logging(level: str) -> None:
@@ -25,6 +26,7 @@ def configure_logging(level: str) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            mask_log_credentials,
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -12,6 +12,7 @@ import msgspec
 
 from service.errors import InvalidInput
 from service.models import Clip, Delivery, DeliveryAttempt, Task, TaskEvent
+from service.redact import mask_credentials, mask_json
 from service.vocabulary import NotifyFormat, TaskKind
 from service.webhooks.bodies import delivery_format
 from service.webhooks.ssrf import HOOK_MAX_LENGTH
@@ -108,7 +109,7 @@ def task_out(task: Task, clips: list[Clip]) -> TaskOut:
         upstream_status=task.upstream_status,
         progress=task.progress,
         fail_reason=task.fail_reason,
-        notify_hook=task.notify_hook,
+        notify_hook=None if task.notify_hook is None else mask_credentials(task.notify_hook),
         notify_format=delivery_format(task.notify_format, task.notify_hook_source),
         metadata=task.client_metadata,
         clips=[clip_out(clip) for clip in clips],
@@ -132,7 +133,7 @@ def event_out(event: TaskEvent) -> EventOut:
         to_status=event.to_status,
         source=event.source,
         clip_id=event.clip_id,
-        detail=event.detail,
+        detail=mask_json(event.detail),
     )
 
 
@@ -206,7 +207,7 @@ def delivery_out(
         task_id=task_id,
         event_seq=delivery.event_seq,
         webhook_id=delivery.webhook_id,
-        url=delivery.url,
+        url=mask_credentials(delivery.url),
         status=delivery.status,
         attempts=delivery.attempts,
         next_attempt_at=delivery.next_attempt_at,

@@ -14,6 +14,7 @@ import aiohttp
 from yarl import URL
 
 from service.http import retry_after_s
+from service.redact import mask_credentials
 from service.vocabulary import DeliveryStatus
 from service.webhooks.repository import AttemptOutcome, ClaimedDelivery
 from service.webhooks.signing import signature_header
@@ -185,4 +186,6 @@ async def attempt_delivery(
             )
     except Exception as exc:  # whatever the receiver, the network or the client library throws
         error_class, message = classify(exc)
-        return AttemptResult(at=at, duration_ms=_elapsed_ms(started), error_class=error_class, error=message)
+        # Stored, shown and logged from here on: a client library may quote the URL it was given.
+        error = mask_credentials(message)
+        return AttemptResult(at=at, duration_ms=_elapsed_ms(started), error_class=error_class, error=error)

@@ -19,6 +19,7 @@ from aiohttp.resolver import ThreadedResolver
 from yarl import URL
 
 from service.errors import InvalidInput
+from service.redact import mask_credentials
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -99,11 +100,23 @@ async def hook_refusal(url: str, *, allow_private: bool) -> str | None:
         parsed = URL(url)
         port = parsed.port
     except ValueError as exc:
-        return f"not a valid URL ({exc})"
+        return f"not a valid URL ({_url_error(url, exc)})"
     host = parsed.raw_host
     if parsed.scheme not in ("http", "https") or not parsed.is_absolute() or not host:
         return "must be an absolute http:// or https:// URL"
     return None if allow_private else await _address_refusal(host, port)
+
+
+def _url_error(url: str, error: ValueError) -> str:
+    """yarl's reason, which may quote the URL's user info: told of the URL with its password masked."""
+    masked = mask_credentials(url)
+    if masked == url:
+        return str(error)
+    try:
+        _ = URL(masked).port  # parsing the port is where yarl checks it
+    except ValueError as masked_error:
+        return str(masked_error)
+    return "invalid user info"
 
 
 async def _address_refusal(host: str, port: int | None) -> str | None:
