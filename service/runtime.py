@@ -56,6 +56,7 @@ async def open_runtime(settings: Settings, *, pool_size: int = 10) -> AsyncItera
                 batch_size=settings.poll_batch_size,
                 max_in_flight=settings.upstream_concurrency,
                 timeout_s=settings.upstream_timeout_s,
+                dialect=settings.suno_api_dialect,
             )
         scheduler.start()
         yield Runtime(

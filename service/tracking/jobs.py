@@ -30,10 +30,8 @@ from service.metrics import CLAIM_LAG, POLL_TICK, POLLS, UPSTREAM_ERRORS
 from service.runtime import Runtime
 from service.tracking.repository import ClaimedTask, PollClaim
 from service.tracking.service import (
-    Endpoint,
     PollResult,
     claim_polls,
-    fetch_snapshot,
     polls_singly,
     record_polls,
 )
@@ -44,7 +42,6 @@ log = structlog.get_logger()
 
 # How long stop() lets in-flight pages finish before cancelling them (which rolls their claims back).
 DRAIN_TIMEOUT_S = 3.0
-_BATCH_ACTIONS = {"music": "MUSIC", "lyrics": "LYRICS"}
 PAGE_REQUESTS = 16
 DURABLE = text("SET LOCAL synchronous_commit = on")
 
@@ -237,37 +234,33 @@ class Poller:
         batches: defaultdict[str, list[ClaimedTask]] = defaultdict(list)
         singles: list[ClaimedTask] = []
         for task in claim.tasks:
-            action = _BATCH_ACTIONS.get(task.kind)
-            if action is None or self._settings.suno_api_dialect == "v1" or polls_singly(task.last_error):
-                singles.append(task)
+            if self._relay.batches(task.kind) and not polls_singly(task.last_error):
+                batches[task.kind].append(task)
             else:
-                batches[action].append(task)
-        requests = [self._poll_batch(tasks, action) for action, tasks in batches.items()]
+                singles.append(task)
+        requests = [self._poll_batch(kind, tasks) for kind, tasks in batches.items()]
         requests += [self._poll_single(task, claimed_at) for task in singles]
         results: list[PollResult] = []
         for answer in await asyncio.gather(*requests):
             results.extend(answer)
         return results
 
-    async def _poll_batch(self, tasks: list[ClaimedTask], action: str) -> list[PollResult]:
-        answer = await self._relay.fetch_batch([task.task_id for task in tasks], action)
+    async def _poll_batch(self, kind: str, tasks: list[ClaimedTask]) -> list[PollResult]:
+        answer = await self._relay.fetch_tasks(kind, [task.task_id for task in tasks])
         seen: set[int] = set()
         for failure in answer.errors.values():
             if id(failure) not in seen:
                 seen.add(id(failure))
                 _count_error(failure, tasks=len(tasks))
-        POLLS.labels("batch").inc(len(answer.snapshots))
+        POLLS.labels(self._relay.endpoint(kind, batched=True)).inc(len(answer.snapshots))
         results = []
         for task in tasks:
             snapshot = answer.snapshots.get(task.task_id)
             error = answer.errors.get(task.task_id) if snapshot is None else None
-            results.append(PollResult(task.id, "batch", snapshot, error))
+            results.append(PollResult(task.id, True, snapshot, error))
         return results
 
     async def _poll_single(self, task: ClaimedTask, claimed_at: float) -> list[PollResult]:
-        endpoint: Endpoint = (
-            "stems" if task.kind == "stems" else "v1" if self._settings.suno_api_dialect == "v1" else "single"
-        )
         async with self._single_slots:
             # A request started late in the lease could outlive it (Postgres would end the session and
             # the whole page with it): hand such tasks back unpolled instead.
@@ -276,15 +269,13 @@ class Poller:
             snapshot: TaskSnapshot | None = None
             error: UpstreamError | None = None
             try:
-                snapshot = await fetch_snapshot(
-                    self._relay, self._settings.suno_api_dialect, task.kind, task.task_id
-                )
+                snapshot = await self._relay.fetch_task(task.kind, task.task_id)
             except UpstreamError as exc:
                 error = exc
                 _count_error(exc, tasks=1, task_id=task.task_id)
             else:
-                POLLS.labels(endpoint).inc()
-        return [PollResult(task.id, endpoint, snapshot, error)]
+                POLLS.labels(self._relay.endpoint(task.kind, batched=False)).inc()
+        return [PollResult(task.id, False, snapshot, error)]
 
 
 class _Crew:

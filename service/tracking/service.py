@@ -16,7 +16,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 import structlog
@@ -54,7 +54,6 @@ from service.webhooks.ssrf import hook_host, hook_refusal
 
 log = structlog.get_logger()
 
-Endpoint = Literal["batch", "single", "v1", "stems"]
 
 # Unchanged answers stretch the interval by this factor up to the maximum; a change resets it.
 BACKOFF_FACTOR = 1.5
@@ -83,15 +82,6 @@ def polls_singly(last_error: str | None) -> bool:
         return False
     code = last_error.partition(":")[0]
     return code == MISSING_FROM_BATCH or code in NOT_FOUND_CODES
-
-
-async def fetch_snapshot(relay: RelayClient, dialect: str, kind: str, task_id: str) -> TaskSnapshot:
-    """One task from the endpoint that serves it alone (stems and v1 have no batch form)."""
-    if kind == "stems":
-        return await relay.fetch_stems(task_id)
-    if dialect == "v1":
-        return await relay.fetch_v1(task_id)
-    return await relay.fetch(task_id)
 
 
 _digest_encoder = msgspec.msgpack.Encoder()
@@ -137,7 +127,8 @@ class PollResult(NamedTuple):
     """What one poll of one claimed task produced: a snapshot, an error, or absence from a batch."""
 
     task_pk: int
-    endpoint: Endpoint
+    # Whether it came from a batch request: only those say whether the task was left out.
+    batched: bool
     snapshot: TaskSnapshot | None = None
     error: UpstreamError | None = None
 
@@ -332,7 +323,7 @@ class _Recorder:
             changed = self.snapshot(state, result.snapshot, EventSource.POLL)
             state.consecutive_errors = 0
             state.last_error = None
-            if result.endpoint == "batch":
+            if result.batched:
                 state.missing_count = 0
         elif error is not None:
             self._error(state, error)
@@ -646,7 +637,7 @@ async def refresh_task(
     if relay is None:
         raise UpstreamUnavailable("no relay is configured (SUNO_BASE_URL is unset)")
     try:
-        snapshot = await fetch_snapshot(relay, settings.suno_api_dialect, task.kind, task_id)
+        snapshot = await relay.fetch_task(task.kind, task_id)
     except UpstreamError as exc:
         raise UpstreamUnavailable(
             f"the relay did not answer usefully: {exc.message}",

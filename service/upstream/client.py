@@ -25,18 +25,22 @@ from service.upstream.dialects import (
     parse_v1,
 )
 from service.upstream.schemas import (
+    Dialect,
     MalformedUpstreamError,
     PermanentUpstreamError,
     TaskSnapshot,
     TransientUpstreamError,
     UpstreamError,
 )
+from service.vocabulary import TaskKind
 
 __all__ = ["BatchResult", "RelayClient"]
 
 log = structlog.get_logger()
 
 _T = TypeVar("_T")
+# The batch endpoint's `action` for each kind it serves (stems have no batch form).
+_BATCH_ACTIONS: dict[str, str] = {TaskKind.MUSIC: "MUSIC", TaskKind.LYRICS: "LYRICS"}
 _JSON_HEADERS = {"Content-Type": "application/json"}
 _MAX_MESSAGE = 200
 
@@ -67,6 +71,7 @@ class RelayClient:
         max_in_flight: int = 32,
         timeout_s: float = 10.0,
         batch_path: str = "/suno/fetch",
+        dialect: Dialect = Dialect.FETCH,
     ) -> None:
         if batch_size < 1 or max_in_flight < 1 or not timeout_s > 0:
             raise ValueError("batch_size, max_in_flight and timeout_s must be positive")
@@ -78,9 +83,38 @@ class RelayClient:
         self._batch_path = "/" + batch_path.strip("/")
         self._semaphore = asyncio.Semaphore(max_in_flight)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._dialect = dialect
 
     def __repr__(self) -> str:
         return f"RelayClient(base_url={self._base!r})"
+
+    # -- tasks of a kind, whatever the dialect ------------------------------------------------------
+
+    def batches(self, kind: str) -> bool:
+        """Whether tasks of this kind are asked about many at a time (fetch_tasks)."""
+        return self._dialect is Dialect.FETCH and kind in _BATCH_ACTIONS
+
+    def endpoint(self, kind: str, *, batched: bool) -> str:
+        """The endpoint's name in metrics: batch, single, v1 or stems."""
+        if batched:
+            return "batch"
+        if kind == TaskKind.STEMS:
+            return "stems"
+        return "v1" if self._dialect is Dialect.V1 else "single"
+
+    async def fetch_task(self, kind: str, task_id: str) -> TaskSnapshot:
+        """One task, from the endpoint that serves it alone."""
+        if kind == TaskKind.STEMS:
+            return await self.fetch_stems(task_id)
+        if self._dialect is Dialect.V1:
+            return await self.fetch_v1(task_id)
+        return await self.fetch(task_id)
+
+    async def fetch_tasks(self, kind: str, task_ids: Sequence[str]) -> BatchResult:
+        """Tasks of a kind that `batches`, in batch requests."""
+        return await self.fetch_batch(task_ids, _BATCH_ACTIONS[kind])
+
+    # -- the relay's endpoints ----------------------------------------------------------------------
 
     async def fetch(self, task_id: str) -> TaskSnapshot:
         """`GET /suno/fetch/{task_id}`."""

@@ -21,7 +21,6 @@ import msgspec
 from service.upstream.schemas import (
     ClipSnapshot,
     ClipView,
-    Dialect,
     MalformedUpstreamError,
     PermanentUpstreamError,
     TaskSnapshot,
@@ -39,7 +38,6 @@ __all__ = [
     "parse_fetch_batch",
     "parse_stems",
     "parse_submit",
-    "parse_task",
     "parse_v1",
     "render_task",
 ]
@@ -208,12 +206,6 @@ class BatchParse(NamedTuple):
     snapshots: list[TaskSnapshot]
     # Tasks in the answer that could not be read, keyed by their id where it could be found.
     errors: dict[str, UpstreamError]
-
-
-def parse_task(body: bytes, dialect: Dialect) -> TaskSnapshot:
-    if dialect is Dialect.V1:
-        return parse_v1(body)
-    return parse_fetch(body)
 
 
 def parse_fetch(body: bytes) -> TaskSnapshot:

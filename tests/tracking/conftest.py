@@ -153,6 +153,7 @@ async def tracking_factory(
             batch_size=settings.poll_batch_size,
             max_in_flight=settings.upstream_concurrency,
             timeout_s=settings.upstream_timeout_s,
+            dialect=settings.suno_api_dialect,
         )
         sessions = create_session_maker(engine)
         poller = Poller(settings, engine, relay)

@@ -125,7 +125,7 @@ async def poll_once(tracking: Tracking, answers: dict[str, TaskSnapshot]) -> boo
     returns whether the recorder wrote anything."""
     async with transaction(tracking.sessions) as session:
         claim = await claim_polls(session, limit=100, settings=tracking.settings)
-        results = [PollResult(task.id, "batch", answers[task.task_id]) for task in claim.tasks]
+        results = [PollResult(task.id, True, answers[task.task_id]) for task in claim.tasks]
         return await record_polls(session, claim, results, settings=tracking.settings, now=claim.now)
 
 
@@ -152,7 +152,7 @@ async def test_a_callback_waits_for_the_poll_holding_its_task_and_nothing_is_rec
             asyncio.create_task(record(tracking, callback_body(task_id, "QUEUED"))) for task_id in task_ids
         ]
         await wait_until(lambda: _equals(waiting_on_locks(tracking), 4), timeout=10, what="callbacks blocked")
-        results = [PollResult(t.id, "batch", snapshot(t.task_id, TaskStatus.QUEUED)) for t in claim.tasks]
+        results = [PollResult(t.id, True, snapshot(t.task_id, TaskStatus.QUEUED)) for t in claim.tasks]
         await record_polls(session, claim, results, settings=tracking.settings, now=claim.now)
     assert await asyncio.gather(*callbacks) == [True] * 4
 
@@ -176,7 +176,7 @@ async def test_a_cancel_waits_for_the_poll_holding_the_task(tracking: Tracking) 
         cancelling = asyncio.create_task(cancel())
         await wait_until(lambda: _equals(waiting_on_locks(tracking), 1), timeout=10, what="cancel blocked")
         [task] = claim.tasks
-        results = [PollResult(task.id, "batch", snapshot("cancel-race", TaskStatus.IN_PROGRESS))]
+        results = [PollResult(task.id, True, snapshot("cancel-race", TaskStatus.IN_PROGRESS))]
         await record_polls(session, claim, results, settings=tracking.settings, now=claim.now)
     await cancelling
 

@@ -15,12 +15,13 @@ from structlog.testing import capture_logs
 from service.upstream.client import RelayClient
 from service.upstream.fake import FakeRelay, FaultKind
 from service.upstream.schemas import (
+    Dialect,
     MalformedUpstreamError,
     PermanentUpstreamError,
     TransientUpstreamError,
     UpstreamError,
 )
-from service.vocabulary import TaskStatus
+from service.vocabulary import TaskKind, TaskStatus
 from tests.upstream.conftest import (
     API_KEY,
     STEMS_SOURCE_CLIP,
@@ -53,6 +54,23 @@ async def test_v1_doc_example(relay: FakeRelay, client: RelayClient, v1_doc: byt
 async def test_stems_doc_example(relay: FakeRelay, client: RelayClient, stems_doc: bytes) -> None:
     relay.add_document(STEMS_SOURCE_CLIP, stems_doc)
     assert expected_stems_doc(stems_doc) == await client.fetch_stems(STEMS_SOURCE_CLIP)
+
+
+async def test_fetch_task_picks_the_dialect_and_the_kind_s_endpoint(
+    relay: FakeRelay, session: aiohttp.ClientSession, fetch_doc: bytes, v1_doc: bytes, stems_doc: bytes
+) -> None:
+    relay.add_document(FETCH_DOC_ID, fetch_doc)
+    relay.add_document(V1_DOC_ID, v1_doc)
+    relay.add_document(STEMS_SOURCE_CLIP, stems_doc)
+    fetch = RelayClient(session, relay.base_url, API_KEY, dialect=Dialect.FETCH)
+    v1 = RelayClient(session, relay.base_url, API_KEY, dialect=Dialect.V1)
+    assert expected_fetch_doc(fetch_doc) == await fetch.fetch_task(TaskKind.MUSIC, FETCH_DOC_ID)
+    assert expected_v1_doc(v1_doc) == await v1.fetch_task(TaskKind.MUSIC, V1_DOC_ID)
+    for client in (fetch, v1):
+        assert expected_stems_doc(stems_doc) == await client.fetch_task(TaskKind.STEMS, STEMS_SOURCE_CLIP)
+    assert (fetch.batches(TaskKind.MUSIC), fetch.batches(TaskKind.STEMS), v1.batches(TaskKind.MUSIC)) == (
+        True, False, False,
+    )  # fmt: skip
 
 
 async def test_sends_the_bearer_key(relay: FakeRelay, session: aiohttp.ClientSession) -> None:

@@ -16,12 +16,10 @@ from service.upstream.dialects import (
     parse_fetch_batch,
     parse_stems,
     parse_submit,
-    parse_task,
     parse_v1,
 )
 from service.upstream.schemas import (
     ClipSnapshot,
-    Dialect,
     MalformedUpstreamError,
     PermanentUpstreamError,
     TransientUpstreamError,
@@ -92,11 +90,6 @@ def test_raw_is_the_task_object_as_received(fetch_doc: bytes, v1_doc: bytes) -> 
     raw = parse_v1(v1_doc).raw
     assert raw in v1_doc
     assert json.loads(raw) == json.loads(v1_doc)["data"]
-
-
-def test_parse_task_picks_the_dialect(fetch_doc: bytes, v1_doc: bytes) -> None:
-    assert parse_fetch(fetch_doc) == parse_task(fetch_doc, Dialect.FETCH)
-    assert parse_v1(v1_doc) == parse_task(v1_doc, Dialect.V1)
 
 
 @pytest.mark.parametrize(
