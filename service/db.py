@@ -6,11 +6,12 @@ import operator
 import os
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import Column, LargeBinary, MetaData, Table
+from sqlalchemy import Column, LargeBinary, MetaData, Table, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
@@ -56,6 +57,12 @@ async def transaction(sessions: SessionMaker) -> AsyncIterator[AsyncSession]:
     """The unit of work of an edge (request handler or job): commit once at the end, roll back on error."""
     async with sessions() as session, session.begin():
         yield session
+
+
+async def database_now(session: AsyncSession) -> datetime:
+    """The transaction's time on the database's clock: the one clock polls are scheduled by."""
+    now: datetime = (await session.execute(text("SELECT now()"))).scalar_one()
+    return now
 
 
 def start_embedded_postgres(data_dir: Path) -> tuple[str, Any]:

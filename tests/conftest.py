@@ -25,7 +25,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from service.config import Settings
-from service.db import create_engine, migrate
+from service.db import create_engine, migrate, start_embedded_postgres
 
 TEST_ADMIN_TOKEN = "test-admin-token"
 TEST_WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -51,14 +51,9 @@ def postgres_server_url() -> Iterator[str]:
         return
     # Short path: the server's unix socket lives in this directory and socket paths are limited to 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="st-pg-", dir="/tmp"))
-    runtime = root / "run"
-    runtime.mkdir(mode=0o700)
-    os.environ["XDG_RUNTIME_DIR"] = str(runtime)
-    import pgserver  # noqa: PLC0415  (needs XDG_RUNTIME_DIR set first)
-
-    server = pgserver.get_server(root / "pg", cleanup_mode="stop")
+    url, server = start_embedded_postgres(root)
     try:
-        yield _driver_url(server.get_uri())
+        yield _driver_url(url)
     finally:
         # A postgres left running would hold CI's output open and keep the run from finishing.
         server.cleanup()

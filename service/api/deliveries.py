@@ -19,6 +19,7 @@ from service.api.schemas import (
     delivery_out,
     encode_cursor,
 )
+from service.db import database_now
 from service.vocabulary import DeliveryStatus
 from service.webhooks import reads
 
@@ -92,7 +93,7 @@ async def retry_delivery(delivery_id: DeliveryIdPath, session: DbSession) -> Del
 )
 async def list_hook_hosts(session: DbSession) -> HookHostList:
     hosts = await reads.list_hook_hosts(session)
-    now = await reads.database_now(session)
+    now = await database_now(session)
     return HookHostList(
         items=[
             HookHostOut(

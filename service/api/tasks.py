@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated
 
 import msgspec
@@ -59,7 +58,6 @@ async def create_task(
         notify_format=data.notify_format,
         metadata=data.metadata,
         settings=runtime.settings,
-        now=datetime.now(UTC),
     )
     return Response(await load_task_out(session, task), status_code=201 if created else 200)
 

@@ -12,7 +12,7 @@ import msgspec
 from sqlalchemy import Row, Table, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from service.db import recordset, recordset_value, rows_as
+from service.db import database_now, recordset, recordset_value, rows_as
 from service.models import LIVE, Clip, Task, TaskEvent
 from service.upstream.schemas import ClipContent
 
@@ -199,7 +199,6 @@ def _task_state(row: Row[Any]) -> TaskState:
     return TaskState(**values)
 
 
-_NOW = text("SELECT now()")
 _LOCK = (
     f"SELECT now() AS now, {', '.join(_TASK_READ)}, {_with_clips('tasks')} AS clips "  # noqa: S608
     "FROM tasks WHERE %s ORDER BY id FOR UPDATE"
@@ -216,7 +215,7 @@ async def lock_task_states(
     query = _LOCK_BY_PK if pks else _LOCK_BY_TASK_ID
     rows = (await session.execute(query, {"pks": list(pks), "task_ids": list(task_ids)})).all()
     if not rows:
-        return (await session.execute(_NOW)).scalar_one(), []
+        return await database_now(session), []
     return rows[0].now, [_task_state(row) for row in rows]
 
 

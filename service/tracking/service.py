@@ -25,6 +25,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.config import Settings
+from service.db import database_now
 from service.errors import Conflict, NotFound, UpstreamUnavailable
 from service.metrics import ANOMALIES, TRANSITIONS
 from service.models import Task, TaskEvent
@@ -685,9 +686,12 @@ async def register_task(
     notify_format: str | None,
     metadata: dict[str, Any] | None,
     settings: Settings,
-    now: datetime,
 ) -> tuple[Task, bool]:
-    """Start tracking task_id; returns (task, created). Registering the same task again is idempotent."""
+    """Start tracking task_id; returns (task, created). Registering the same task again is idempotent.
+
+    Polls are scheduled by the database's clock only (docs/design.md, "One clock"): the registration's
+    first poll too."""
+    now = await database_now(session)
     created_pk = (
         await session.execute(
             pg_insert(Task)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.errors import NotFound
@@ -101,8 +100,3 @@ async def get_delivery(session: AsyncSession, delivery_id: int) -> tuple[Deliver
 async def list_hook_hosts(session: AsyncSession) -> list[HookHost]:
     query = select(HookHost).order_by(HookHost.paused_until.desc().nulls_last(), HookHost.host)
     return list((await session.execute(query)).scalars())
-
-
-async def database_now(session: AsyncSession) -> datetime:
-    now: datetime = (await session.execute(text("SELECT now()"))).scalar_one()
-    return now

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -74,7 +73,6 @@ class Tracking:
                 notify_format=None,
                 metadata=None,
                 settings=self.settings,
-                now=datetime.now(UTC),
             )
 
     async def fetch(self, query: str, **params: Any) -> list[Any]:

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +152,7 @@ async def register(database: Database, settings: Settings, task_ids: list[str]) 
         for task_id in task_ids:
             await register_task(
                 session, task_id=task_id, kind="music", notify_hook=None, notify_format=None,
-                metadata=None, settings=settings, now=datetime.now(UTC),
+                metadata=None, settings=settings,
             )  # fmt: skip
 
 
