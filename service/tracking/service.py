@@ -155,6 +155,8 @@ class _Recorder:
         hooks = {
             hook for state, snapshot in answers if (hook := relay_hook_news(state, snapshot, self.settings))
         }
+        if not hooks:
+            return
         allow_private = self.settings.allow_private_hooks
         reasons = await asyncio.gather(*(hook_refusal(hook, allow_private=allow_private) for hook in hooks))
         self.hook_refusals.update(zip(hooks, reasons, strict=True))
