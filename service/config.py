@@ -4,21 +4,44 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from yarl import URL
 
 from service.upstream.schemas import Dialect
 
 DEFAULT_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
-PositiveSeconds = Annotated[float, Field(gt=0)]
+MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
+# Upper bounds (README, "Limits"): far above any sensible setting, low enough that the values stay
+# meaningful as timestamps, Postgres intervals and millisecond timeouts.
+RETRY_DELAY_MAX_S = 7 * DAY
+RETRY_SCHEDULE_MAX_LENGTH = 50
+TOKEN_MIN_LENGTH = 16
+
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+# The callback token is a path segment: only characters that need no escaping there.
+_TOKEN_CHARACTERS = {
+    "SUNOTRACK_ADMIN_TOKEN": (re.compile(r"[!-~]+"), "printable ASCII without spaces"),
+    "SUNOTRACK_CALLBACK_TOKEN": (re.compile(r"[A-Za-z0-9._~-]+"), "letters, digits and . _ ~ -"),
+}
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+# Query parameters the asyncpg driver takes from a URL as text; libpq's others (sslmode...) it refuses.
+_DATABASE_URL_PARAMETERS = {
+    "host", "port", "ssl", "target_session_attrs", "prepared_statement_cache_size", "passfile",
+}  # fmt: skip
 
 
 class ConfigError(Exception):
-    """Raised with one line per bad variable, each naming the variable."""
+    """A start-up problem the user must fix: printed as is (one line per problem, each naming the
+    variable or option), and the process exits with status 2. Never carries a secret."""
 
 
 class Settings(BaseSettings):
@@ -32,7 +55,9 @@ class Settings(BaseSettings):
     suno_base_url: str | None = Field(default=None, validation_alias="SUNO_BASE_URL")
     suno_api_key: SecretStr | None = Field(default=None, validation_alias="SUNO_API_KEY")
     suno_api_dialect: Dialect = Field(default=Dialect.FETCH, validation_alias="SUNO_API_DIALECT")
-    upstream_timeout_s: PositiveSeconds = Field(default=15.0, validation_alias="SUNOTRACK_UPSTREAM_TIMEOUT_S")
+    upstream_timeout_s: PositiveSeconds = Field(
+        default=15.0, le=10 * MINUTE, validation_alias="SUNOTRACK_UPSTREAM_TIMEOUT_S"
+    )
     upstream_concurrency: int = Field(
         default=16, ge=1, le=1024, validation_alias="SUNOTRACK_UPSTREAM_CONCURRENCY"
     )
@@ -42,16 +67,20 @@ class Settings(BaseSettings):
     callback_token: SecretStr | None = Field(default=None, validation_alias="SUNOTRACK_CALLBACK_TOKEN")
 
     poll_min_interval_s: PositiveSeconds = Field(
-        default=3.0, validation_alias="SUNOTRACK_POLL_MIN_INTERVAL_S"
+        default=3.0, le=DAY, validation_alias="SUNOTRACK_POLL_MIN_INTERVAL_S"
     )
     poll_max_interval_s: PositiveSeconds = Field(
-        default=60.0, validation_alias="SUNOTRACK_POLL_MAX_INTERVAL_S"
+        default=60.0, le=DAY, validation_alias="SUNOTRACK_POLL_MAX_INTERVAL_S"
     )
-    poll_tick_s: PositiveSeconds = Field(default=0.5, validation_alias="SUNOTRACK_POLL_TICK_S")
+    poll_tick_s: PositiveSeconds = Field(default=0.5, le=MINUTE, validation_alias="SUNOTRACK_POLL_TICK_S")
     poll_claim_size: int = Field(default=4000, ge=1, le=100_000, validation_alias="SUNOTRACK_POLL_CLAIM_SIZE")
-    task_deadline_s: PositiveSeconds = Field(default=3600.0, validation_alias="SUNOTRACK_TASK_DEADLINE_S")
-    lease_s: PositiveSeconds = Field(default=30.0, validation_alias="SUNOTRACK_LEASE_S")
-    not_found_grace_s: float = Field(default=600.0, ge=0, validation_alias="SUNOTRACK_NOT_FOUND_GRACE_S")
+    task_deadline_s: PositiveSeconds = Field(
+        default=3600.0, le=30 * DAY, validation_alias="SUNOTRACK_TASK_DEADLINE_S"
+    )
+    lease_s: PositiveSeconds = Field(default=30.0, le=HOUR, validation_alias="SUNOTRACK_LEASE_S")
+    not_found_grace_s: float = Field(
+        default=600.0, ge=0, le=DAY, allow_inf_nan=False, validation_alias="SUNOTRACK_NOT_FOUND_GRACE_S"
+    )
 
     webhook_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
         default=(), validation_alias="SUNOTRACK_WEBHOOK_SECRET"
@@ -59,32 +88,73 @@ class Settings(BaseSettings):
     webhook_retry_schedule: Annotated[tuple[float, ...], NoDecode] = Field(
         default=DEFAULT_RETRY_SCHEDULE, validation_alias="SUNOTRACK_WEBHOOK_RETRY_SCHEDULE"
     )
-    webhook_timeout_s: PositiveSeconds = Field(default=15.0, validation_alias="SUNOTRACK_WEBHOOK_TIMEOUT_S")
+    webhook_timeout_s: PositiveSeconds = Field(
+        default=15.0, le=10 * MINUTE, validation_alias="SUNOTRACK_WEBHOOK_TIMEOUT_S"
+    )
     webhook_concurrency: int = Field(
         default=64, ge=1, le=4096, validation_alias="SUNOTRACK_WEBHOOK_CONCURRENCY"
     )
-    webhook_sweep_s: PositiveSeconds = Field(default=1.0, validation_alias="SUNOTRACK_WEBHOOK_SWEEP_S")
+    webhook_sweep_s: PositiveSeconds = Field(
+        default=1.0, le=HOUR, validation_alias="SUNOTRACK_WEBHOOK_SWEEP_S"
+    )
     allow_private_hooks: bool = Field(default=False, validation_alias="SUNOTRACK_ALLOW_PRIVATE_HOOKS")
     # `ignore` for relays that call their clients' hooks themselves.
     relay_hooks: Literal["adopt", "ignore"] = Field(default="adopt", validation_alias="SUNOTRACK_RELAY_HOOKS")
-    hook_breaker_failures: int = Field(default=20, ge=1, validation_alias="SUNOTRACK_HOOK_BREAKER_FAILURES")
+    hook_breaker_failures: int = Field(
+        default=20, ge=1, le=1_000_000, validation_alias="SUNOTRACK_HOOK_BREAKER_FAILURES"
+    )
     hook_breaker_pause_s: PositiveSeconds = Field(
-        default=60.0, validation_alias="SUNOTRACK_HOOK_BREAKER_PAUSE_S"
+        default=60.0, le=DAY, validation_alias="SUNOTRACK_HOOK_BREAKER_PAUSE_S"
     )
 
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", validation_alias="SUNOTRACK_LOG_LEVEL"
     )
 
+    @field_validator("admin_token", "callback_token")
+    @classmethod
+    def _long_token(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        # A set-but-empty token is what a failed `export X=$(...)` leaves: refuse it, never treat it as off.
+        if value is None:
+            return None
+        token = value.get_secret_value()
+        if len(token) < TOKEN_MIN_LENGTH:
+            state = "is set but empty" if not token else f"has {len(token)} characters"
+            raise ValueError(f"{state}: use at least {TOKEN_MIN_LENGTH} random characters (or unset it)")
+        pattern, allowed = _TOKEN_CHARACTERS[_alias(info)]
+        if not pattern.fullmatch(token):
+            raise ValueError(f"may only hold {allowed}")
+        return value
+
     @field_validator("database_url")
     @classmethod
-    def _async_driver(cls, value: str | None) -> str | None:
-        if value is None or value == "":
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is None:
             return None
+        if not value:
+            raise ValueError("is set but empty: unset it to use the embedded PostgreSQL")
         for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
             if value.startswith(prefix):
-                return "postgresql+asyncpg://" + value.removeprefix(prefix)
-        raise ValueError("must start with postgresql:// or postgresql+asyncpg://")
+                value = "postgresql+asyncpg://" + value.removeprefix(prefix)
+                break
+        else:
+            raise ValueError("must start with postgresql:// or postgresql+asyncpg://")
+        # Messages from here on never quote the URL: it may hold a password.
+        try:
+            url = make_url(value)
+        except ValueError:
+            raise ValueError("is not a valid URL (check the port and any [IPv6] brackets)") from None
+        if not (url.host or url.query.get("host")):
+            raise ValueError("names no host (for a unix socket: ?host=/path/to/socket/directory)")
+        if url.host and not _valid_host(url.host):
+            raise ValueError("has an invalid host name")
+        if not url.database:
+            raise ValueError("names no database (postgresql://user:password@host:5432/DATABASE)")
+        unknown = sorted(set(url.query) - _DATABASE_URL_PARAMETERS)
+        if unknown:
+            hint = " (asyncpg takes ssl=require instead of sslmode)" if "sslmode" in unknown else ""
+            raise ValueError(f"has query parameters the driver does not take: {', '.join(unknown)}{hint}")
+        return value
 
     @field_validator("suno_base_url")
     @classmethod
@@ -93,6 +163,17 @@ class Settings(BaseSettings):
             return None
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
+        try:
+            url = URL(value)
+            port = url.port
+        except ValueError as exc:
+            raise ValueError(f"is not a valid URL ({exc})") from None
+        if not url.raw_host or not _valid_host(url.raw_host):
+            raise ValueError("must name a valid host, e.g. https://relay.example")
+        if not port:
+            raise ValueError("has port 0")
+        if url.query_string or url.fragment:
+            raise ValueError("must not have a query or a fragment")
         return value.rstrip("/")
 
     @field_validator("webhook_secrets", mode="before")
@@ -121,8 +202,12 @@ class Settings(BaseSettings):
                 value = tuple(float(part) for part in parts)
             except ValueError as exc:
                 raise ValueError("must be comma separated seconds, e.g. 5,300,1800") from exc
-        if isinstance(value, tuple | list) and any(float(delay) < 0 for delay in value):
-            raise ValueError("delays must not be negative")
+        if isinstance(value, tuple | list):
+            if len(value) > RETRY_SCHEDULE_MAX_LENGTH:
+                raise ValueError(f"at most {RETRY_SCHEDULE_MAX_LENGTH} delays")
+            for delay in value:
+                if not 0 <= float(delay) <= RETRY_DELAY_MAX_S:  # also false for nan
+                    raise ValueError(f"each delay must be from 0 to {RETRY_DELAY_MAX_S:.0f} seconds")
         return value
 
     @model_validator(mode="after")
@@ -138,7 +223,24 @@ class Settings(BaseSettings):
             return cls(**overrides)  # type: ignore[arg-type]
         except ValidationError as exc:
             lines = []
-            for error in exc.errors():
-                where = ".".join(str(part) for part in error["loc"]) or "settings"
-                lines.append(f"{where}: {error['msg']}")
-            raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+            for error in exc.errors(include_input=False, include_url=False):
+                message = error["msg"].removeprefix("Value error, ")
+                where = [str(part) for part in error["loc"]]
+                if len(where) > 1:  # an item of a list, e.g. a delay of the retry schedule
+                    where = [f"{where[0]} (item {int(where[1]) + 1})" if where[1].isdigit() else where[0]]
+                lines.append(f"{where[0]}: {message}" if where else message)
+            raise ConfigError("\n".join(lines)) from None
+
+
+def _alias(info: ValidationInfo) -> str:
+    field = Settings.model_fields[info.field_name or ""]
+    return str(field.validation_alias)
+
+
+def _valid_host(host: str) -> bool:
+    """A DNS name or an IP address: what a typo such as `exa mple.com` is not."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return _HOST_NAME.fullmatch(host) is not None
+    return True

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,11 +55,84 @@ def test_values_are_parsed_from_their_variables() -> None:
         ("SUNOTRACK_WEBHOOK_SECRET", "whsec_%%%"),
         ("SUNOTRACK_ALLOW_PRIVATE_HOOKS", "maybe"),
         ("SUNOTRACK_LEASE_S", "abc"),
+        ("DATABASE_URL", ""),
+        ("DATABASE_URL", "postgresql://"),
+        ("DATABASE_URL", "postgresql:///sunotrack"),
+        ("DATABASE_URL", "postgresql://user:s3cret@db:5432/"),
+        ("DATABASE_URL", "postgresql://user:s3cret@db:port/sunotrack"),
+        ("DATABASE_URL", "postgresql://user:s3cret@[::1/sunotrack"),
+        ("DATABASE_URL", "postgresql://user:s3cret@exa mple/sunotrack"),
+        ("DATABASE_URL", "postgresql://user:s3cret@db/sunotrack?sslmode=require"),
+        ("SUNO_BASE_URL", "http://"),
+        ("SUNO_BASE_URL", "http://exa mple.com"),
+        ("SUNO_BASE_URL", "https://relay.example:0"),
+        ("SUNO_BASE_URL", "https://relay.example:99999"),
+        ("SUNO_BASE_URL", "https://relay.example/?key=1"),
+        ("SUNOTRACK_WEBHOOK_RETRY_SCHEDULE", "5,inf"),
+        ("SUNOTRACK_WEBHOOK_RETRY_SCHEDULE", "nan"),
+        ("SUNOTRACK_WEBHOOK_RETRY_SCHEDULE", "5,1e300"),
+        ("SUNOTRACK_WEBHOOK_RETRY_SCHEDULE", ",".join(["1"] * 51)),
+        ("SUNOTRACK_HOOK_BREAKER_FAILURES", "1e300"),
+        ("SUNOTRACK_HOOK_BREAKER_FAILURES", "10000000"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_variable(variable: str, value: str) -> None:
-    with pytest.raises(ConfigError, match=variable):
+    with pytest.raises(ConfigError, match=variable) as refused:
         Settings.from_env(**{variable: value})
+
+    assert "s3cret" not in str(refused.value)
+    assert len(str(refused.value).splitlines()) == 1
+
+
+DURATIONS = [
+    name
+    for name, field in Settings.model_fields.items()
+    if name.endswith("_s") and isinstance(field.validation_alias, str)
+]
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e300"])
+@pytest.mark.parametrize("field", DURATIONS)
+def test_every_duration_refuses_infinite_and_absurd_values(field: str, value: str) -> None:
+    variable = str(Settings.model_fields[field].validation_alias)
+
+    with pytest.raises(ConfigError, match=f"^{variable}: ") as refused:
+        Settings.from_env(**{variable: value})
+
+    assert field not in str(refused.value)
+
+
+def test_every_duration_has_an_upper_bound_documented_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    limits = readme.split("### Limits", 1)[1].split("\n## ", 1)[0]
+
+    for field in DURATIONS:
+        variable = str(Settings.model_fields[field].validation_alias)
+        bound = next(m.le for m in Settings.model_fields[field].metadata if getattr(m, "le", None))
+        assert re.search(rf"`{variable}`[^|]*\|[^|]*\b{int(bound)}\b", limits), (variable, bound)
+
+
+TOKEN_REFUSALS = [
+    (variable, value)
+    for variable in ("SUNOTRACK_ADMIN_TOKEN", "SUNOTRACK_CALLBACK_TOKEN")
+    for value in ("", " ", "short", "fifteen-chars-x", "sixteen chars ok", "sixteen\tchars-ok")
+] + [("SUNOTRACK_CALLBACK_TOKEN", "sixteen/chars/no"), ("SUNOTRACK_CALLBACK_TOKEN", "sixteen%2Fchars-no")]
+
+
+@pytest.mark.parametrize(("variable", "value"), TOKEN_REFUSALS)
+def test_an_empty_short_or_odd_token_is_refused(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{variable}: ") as refused:
+        Settings.from_env(**{variable: value})
+
+    assert value.strip() == "" or value not in str(refused.value)
+
+
+def test_a_long_token_is_taken_and_an_unset_callback_token_keeps_the_route_off() -> None:
+    settings = Settings.from_env(SUNOTRACK_ADMIN_TOKEN="a/b+c=" * 3, SUNOTRACK_CALLBACK_TOKEN="b-._~" * 4)
+
+    assert settings.admin_token is not None
+    assert settings.admin_token.get_secret_value() == "a/b+c=" * 3
+    assert Settings.from_env().callback_token is None
 
 
 def test_max_interval_below_min_is_refused() -> None:
@@ -67,7 +142,7 @@ def test_max_interval_below_min_is_refused() -> None:
 
 def test_secrets_never_show_in_the_settings_repr() -> None:
     settings = Settings.from_env(
-        SUNO_API_KEY="sk-relay-secret", SUNOTRACK_ADMIN_TOKEN="admin-secret",
+        SUNO_API_KEY="sk-relay-secret", SUNOTRACK_ADMIN_TOKEN="admin-secret-0123456789",
         SUNOTRACK_WEBHOOK_SECRET="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
     )  # fmt: skip
 
