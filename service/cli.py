@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import functools
 import gc
 import logging
 import os
@@ -18,23 +18,39 @@ from service.redact import mask_log_credentials
 
 
 def configure_logging(level: str) -> None:
+    """One JSON object per line on stderr, for our structlog events and for every standard-library
+    record alike (uvicorn, alembic, asyncio): the same processors render both."""
     numeric = getattr(logging, level.upper())
-    logging.basicConfig(level=numeric, format="%(message)s", stream=sys.stderr)
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    render: list[structlog.typing.Processor] = [
+        structlog.processors.format_exc_info,
+        mask_log_credentials,
+        structlog.processors.JSONRenderer(),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            mask_log_credentials,
-            structlog.processors.JSONRenderer(),
-        ],
+        processors=[*shared, *render],
+        # Our own events skip the standard library's machinery: the poller logs on its hot path.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         cache_logger_on_first_use=True,
     )
-    # Both narrate every routine step at INFO (each scheduler tick, each pg_ctl call).
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(numeric)
+    # These narrate every routine step at INFO (each scheduler tick, each pg_ctl call, each plugin).
+    for name in ("apscheduler", "pgserver", "alembic.runtime.plugins"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 # The poller allocates a few dozen short-lived objects per task polled. With the default thresholds
@@ -50,47 +66,33 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def load_settings(**overrides: object) -> Settings:
-    try:
-        return Settings.from_env(**overrides)
-    except ConfigError as exc:
-        print(f"sunotrack: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+def command_serve(args: argparse.Namespace) -> None:
+    from service.app import create_app  # noqa: PLC0415  (only the serving commands need the app)
+    from service.serving import bind, run, serving  # noqa: PLC0415
 
-
-def serve(settings: Settings, host: str, port: int, *, access_log: bool) -> None:
-    import uvicorn  # noqa: PLC0415  (only the serving commands need the server)
-
-    from service.app import create_app  # noqa: PLC0415
-
+    settings = Settings.from_env()
+    if settings.admin_token is None:
+        raise ConfigError("SUNOTRACK_ADMIN_TOKEN: must be set to serve the API")
+    configure_logging(settings.log_level)
+    sock = bind(args.host, args.port)
     app = create_app(settings)
     tune_gc()
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        access_log=access_log,
-        log_config=None,
-        timeout_graceful_shutdown=5,
-    )
 
+    async def main(stop: asyncio.Event) -> None:
+        async with serving(app, sock, stop, access_log=args.access_log) as served:
+            await served
 
-def command_serve(args: argparse.Namespace) -> None:
-    settings = load_settings()
-    if settings.admin_token is None:
-        print("sunotrack: SUNOTRACK_ADMIN_TOKEN must be set to serve the API", file=sys.stderr)
-        raise SystemExit(2)
-    configure_logging(settings.log_level)
-    serve(settings, args.host, args.port, access_log=args.access_log)
+    run(main)
 
 
 def command_demo(args: argparse.Namespace) -> None:
     from service.demo import run_demo  # noqa: PLC0415  (pulls in the fake relay and the app)
+    from service.serving import bind, run  # noqa: PLC0415
 
     configure_logging(os.environ.get("SUNOTRACK_LOG_LEVEL", "warning"))
+    sock = bind(args.host, args.port)
     tune_gc()
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_demo(args.host, args.port, args.stage_s, load_settings))
+    run(functools.partial(run_demo, sock, args.stage_s))
 
 
 def command_fake_relay(args: argparse.Namespace) -> None:
@@ -101,9 +103,9 @@ def command_fake_relay(args: argparse.Namespace) -> None:
 
 
 def command_migrate(_: argparse.Namespace) -> None:
-    from service.db import create_engine, migrate, start_embedded_postgres  # noqa: PLC0415
+    from service.db import check_connection, create_engine, migrate, start_embedded_postgres  # noqa: PLC0415
 
-    settings = load_settings()
+    settings = Settings.from_env()
     configure_logging(settings.log_level)
 
     async def run() -> None:
@@ -112,6 +114,7 @@ def command_migrate(_: argparse.Namespace) -> None:
             url, embedded = start_embedded_postgres(settings.data_dir)
         engine = create_engine(url, pool_size=1)
         try:
+            await check_connection(engine, "DATABASE_URL" if embedded is None else "SUNOTRACK_DATA_DIR")
             await migrate(engine)
         finally:
             await engine.dispose()
@@ -156,4 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.handler(args)
+    try:
+        args.handler(args)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"sunotrack: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        # Ctrl-C before the command's own signal handling is in place (imports, start-up): just stop.
+        raise SystemExit(0) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 import os
+import socket
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -13,8 +14,12 @@ from typing import Any, TypeVar
 import structlog
 from sqlalchemy import Column, LargeBinary, MetaData, Table, text
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
+
+from service.config import ConfigError
 
 log = structlog.get_logger()
 
@@ -65,18 +70,53 @@ async def database_now(session: AsyncSession) -> datetime:
     return now
 
 
+async def check_connection(engine: AsyncEngine, variable: str) -> None:
+    """Connect once, before anything else uses the engine: a database that cannot be reached stops
+    start-up with a ConfigError naming `variable` and the cause instead of a driver traceback."""
+    try:
+        async with engine.connect() as connection:
+            await connection.exec_driver_sql("SELECT 1")
+    except (OSError, DBAPIError) as exc:  # asyncpg's own errors arrive wrapped in DBAPIError
+        reason = connection_failure(exc, engine.url)
+        password = engine.url.password
+        if password:
+            reason = reason.replace(password, "***")
+        raise ConfigError(f"{variable}: {reason}") from None
+
+
+def connection_failure(exc: BaseException, url: URL) -> str:
+    """Why a connection failed, in one line, from the driver's error (which never holds the password)."""
+    host = url.host or url.query.get("host") or "the default socket"
+    where = f"{host}:{url.port or 5432}" if url.host else str(host)
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        exc = exc.orig.__cause__ or exc.orig  # the driver's own error, under SQLAlchemy's wrappers
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host {url.host!r} ({exc.strerror})"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused by {where} (is PostgreSQL listening there?)"
+    if isinstance(exc, TimeoutError):
+        return f"no answer from {where} in time"
+    if isinstance(exc, OSError):
+        return f"cannot connect to {where}: {exc.strerror or exc}"
+    message = " ".join(str(exc).split())
+    return f"{where} refused the connection: {message}"
+
+
 def start_embedded_postgres(data_dir: Path) -> tuple[str, Any]:
     """Start (or re-attach to) the embedded PostgreSQL kept under data_dir; returns (async URL, handle)."""
-    runtime_dir = data_dir.resolve() / "run"
-    runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    runtime_dir.chmod(0o700)
-    # pgserver reads this at import time; without it it falls back to a shared /tmp directory.
-    os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime_dir))
-    import pgserver  # noqa: PLC0415  (import is slow and has side effects: only when the embedded server is used)
+    try:
+        runtime_dir = data_dir.resolve() / "run"
+        runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        runtime_dir.chmod(0o700)
+        # pgserver reads this at import time; without it it falls back to a shared /tmp directory.
+        os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime_dir))
+        import pgserver  # noqa: PLC0415  (import is slow and has side effects: only when the embedded server is used)
 
-    pg_dir = data_dir.resolve() / "pg"
-    pg_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(pg_dir, cleanup_mode="stop")
+        pg_dir = data_dir.resolve() / "pg"
+        pg_dir.mkdir(parents=True, exist_ok=True)
+        server = pgserver.get_server(pg_dir, cleanup_mode="stop")
+    except OSError as exc:
+        raise ConfigError(f"SUNOTRACK_DATA_DIR: cannot keep the embedded PostgreSQL there: {exc}") from None
     uri: str = server.get_uri()
     log.info("db.embedded_started", data_dir=str(pg_dir))
     return uri.replace("postgresql://", "postgresql+asyncpg://", 1), server

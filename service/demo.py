@@ -2,7 +2,8 @@
 
 Everything goes through the real paths: the samples are submitted to the fake relay over HTTP and
 registered through the service's own API, then the poller moves them along while this prints each
-status change, so a newcomer sees the whole loop within a minute.
+status change, so a newcomer sees the whole loop within a minute. The fake relay keeps its tasks and
+the demo its webhook secret in the data directory, so a second run looks like the first.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import base64
 import contextlib
 import os
 import secrets
+import socket
+from pathlib import Path
 from typing import Any
 
 import aiohttp
-import uvicorn
 
 from service.app import create_app
 from service.config import Settings
+from service.serving import serving
 from service.upstream.client import RelayClient
 from service.upstream.fake import Advance, FakeRelay
 from service.vocabulary import TERMINAL_STATUSES
@@ -29,70 +32,111 @@ SAMPLES: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("lyrics", "lyrics", {"prompt": "a song about cats", "fake_lifecycle": "lyrics"}),
     ("music", "music", {"title": "Static Bloom", "fake_lifecycle": "unknown_blip"}),
 )
+DEMO_RELAY_KEY = "demo-relay-key"
 
 
-def demo_settings(token: str, relay_url: str, load: Any) -> Settings:
+def demo_settings(token: str, relay_url: str, data_dir: Path) -> Settings:
     """Demo defaults, but anything the user set in the environment wins."""
     defaults = {
         "SUNOTRACK_ADMIN_TOKEN": token,
         "SUNO_BASE_URL": relay_url,
-        "SUNO_API_KEY": "demo-relay-key",
+        "SUNO_API_KEY": DEMO_RELAY_KEY,
         "SUNOTRACK_POLL_MIN_INTERVAL_S": "1",
         "SUNOTRACK_POLL_MAX_INTERVAL_S": "5",
         "SUNOTRACK_ALLOW_PRIVATE_HOOKS": "true",
-        "SUNOTRACK_WEBHOOK_SECRET": "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode(),
     }
-    settings: Settings = load(**{name: value for name, value in defaults.items() if name not in os.environ})
-    return settings
+    if "SUNOTRACK_WEBHOOK_SECRET" not in os.environ:
+        defaults["SUNOTRACK_WEBHOOK_SECRET"] = demo_webhook_secret(data_dir)
+    return Settings.from_env(**{name: value for name, value in defaults.items() if name not in os.environ})
 
 
-async def run_demo(host: str, port: int, stage_s: float, load: Any) -> None:
+def demo_webhook_secret(data_dir: Path) -> str:
+    """The demo's signing secret, made once and kept in the data directory, so a receiver set up
+    with it keeps verifying across runs."""
+    path = data_dir / "demo-webhook-secret"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    path.touch(mode=0o600)
+    path.write_text(secret + "\n")
+    return secret
+
+
+async def run_demo(sock: socket.socket, stage_s: float, stop: asyncio.Event) -> None:
     token = secrets.token_urlsafe(24)
+    data_dir = Settings.from_env().data_dir
+    relay_key = os.environ.get("SUNO_API_KEY", DEMO_RELAY_KEY)
     relay = FakeRelay(
-        api_key=os.environ.get("SUNO_API_KEY", "demo-relay-key"),
+        api_key=relay_key,
         default_advance=Advance.TIMED,
         stage_s=stage_s,
         record_windows=False,
+        state_file=data_dir / "fake-relay.json",
     )
     relay_url = await relay.start()
-    settings = demo_settings(token, relay_url, load)
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host=host, port=port, log_config=None, access_log=False)
-    )
-    serving = asyncio.create_task(server.serve())
     try:
-        while not server.started:
-            if serving.done():
+        settings = demo_settings(token, relay_url, data_dir)
+        async with serving(create_app(settings), sock, stop) as served:
+            if served.done():
                 return
-            await asyncio.sleep(0.05)
-        base = f"http://{host}:{port}"
-        database = "DATABASE_URL" if settings.database_url else f"embedded, in {settings.data_dir}"
-        print(
-            f"\nsunotrack demo on {base}\n"
-            f"database: {database}\n"
-            f"fake relay: {relay_url}\n"
-            f"admin token: {token}\n\n"
-            f"  curl -s -H 'Authorization: Bearer {token}' {base}/api/v1/tasks\n"
-            f"  curl -s -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\\n"
-            f'       -d \'{{"task_id": "my-task-1"}}\' {base}/api/v1/tasks\n'
-            f"  OpenAPI: {base}/schema\n",
-            flush=True,
-        )
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
-            task_ids = await submit_samples(http, relay, relay_url, base)
-            await watch(http, base, task_ids, serving)
+            host, port = sock.getsockname()[:2]
+            base = f"http://{host}:{port}"
+            shown_key = "$SUNO_API_KEY" if "SUNO_API_KEY" in os.environ else relay_key
+            introduce(settings, base, relay_url, shown_key, token)
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+                show = asyncio.create_task(show_samples(http, relay, relay_url, relay_key, base))
+                stopping = asyncio.create_task(stop.wait())
+                await asyncio.wait({show, stopping, served}, return_when=asyncio.FIRST_COMPLETED)
+                # Stop our own requests before the server goes, so none of them fails half-way.
+                show.cancel()
+                stopping.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await show
     finally:
-        server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await serving
         await relay.stop()
 
 
+def introduce(settings: Settings, base: str, relay_url: str, relay_key: str, token: str) -> None:
+    database = "DATABASE_URL" if settings.database_url else f"embedded, in {settings.data_dir}"
+    secrets_in_use = [key.get_secret_value() for key in settings.webhook_secrets]
+    private = "allowed" if settings.allow_private_hooks else "refused (SUNOTRACK_ALLOW_PRIVATE_HOOKS)"
+    auth = f"-H 'Authorization: Bearer {token}' -H 'Content-Type: application/json'"
+    print(
+        f"\nsunotrack demo on {base}\n"
+        f"database: {database}\n"
+        f"fake relay: {relay_url} (API key: {relay_key})\n"
+        f"admin token: {token}\n"
+        f"webhook signing secret: {' '.join(secrets_in_use) or 'none: webhooks wait unsent'}\n"
+        f"notify_hooks on loopback and private addresses: {private} in the demo\n\n"
+        'Try it: submit a song to the fake relay; it answers {"code": "success", "data": TASK_ID}.\n'
+        f"  curl -s -H \"Authorization: Bearer {relay_key}\" -H 'Content-Type: application/json' \\\n"
+        f'       -d \'{{"title": "My song"}}\' {relay_url}/suno/submit/music\n'
+        'Then track that TASK_ID (add "notify_hook": "http://127.0.0.1:9000/hook" for webhooks):\n'
+        f"  curl -s {auth} \\\n"
+        f'       -d \'{{"task_id": "TASK_ID", "kind": "music"}}\' {base}/api/v1/tasks\n'
+        f"  curl -s -H 'Authorization: Bearer {token}' {base}/api/v1/tasks/TASK_ID/events\n"
+        "A receiver checks each webhook's signature (pip install standardwebhooks):\n"
+        "  from standardwebhooks import Webhook\n"
+        f'  webhook = Webhook("{secrets_in_use[0] if secrets_in_use else "whsec_..."}")\n'
+        "  event = webhook.verify(body, headers)  # raises unless sunotrack signed this body\n"
+        f"OpenAPI: {base}/schema\n",
+        flush=True,
+    )
+
+
+async def show_samples(
+    http: aiohttp.ClientSession, relay: FakeRelay, relay_url: str, relay_key: str, base: str
+) -> None:
+    task_ids = await submit_samples(http, relay, relay_url, relay_key, base)
+    await watch(http, base, task_ids)
+
+
 async def submit_samples(
-    http: aiohttp.ClientSession, relay: FakeRelay, relay_url: str, base: str
+    http: aiohttp.ClientSession, relay: FakeRelay, relay_url: str, relay_key: str, base: str
 ) -> dict[str, str]:
     """Submit the samples to the relay like a client backend would, then register them with us."""
-    client = RelayClient(http, base_url=relay_url, api_key="demo-relay-key")
+    client = RelayClient(http, base_url=relay_url, api_key=relay_key)
     kinds: dict[str, str] = {}
     for kind, endpoint, payload in SAMPLES:
         submit = client.submit_lyrics if endpoint == "lyrics" else client.submit_music
@@ -106,14 +150,12 @@ async def submit_samples(
     return kinds
 
 
-async def watch(
-    http: aiohttp.ClientSession, base: str, kinds: dict[str, str], serving: asyncio.Task[None]
-) -> None:
-    """Print every task-level transition of the samples until the server stops."""
+async def watch(http: aiohttp.ClientSession, base: str, kinds: dict[str, str]) -> None:
+    """Print every task-level transition of the samples until cancelled."""
     seen: dict[str, int] = dict.fromkeys(kinds, 0)
     status: dict[str, str] = dict.fromkeys(kinds, "submitted")
     announced_all_done = False
-    while not serving.done():
+    while True:
         for task_id, after in seen.items():
             async with http.get(f"{base}/api/v1/tasks/{task_id}/events", params={"after": after}) as response:
                 if response.status != 200:

@@ -15,7 +15,14 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import Settings
-from service.db import SessionMaker, create_engine, create_session_maker, migrate, start_embedded_postgres
+from service.db import (
+    SessionMaker,
+    check_connection,
+    create_engine,
+    create_session_maker,
+    migrate,
+    start_embedded_postgres,
+)
 from service.upstream.client import RelayClient
 
 
@@ -46,6 +53,7 @@ async def open_runtime(settings: Settings, *, pool_size: int = 10) -> AsyncItera
     )
     scheduler = AsyncIOScheduler(timezone="UTC")
     try:
+        await check_connection(engine, "DATABASE_URL" if embedded is None else "SUNOTRACK_DATA_DIR")
         await migrate(engine)
         relay = None
         if settings.suno_base_url is not None:

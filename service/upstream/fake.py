@@ -20,6 +20,7 @@ import contextlib
 import enum
 import functools
 import hmac
+import os
 import re
 import time
 import uuid
@@ -27,6 +28,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Self
 
 import msgspec
@@ -194,6 +196,21 @@ class _Task:
         return min(index, len(self.stages) - 1)
 
 
+class _SavedTask(msgspec.Struct):
+    """A task as `state_file` keeps it; `created_at` is wall-clock time, so timed tasks move on across
+    restarts as if the relay had never stopped."""
+
+    task_id: str
+    kind: TaskKind
+    stages: tuple[Stage, ...]
+    advance: Advance
+    stage_s: float
+    values: dict[str, str]
+    clip_ids: tuple[str, ...]
+    created_at: float
+    offset: int
+
+
 class _BatchRequest(msgspec.Struct):
     ids: list[str]
     action: str | None = None
@@ -217,6 +234,8 @@ class FakeRelay:
     holds each such request's (start, end) on the monotonic clock, so `overlaps()` can show a task
     polled by two requests at once; `batches` lists the ids of each batch request in arrival order.
     The last two grow with every request: a long-running relay turns them off (`record_windows`).
+    With a `state_file` (the demo's), the scripted tasks are kept there and reloaded on start, so a
+    restarted relay still knows the tasks it was asked about before.
     """
 
     def __init__(
@@ -226,6 +245,7 @@ class FakeRelay:
         default_advance: Advance = Advance.PER_POLL,
         stage_s: float = 4.0,
         record_windows: bool = True,
+        state_file: Path | None = None,
     ) -> None:
         self._auth = f"Bearer {api_key}".encode() if api_key else None
         self.default_advance = default_advance
@@ -241,6 +261,9 @@ class FakeRelay:
         self.batches: list[tuple[str, ...]] = []
         self._runner: web.AppRunner | None = None
         self.base_url = ""
+        self.state_file = state_file
+        if state_file is not None and state_file.exists():
+            self._load(state_file)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -317,6 +340,8 @@ class FakeRelay:
             values=values,
             clip_ids=clip_ids,
         )
+        if self.state_file is not None:
+            self._save(self.state_file)
         return task_id
 
     def add_document(self, task_id: str, body: bytes) -> str:
@@ -331,6 +356,8 @@ class FakeRelay:
 
     def advance(self, task_id: str, steps: int = 1) -> None:
         self._tasks[task_id].offset += steps
+        if self.state_file is not None:
+            self._save(self.state_file)
 
     def set_notify_hook(self, task_id: str, notify_hook: str) -> None:
         """Name another hook (or none: "") in the task's fetch answers from now on."""
@@ -389,6 +416,44 @@ class FakeRelay:
             if pairs:
                 found[task_id] = pairs
         return found
+
+    def _save(self, path: Path) -> None:
+        offset = time.time() - time.monotonic()
+        saved = [
+            _SavedTask(
+                task_id=task.task_id,
+                kind=task.kind,
+                stages=task.stages,
+                advance=task.advance,
+                stage_s=task.stage_s,
+                values={name: value.decode() for name, value in task.values.items()},
+                clip_ids=task.clip_ids,
+                created_at=task.created + offset,
+                offset=task.offset,
+            )
+            for task in self._tasks.values()
+            if task.document is None
+        ]
+        partial = path.with_name(path.name + ".tmp")
+        partial.write_bytes(msgspec.json.encode(saved))
+        os.replace(partial, path)
+
+    def _load(self, path: Path) -> None:
+        offset = time.time() - time.monotonic()
+        for saved in msgspec.json.decode(path.read_bytes(), type=list[_SavedTask]):
+            self._tasks[saved.task_id] = _Task(
+                task_id=saved.task_id,
+                kind=saved.kind,
+                stages=saved.stages,
+                advance=saved.advance,
+                stage_s=saved.stage_s,
+                values={name: value.encode() for name, value in saved.values.items()},
+                clip_ids=saved.clip_ids,
+                created=saved.created_at - offset,
+                offset=saved.offset,
+            )
+            if saved.kind is TaskKind.MUSIC:
+                self._clip_owner.update(dict.fromkeys(saved.clip_ids, saved.task_id))
 
     def reset_counters(self) -> None:
         self.requests.clear()

@@ -7,6 +7,7 @@ import json
 import signal
 import socket
 import sys
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -385,3 +386,33 @@ async def test_windows_can_be_turned_off(session: aiohttp.ClientSession) -> None
         await client.fetch(task_id)
         await client.fetch_batch([task_id])
         assert (relay.task_requests[task_id], relay.windows, relay.batches) == (2, {}, [])
+
+
+async def test_a_state_file_keeps_the_tasks_across_a_restart(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """The demo's relay: a restarted relay still answers for what it was asked to do before, and its
+    timed tasks have moved on by the wall-clock time in between."""
+    state = tmp_path / "fake-relay.json"
+    async with FakeRelay(default_advance=Advance.TIMED, stage_s=600, state_file=state) as relay:
+        client = RelayClient(session, relay.base_url)
+        song = await client.submit_music({"title": "Kept", "fake_lifecycle": "music_failure"})
+        lyrics = relay.add_task(lifecycle=Lifecycle.LYRICS, advance=Advance.MANUAL)
+        relay.advance(lyrics)
+        clips = relay.clip_ids(song)
+        assert (await client.fetch(song)).status is S.SUBMITTED
+    saved = json.loads(state.read_text())
+    for task in saved:
+        task["created_at"] -= 3 * 600  # as if the relay had been down for three stages
+    state.write_text(json.dumps(saved))
+
+    async with FakeRelay(state_file=state) as restarted:
+        client = RelayClient(session, restarted.base_url)
+        song_now = await client.fetch(song)
+        lyrics_now = await client.fetch(lyrics)
+        stems = await client.fetch_stems(clips[0])
+
+    assert (song_now.status, [c.id for c in song_now.clips]) == (S.FAILED, list(clips))
+    assert {c.title for c in song_now.clips} == {"Kept"}
+    assert lyrics_now.status is S.IN_PROGRESS
+    assert (stems.task_id, stems.status) == (clips[0], S.QUEUED)
