@@ -104,6 +104,8 @@ async def hook_refusal(url: str, *, allow_private: bool) -> str | None:
     host = parsed.raw_host
     if parsed.scheme not in ("http", "https") or not parsed.is_absolute() or not host:
         return "must be an absolute http:// or https:// URL"
+    if port == 0:
+        return "port 0 is not a port anything listens on"
     return None if allow_private else await _address_refusal(host, port)
 
 

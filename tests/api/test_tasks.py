@@ -81,6 +81,7 @@ async def test_twenty_concurrent_registrations_make_one_row_and_one_event(
         ({"task_id": "ok", "notify_hook": "not a url"}, "notify_hook"),
         ({"task_id": "ok", "notify_hook": "ftp://example.com/x"}, "notify_hook"),
         ({"task_id": "ok", "notify_hook": "/relative/path"}, "notify_hook"),
+        ({"task_id": "ok", "notify_hook": "http://127.0.0.1:0/hook"}, "notify_hook"),
         ({"task_id": "ok", "notify_format": "xml"}, "notify_format"),
         ({"task_id": "ok", "metadata": "nope"}, "metadata"),
         ({"task_id": "ok", "metadata": {"blob": "x" * 16_400}}, "metadata"),

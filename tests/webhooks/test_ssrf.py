@@ -31,7 +31,15 @@ REFUSED = [
     "http://240.0.0.1/",
 ]
 PUBLIC = ["https://93.184.216.34/hook", "http://[2606:4700:4700::1111]:8443/x", "http://8.8.8.8"]
-MALFORMED = ["ftp://example.com/", "/relative/path", "not a url", "http://", "http://example.com:99999/"]
+MALFORMED = [
+    "ftp://example.com/",
+    "/relative/path",
+    "not a url",
+    "http://",
+    "http://example.com:99999/",
+    "http://example.com:0/hook",
+    "https://[::1]:0/hook",
+]
 
 
 @pytest.mark.parametrize("url", REFUSED)
