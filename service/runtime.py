@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Real imports, not TYPE_CHECKING ones: Litestar resolves these annotations when it injects a Runtime.
 import aiohttp
@@ -25,6 +26,10 @@ from service.db import (
 )
 from service.upstream.client import RelayClient
 
+# A callback's poll holds a connection of the pool (10 + 10 overflow by default, shared with the
+# poller and the API) while it asks the relay: a burst of callbacks may take this many.
+CALLBACK_POLLS = 4
+
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
@@ -36,6 +41,8 @@ class Runtime:
     scheduler: AsyncIOScheduler
     # Identifies this process in logs and leases (host:pid:random).
     instance_id: str
+    # Relay callbacks' polls in flight in this process (api.callbacks): each holds a pooled connection.
+    callback_polls: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(CALLBACK_POLLS))
 
 
 @asynccontextmanager

@@ -1,8 +1,10 @@
 """Inbound relay callbacks: point a task's relay-side notify_hook at /api/v1/callbacks/suno/<token>.
 
-The relay's own callbacks are fire-and-forget, so they only speed things up; polling stays the source
-of truth. A callback goes through the same recording function as a poll (source `callback`), under the
-task's row lock, so a callback and a poll racing each other never record a change twice.
+A callback is a hint, never a fact: whoever holds the token could say anything in its body. It makes
+sunotrack poll that task at once (the refresh route's path, source `callback`), and only what the
+relay answers is recorded; the body is kept in the detail of the first event that poll records. A
+poll already in flight for the task (a poller's page, another callback) is taken as the poll this one
+would have been, and a relay failing at that moment leaves the task as it was: polling goes on.
 """
 
 from __future__ import annotations
@@ -10,24 +12,37 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
+import structlog
 from litestar import Request, Response, post
 from litestar.exceptions import NotAuthorizedException
 from litestar.params import FromPath
 
 from service.api import AppRuntime, DbSession
-from service.api.schemas import decode_json
-from service.errors import InvalidInput, NotFound
+from service.api.schemas import decode_json, is_task_id
+from service.errors import InvalidInput, NotFound, UpstreamUnavailable
 from service.metrics import CALLBACKS
-from service.tracking.service import record_snapshot
+from service.runtime import CALLBACK_POLLS
+from service.tracking.service import poll_task
 from service.upstream.dialects import parse_callback
 from service.upstream.schemas import UpstreamError
 from service.vocabulary import EventSource
+
+log = structlog.get_logger()
+
+# A callback body kept in an event's detail; a larger one is only described there.
+HINT_MAX_BYTES = 16 * 1024
+
+
+def _hint(body: bytes, value: Any) -> dict[str, Any]:
+    if len(body) > HINT_MAX_BYTES:
+        return {"omitted": f"a body of {len(body)} bytes (more than {HINT_MAX_BYTES})"}
+    return {"body": value}
 
 
 @post(
     "/api/v1/callbacks/suno/{token:str}",
     status_code=200,
-    summary="The relay's notify_hook call for a tracked task",
+    summary="The relay's notify_hook call for a tracked task: polls that task now",
     security=[],
 )
 async def relay_callback(
@@ -40,18 +55,40 @@ async def relay_callback(
         CALLBACKS.labels("unauthorized").inc()
         raise NotAuthorizedException("invalid callback token")
     body = await request.body()
-    decode_json(body)  # depth and NUL: 400 naming where
+    value = decode_json(body)  # depth and NUL: 400 naming where
     try:
         snapshot = parse_callback(body)
     except UpstreamError as exc:
         CALLBACKS.labels("malformed").inc()
         raise InvalidInput(f"body: not a relay task object ({exc.code}): {exc.message}") from None
-    if not await record_snapshot(session, snapshot, source=EventSource.CALLBACK, settings=runtime.settings):
+    task_id = snapshot.task_id
+    answer = {"task_id": task_id}
+    outcome: str
+    try:
+        if not is_task_id(task_id):
+            raise NotFound("no task can have this id")
+        if runtime.callback_polls.locked():
+            raise UpstreamUnavailable(f"{CALLBACK_POLLS} callbacks' polls are in flight in this process")
+        async with runtime.callback_polls:
+            outcome = await poll_task(
+                session,
+                runtime.relay,
+                task_id,
+                source=EventSource.CALLBACK,
+                settings=runtime.settings,
+                hint=_hint(body, value),
+            )
+    except NotFound:
         # Acknowledged so the relay does not retry a task nobody asked us to track.
-        CALLBACKS.labels("unknown_task").inc()
-        return Response({"status": "ignored", "task_id": snapshot.task_id}, status_code=202)
-    CALLBACKS.labels("recorded").inc()
-    return Response({"status": "recorded", "task_id": snapshot.task_id}, status_code=200)
+        outcome = "ignored"
+    except UpstreamUnavailable as exc:
+        log.warning("callback.poll_failed", task_id=task_id, error=exc.detail)
+        outcome = "deferred"
+        answer["reason"] = exc.detail
+    CALLBACKS.labels(outcome).inc()
+    log.info("callback.received", task_id=task_id, outcome=outcome, reported=snapshot.raw_status)
+    status_code = 200 if outcome in ("polled", "finished") else 202
+    return Response({"status": outcome, **answer}, status_code=status_code)
 
 
 CALLBACK_ROUTES = [relay_callback]

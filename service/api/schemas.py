@@ -17,9 +17,18 @@ from service.vocabulary import NotifyFormat, TaskKind
 from service.webhooks.bodies import delivery_format
 from service.webhooks.ssrf import HOOK_MAX_LENGTH
 
-TASK_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
+# (?!\n): Python's $ (msgspec matches with re.search) also matches before a final newline.
+TASK_ID_PATTERN = r"^[A-Za-z0-9_-]+$(?!\n)"
 TASK_ID_MAX_LENGTH = 128
 TaskIdStr = Annotated[str, msgspec.Meta(min_length=1, max_length=TASK_ID_MAX_LENGTH, pattern=TASK_ID_PATTERN)]
+_TASK_ID = re.compile(TASK_ID_PATTERN)
+
+
+def is_task_id(value: str) -> bool:
+    """Whether `value` is a TaskIdStr: a task could be registered under it."""
+    return len(value) <= TASK_ID_MAX_LENGTH and _TASK_ID.search(value) is not None
+
+
 METADATA_MAX_BYTES = 16 * 1024
 # Integers from a request are bounded by the column they reach (Integer, BigInteger).
 INT32_MAX = 2**31 - 1

@@ -25,8 +25,8 @@ from service.api.schemas import (
 from service.errors import InvalidInput, NotFound
 from service.models import Task
 from service.tracking import repository
-from service.tracking.service import cancel_task, refresh_task, register_task
-from service.vocabulary import TaskKind, TaskStatus
+from service.tracking.service import cancel_task, poll_task, register_task
+from service.vocabulary import EventSource, TaskKind, TaskStatus
 from service.webhooks.ssrf import check_hook_url
 
 
@@ -106,7 +106,7 @@ async def list_task_events(
 @post("/api/v1/tasks/{task_id:str}/refresh", status_code=200, summary="Poll the relay for this task now")
 async def refresh_task_now(task_id: TaskIdPath, session: DbSession, runtime: AppRuntime) -> TaskOut:
     """A terminal task is returned as it is: polling stopped for good. 502 when the relay fails."""
-    await refresh_task(session, runtime.relay, task_id, settings=runtime.settings)
+    await poll_task(session, runtime.relay, task_id, source=EventSource.API, settings=runtime.settings)
     return await load_task_out(session, await require_task(session, task_id))
 
 

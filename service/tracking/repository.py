@@ -17,10 +17,13 @@ from service.models import LIVE, Clip, Task, TaskEvent
 from service.upstream.schemas import ClipContent
 
 
-async def get_task(session: AsyncSession, task_id: str, *, for_update: bool = False) -> Task | None:
+async def get_task(
+    session: AsyncSession, task_id: str, *, for_update: bool = False, skip_locked: bool = False
+) -> Task | None:
+    """The task; with `skip_locked`, None also when another transaction holds its row."""
     query = select(Task).where(Task.task_id == task_id)
     if for_update:
-        query = query.with_for_update()
+        query = query.with_for_update(skip_locked=skip_locked)
     return (await session.execute(query)).scalar_one_or_none()
 
 

@@ -16,7 +16,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 import structlog
@@ -601,9 +601,16 @@ async def record_polls(
 
 
 async def record_snapshot(
-    session: AsyncSession, snapshot: TaskSnapshot, *, source: EventSource, settings: Settings
+    session: AsyncSession,
+    snapshot: TaskSnapshot,
+    *,
+    source: EventSource,
+    settings: Settings,
+    hint: dict[str, Any] | None = None,
 ) -> bool:
-    """Record one answer that did not come from the poller (relay callback, API refresh).
+    """Record the relay's answer to a poll of one task outside the poller (an API refresh, or the
+    poll a relay callback triggers: poll_task). `hint`, the callback's body, goes into the detail of
+    the first event the answer records, as `callback`.
 
     It leaves next_poll_at of a live task alone: the schedule is the poller's. Returns False when the
     task is not tracked.
@@ -616,27 +623,49 @@ async def record_snapshot(
     await recorder.check_relay_hooks([(state, snapshot)])
     if recorder.snapshot(state, snapshot, source):
         state.poll_interval_s = settings.poll_min_interval_s
-    if source == EventSource.API:
-        recorder.dirty[state.id] = state
-        state.last_polled_at = now
-        state.poll_count += 1
-        state.consecutive_errors = 0
-        state.last_error = None
+    if hint is not None and recorder.events:
+        first = recorder.events[0]
+        recorder.events[0] = msgspec.structs.replace(first, detail={**(first.detail or {}), "callback": hint})
+    recorder.dirty[state.id] = state
+    state.last_polled_at = now
+    state.poll_count += 1
+    state.consecutive_errors = 0
+    state.last_error = None
     await recorder.flush(session)
     # Rows were written with Core statements: ORM copies loaded earlier in this session are stale.
     session.expire_all()
     return True
 
 
-async def refresh_task(
-    session: AsyncSession, relay: RelayClient | None, task_id: str, *, settings: Settings
-) -> None:
-    """Poll one task now (source `api`). A terminal task is left as it is: polling stopped for good."""
-    task = await repository.get_task(session, task_id)
+PollOutcome = Literal["polled", "finished", "in_flight"]
+
+
+async def poll_task(
+    session: AsyncSession,
+    relay: RelayClient | None,
+    task_id: str,
+    *,
+    source: EventSource,
+    settings: Settings,
+    hint: dict[str, Any] | None = None,
+) -> PollOutcome:
+    """Poll one task now and record what the relay answers: an API refresh (source `api`), or the
+    poll a relay callback triggers (source `callback`, `hint` its body; see record_snapshot).
+
+    Like a poller's claim, the task's row stays locked from before the request until the answer is
+    recorded. A refresh waits for a poll holding it; a callback's poll does not: that poll is in
+    flight ("in_flight", nothing asked). A finished task is left as it is ("finished": polling
+    stopped for good). NotFound for a task not tracked; UpstreamUnavailable, with nothing written,
+    when the relay fails.
+    """
+    in_flight_is_enough = source == EventSource.CALLBACK
+    task = await repository.get_task(session, task_id, for_update=True, skip_locked=in_flight_is_enough)
     if task is None:
+        if in_flight_is_enough and await repository.get_task(session, task_id) is not None:
+            return "in_flight"
         raise NotFound(f"task {task_id!r} is not tracked", extra={"task_id": task_id})
     if task.status in _TERMINAL:
-        return
+        return "finished"
     if relay is None:
         raise UpstreamUnavailable("no relay is configured (SUNO_BASE_URL is unset)")
     try:
@@ -646,7 +675,8 @@ async def refresh_task(
             f"the relay did not answer usefully: {exc.message}",
             extra={"error_class": exc.error_class, "upstream_code": exc.code},
         ) from exc
-    await record_snapshot(session, snapshot, source=EventSource.API, settings=settings)
+    await record_snapshot(session, snapshot, source=source, settings=settings, hint=hint)
+    return "polled"
 
 
 async def cancel_task(session: AsyncSession, task_id: str, *, settings: Settings) -> None:

@@ -34,6 +34,8 @@ def bad_inputs(task_id: str) -> list[tuple[str, str, dict[str, Any], int, str]]:
         ("POST", tasks, {"json": {"task_id": "n", "metadata": {"k\u0000": 1}}}, 400, "metadata"),
         ("POST", tasks, {"json": {"task_id": "n", "metadata": {"k": ["v\u0000"]}}}, 400, "metadata.k.0"),
         ("POST", tasks, {"json": {"task_id": "n\u0000"}}, 400, "task_id"),
+        ("POST", tasks, {"json": {"task_id": "n\n"}}, 400, "task_id"),
+        ("GET", f"{tasks}/{task_id}%0A", {}, 404, "task_id"),
         ("POST", tasks, {"json": nul_hook}, 400, "notify_hook"),
         ("POST", tasks, {"json": {"task_id": "n", "kind\u0000": "music"}}, 400, "body"),
         ("GET", f"{tasks}/{nul}", {}, 404, "task_id"),
@@ -142,7 +144,11 @@ async def test_the_openapi_document_shows_every_bound(edge: Edge) -> None:
     limit = parameter("/api/v1/deliveries", "get", "limit")
     assert (after["minimum"], after["maximum"]) == (0, INT32_MAX)
     assert (delivery_id["minimum"], delivery_id["maximum"]) == (1, INT64_MAX)
-    assert (task_id["pattern"], task_id["minLength"], task_id["maxLength"]) == ("^[A-Za-z0-9_-]+$", 1, 128)
+    assert (task_id["pattern"], task_id["minLength"], task_id["maxLength"]) == (
+        "^[A-Za-z0-9_-]+$(?!\\n)",
+        1,
+        128,
+    )
     assert (limit["minimum"], limit["maximum"]) == (1, 200)
     redeliver = schema["paths"]["/api/v1/tasks/{task_id}/redeliver"]["post"]
     assert "all" in [p["name"] for p in redeliver["parameters"]]

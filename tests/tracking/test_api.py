@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import msgspec
 import pytest
+from sqlalchemy import text
 
 from service.config import Settings
+from service.db import create_engine, create_session_maker, transaction
+from service.tracking.service import claim_polls
 from service.upstream.fake import Advance, FakeRelay, FaultKind, Lifecycle
 from tests.conftest import LiveServer, auth_headers, wait_until
 from tests.tracking.conftest import RELAY_KEY
@@ -113,31 +117,172 @@ async def test_cancelling_a_finished_task_is_a_conflict(
     assert "already finished with status 'complete'" in response.json()["detail"]
 
 
-async def test_the_relay_callback(api: httpx.AsyncClient) -> None:
-    await api.post("/api/v1/tasks", json={"task_id": "cb-task"})
-    url = f"/api/v1/callbacks/suno/{CALLBACK_TOKEN}"
-    no_auth = {"Authorization": ""}
-    enveloped = msgspec.json.encode(
-        {"code": "success", "data": {"task_id": "cb-task", "status": "IN_PROGRESS", "progress": "30%"}}
-    )
+NO_AUTH = {"Authorization": ""}
+CALLBACK_URL = f"/api/v1/callbacks/suno/{CALLBACK_TOKEN}"
 
-    recorded = await api.post(url, content=enveloped, headers=no_auth)
-    camel = await api.post(
-        url, json={"taskId": "cb-task", "status": "FAILURE", "failReason": "quota"}, headers=no_auth
-    )
-    unknown = await api.post(url, json={"task_id": "someone-else", "status": "SUCCESS"}, headers=no_auth)
-    malformed = await api.post(url, content=b"<html>", headers=no_auth)
-    wrong = await api.post("/api/v1/callbacks/suno/wrong-token", json={"task_id": "cb-task"}, headers=no_auth)
 
-    assert [r.status_code for r in (recorded, camel, unknown, malformed, wrong)] == [200, 200, 202, 400, 401]
-    assert unknown.json() == {"status": "ignored", "task_id": "someone-else"}
-    assert await history(api, "cb-task") == [
+async def details(api: httpx.AsyncClient, task_id: str) -> list[Any]:
+    return [e["detail"] for e in (await api.get(f"/api/v1/tasks/{task_id}/events")).json()["items"]]
+
+
+async def test_a_callback_polls_the_task_and_only_the_relays_answer_is_recorded(
+    api: httpx.AsyncClient, fake_relay: FakeRelay
+) -> None:
+    """Anyone holding the callback token can claim anything: the claim only makes sunotrack ask."""
+    task_id = fake_relay.add_task(stages=["QUEUED"], advance=Advance.MANUAL)
+    await api.post("/api/v1/tasks", json={"task_id": task_id})
+    forged = {
+        "code": "success",
+        "data": {
+            "taskId": task_id,
+            "status": "SUCCESS",
+            "failReason": "made up",
+            "notifyHook": "http://user:s3cret@evil.example/steal",
+            "data": [{"id": "forged-clip", "status": "complete", "audio_url": "http://evil.example/a.mp3"}],
+        },
+    }
+
+    first = await api.post(CALLBACK_URL, json=forged, headers=NO_AUTH)
+    again = await api.post(CALLBACK_URL, json=forged, headers=NO_AUTH)
+
+    assert (first.status_code, first.json()) == (200, {"status": "polled", "task_id": task_id})
+    assert (again.status_code, again.json()) == (200, {"status": "polled", "task_id": task_id})
+    assert fake_relay.task_requests[task_id] == 2
+    task = (await api.get(f"/api/v1/tasks/{task_id}")).json()
+    assert (task["status"], task["fail_reason"], task["notify_hook"], task["poll_count"]) == (
+        "queued", None, None, 2,
+    )  # fmt: skip
+    assert [clip["id"] for clip in task["clips"]] == list(fake_relay.clip_ids(task_id))
+    # The second answer changed nothing: nothing more recorded.
+    assert await history(api, task_id) == [
         (1, "transition", None, "submitted", "register", None),
-        (2, "transition", "submitted", "in_progress", "callback", None),
-        (3, "transition", "in_progress", "failed", "callback", None),
+        (2, "transition", "submitted", "queued", "callback", None),
+        *clip_steps(3, fake_relay.clip_ids(task_id), None, "queued", source="callback"),
     ]
-    task = (await api.get("/api/v1/tasks/cb-task")).json()
-    assert (task["progress"], task["fail_reason"]) == (30, "quota")
+    # The body that prompted the poll is kept with the first event it recorded, its hook masked.
+    recorded = await details(api, task_id)
+    masked = forged["data"] | {"notifyHook": "http://user:***@evil.example/steal"}  # type: ignore[operator]
+    assert recorded[1] == {"upstream_status": "QUEUED", "callback": {"body": forged | {"data": masked}}}
+    assert [detail.get("callback") for detail in recorded[2:]] == [None, None]
+
+
+async def test_a_callback_while_the_relay_is_down_leaves_the_task_as_it_was(
+    api: httpx.AsyncClient, fake_relay: FakeRelay
+) -> None:
+    task_id = fake_relay.add_task(stages=["SUCCESS"], advance=Advance.MANUAL)
+    await api.post("/api/v1/tasks", json={"task_id": task_id})
+    before = (await api.get(f"/api/v1/tasks/{task_id}")).json()
+    fake_relay.inject(FaultKind.HTTP_ERROR, status=503, times=1)
+
+    response = await api.post(CALLBACK_URL, json={"taskId": task_id, "status": "SUCCESS"}, headers=NO_AUTH)
+
+    assert response.status_code == 202
+    assert response.json()["status"] == "deferred"
+    assert "503" in response.json()["reason"]
+    assert (await api.get(f"/api/v1/tasks/{task_id}")).json() == before
+    assert await history(api, task_id) == [(1, "transition", None, "submitted", "register", None)]
+
+
+async def test_callbacks_for_a_task_share_the_poll_in_flight(
+    api: httpx.AsyncClient, fake_relay: FakeRelay
+) -> None:
+    """Four at once: one asks the relay (slowly), the others find its poll in flight."""
+    task_id = fake_relay.add_task(stages=["QUEUED"], advance=Advance.MANUAL)
+    await api.post("/api/v1/tasks", json={"task_id": task_id})
+    fake_relay.inject(FaultKind.LATENCY, task_id=task_id, latency_s=1.0)
+
+    responses = await asyncio.gather(
+        *(api.post(CALLBACK_URL, json={"task_id": task_id}, headers=NO_AUTH) for _ in range(4))
+    )
+
+    assert sorted((r.status_code, r.json()["status"]) for r in responses) == [
+        (200, "polled"), *[(202, "in_flight")] * 3,
+    ]  # fmt: skip
+    assert fake_relay.task_requests[task_id] == 1
+    assert [e[1:5] for e in await history(api, task_id)][:2] == [
+        ("transition", None, "submitted", "register"),
+        ("transition", "submitted", "queued", "callback"),
+    ]
+
+
+async def test_a_burst_of_callbacks_takes_at_most_four_connections(
+    api: httpx.AsyncClient, fake_relay: FakeRelay
+) -> None:
+    """Each callback's poll holds a pooled connection while the relay answers: a fifth at once is
+    deferred to the task's own polling."""
+    task_ids = [fake_relay.add_task(stages=["QUEUED"], advance=Advance.MANUAL) for _ in range(5)]
+    for task_id in task_ids:
+        await api.post("/api/v1/tasks", json={"task_id": task_id})
+        fake_relay.inject(FaultKind.LATENCY, task_id=task_id, latency_s=1.0)
+
+    responses = await asyncio.gather(
+        *(api.post(CALLBACK_URL, json={"task_id": task_id}, headers=NO_AUTH) for task_id in task_ids)
+    )
+
+    assert sorted(r.json()["status"] for r in responses) == ["deferred"] + ["polled"] * 4
+    [deferred] = [r.json() for r in responses if r.json()["status"] == "deferred"]
+    assert "in flight" in deferred["reason"]
+    assert sum(fake_relay.task_requests.values()) == 4
+
+
+async def test_a_callback_while_a_poller_holds_the_task_asks_nothing(
+    api: httpx.AsyncClient, fake_relay: FakeRelay, make_settings: Callable[..., Settings]
+) -> None:
+    task_id = fake_relay.add_task(stages=["QUEUED"], advance=Advance.MANUAL)
+    await api.post("/api/v1/tasks", json={"task_id": task_id})
+    settings = make_settings()
+    assert settings.database_url is not None
+    engine = create_engine(settings.database_url, pool_size=2)
+    sessions = create_session_maker(engine)
+    try:
+        async with transaction(sessions) as session:
+            await session.execute(text("UPDATE tasks SET next_poll_at = now()"))
+        async with transaction(sessions) as session:
+            claim = await claim_polls(session, limit=10, settings=settings)
+            assert [task.task_id for task in claim.tasks] == [task_id]
+            held = await api.post(CALLBACK_URL, json={"task_id": task_id}, headers=NO_AUTH)
+        free = await api.post(CALLBACK_URL, json={"task_id": task_id}, headers=NO_AUTH)
+    finally:
+        await engine.dispose()
+
+    assert (held.status_code, held.json()) == (202, {"status": "in_flight", "task_id": task_id})
+    assert (free.status_code, free.json()["status"]) == (200, "polled")
+    assert fake_relay.task_requests[task_id] == 1
+
+
+async def test_callbacks_for_tasks_not_tracked_or_finished(
+    api: httpx.AsyncClient, fake_relay: FakeRelay
+) -> None:
+    finished = fake_relay.add_task(stages=["SUCCESS"], advance=Advance.MANUAL)
+    await api.post("/api/v1/tasks", json={"task_id": finished})
+    await api.post(f"/api/v1/tasks/{finished}/refresh")
+    fake_relay.reset_counters()
+
+    done = await api.post(CALLBACK_URL, json={"task_id": finished}, headers=NO_AUTH)
+    unknown = await api.post(CALLBACK_URL, json={"task_id": "someone-else"}, headers=NO_AUTH)
+    impossible = await api.post(CALLBACK_URL, json={"task_id": "not an id"}, headers=NO_AUTH)
+    malformed = await api.post(CALLBACK_URL, content=b"<html>", headers=NO_AUTH)
+    wrong = await api.post("/api/v1/callbacks/suno/wrong-token", json={"task_id": finished}, headers=NO_AUTH)
+
+    assert (done.status_code, done.json()) == (200, {"status": "finished", "task_id": finished})
+    assert (unknown.status_code, unknown.json()) == (202, {"status": "ignored", "task_id": "someone-else"})
+    assert (impossible.status_code, impossible.json()["status"]) == (202, "ignored")
+    assert (malformed.status_code, wrong.status_code) == (400, 401)
+    assert fake_relay.task_requests == {}
+
+
+async def test_a_large_callback_body_is_described_not_kept(
+    api: httpx.AsyncClient, fake_relay: FakeRelay
+) -> None:
+    task_id = fake_relay.add_task(stages=["QUEUED"], advance=Advance.MANUAL)
+    await api.post("/api/v1/tasks", json={"task_id": task_id})
+    body = msgspec.json.encode({"task_id": task_id, "padding": "x" * 20_000})
+
+    response = await api.post(CALLBACK_URL, content=body, headers=NO_AUTH)
+
+    assert response.json()["status"] == "polled"
+    callback = (await details(api, task_id))[1]["callback"]
+    assert callback == {"omitted": f"a body of {len(body)} bytes (more than 16384)"}
 
 
 async def test_the_callback_route_is_off_without_a_token(app_factory: Callable[..., LiveServer]) -> None:
