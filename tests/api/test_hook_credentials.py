@@ -86,7 +86,7 @@ async def test_an_error_quoting_a_hook_does_not_show_its_password(
 
 
 def test_log_lines_show_hook_urls_masked() -> None:
-    """The logging the `sunotrack` command configures masks every field and every traceback."""
+    """The logging the `sunotrack` command configures masks every field, traceback and library record."""
     script = f"""
 import structlog
 from service.cli import configure_logging
@@ -97,14 +97,17 @@ try:
     raise ValueError("bad hook http://u:{PASSWORD}@h/x")
 except ValueError:
     log.exception("http.unhandled_error")
+import logging
+logging.getLogger("uvicorn.error").error("a library quoting http://u:{PASSWORD}@h/x")
 """
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     )
     output = result.stdout + result.stderr
     lines = output.splitlines()
-    assert len(lines) == 2, output
+    assert len(lines) == 3, output
     assert PASSWORD not in output
     assert "http://u:***@h/x failed" in lines[0]
     assert "https://u:***@h" in lines[0]
     assert "bad hook http://u:***@h/x" in lines[1]
+    assert "a library quoting http://u:***@h/x" in lines[2]
