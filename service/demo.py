@@ -14,10 +14,14 @@ import contextlib
 import os
 import secrets
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from service.app import create_app
 from service.config import Settings
@@ -32,6 +36,9 @@ SAMPLES: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("lyrics", "lyrics", {"prompt": "a song about cats", "fake_lifecycle": "lyrics"}),
     ("music", "music", {"title": "Static Bloom", "fake_lifecycle": "unknown_blip"}),
 )
+# Submitted to the relay with a notify_hook, as most backends do, then registered without one: the
+# service adopts the hook the relay's answers name (README, Webhooks).
+HOOKED_SAMPLE = {"title": "Harbor Echo", "fake_lifecycle": "music_success"}
 DEMO_RELAY_KEY = "demo-relay-key"
 
 
@@ -84,8 +91,12 @@ async def run_demo(sock: socket.socket, stage_s: float, stop: asyncio.Event) -> 
             base = f"http://{host}:{port}"
             shown_key = "$SUNO_API_KEY" if "SUNO_API_KEY" in os.environ else relay_key
             introduce(settings, base, relay_url, shown_key, token)
-            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
-                show = asyncio.create_task(show_samples(http, relay, relay_url, relay_key, base))
+            secret = settings.webhook_secrets[0].get_secret_value() if settings.webhook_secrets else None
+            async with (
+                webhook_receiver(secret) as hook,
+                aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http,
+            ):
+                show = asyncio.create_task(show_samples(http, relay, relay_url, relay_key, base, hook=hook))
                 stopping = asyncio.create_task(stop.wait())
                 await asyncio.wait({show, stopping, served}, return_when=asyncio.FIRST_COMPLETED)
                 # Stop our own requests before the server goes, so none of them fails half-way.
@@ -125,28 +136,74 @@ def introduce(settings: Settings, base: str, relay_url: str, relay_key: str, tok
     )
 
 
+@contextlib.asynccontextmanager
+async def webhook_receiver(secret: str | None) -> AsyncIterator[str]:
+    """A client backend's webhook endpoint on loopback: checks each delivery's signature as any
+    receiver should, and prints what arrived. Yields its URL."""
+    verifier = Webhook(secret) if secret else None
+
+    async def receive(request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            if verifier is None:
+                raise WebhookVerificationError("no signing secret is configured")
+            event = verifier.verify(body, dict(request.headers))
+        except WebhookVerificationError as exc:
+            print(f"demo: webhook refused: {exc}", flush=True)
+            return web.Response(status=400, text="bad signature")
+        # The relay's own task object (notify_format relay), or ours with the task under `data`.
+        ours = event.get("type") == "task.status_changed"
+        task = event["data"] if ours else event
+        print(
+            f"demo: webhook {task.get('task_id')}  {task.get('status')}  "
+            f"({'our' if ours else 'the relay'}'s format, signature verified)",
+            flush=True,
+        )
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", receive)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}/hook"
+    finally:
+        await runner.cleanup()
+
+
 async def show_samples(
-    http: aiohttp.ClientSession, relay: FakeRelay, relay_url: str, relay_key: str, base: str
+    http: aiohttp.ClientSession, relay: FakeRelay, relay_url: str, relay_key: str, base: str, *, hook: str
 ) -> None:
-    task_ids = await submit_samples(http, relay, relay_url, relay_key, base)
+    task_ids = await submit_samples(http, relay, relay_url, relay_key, base, hook=hook)
     await watch(http, base, task_ids)
 
 
 async def submit_samples(
-    http: aiohttp.ClientSession, relay: FakeRelay, relay_url: str, relay_key: str, base: str
+    http: aiohttp.ClientSession, relay: FakeRelay, relay_url: str, relay_key: str, base: str, *, hook: str
 ) -> dict[str, str]:
-    """Submit the samples to the relay like a client backend would, then register them with us."""
+    """Submit the samples to the relay like a client backend would, then register them with us (the
+    hooked one names `hook` to the relay only)."""
     client = RelayClient(http, base_url=relay_url, api_key=relay_key)
     kinds: dict[str, str] = {}
     for kind, endpoint, payload in SAMPLES:
         submit = client.submit_lyrics if endpoint == "lyrics" else client.submit_music
         kinds[await submit(payload)] = kind
+    hooked = await client.submit_music({**HOOKED_SAMPLE, "notify_hook": hook})
+    kinds[hooked] = "music"
     first_song = next(task_id for task_id, kind in kinds.items() if kind == "music")
     kinds[relay.clip_ids(first_song)[0]] = "stems"
     for task_id, kind in kinds.items():
         async with http.post(f"{base}/api/v1/tasks", json={"task_id": task_id, "kind": kind}) as response:
             response.raise_for_status()
-        print(f"demo: registered {kind:6} {task_id}", flush=True)
+        told = (
+            f"  (submitted to the relay with notify_hook {hook}, registered without)"
+            if task_id == hooked
+            else ""
+        )
+        print(f"demo: registered {kind:6} {task_id}{told}", flush=True)
     return kinds
 
 
@@ -168,7 +225,8 @@ async def watch(http: aiohttp.ClientSession, base: str, kinds: dict[str, str]) -
                 status[task_id] = event["to_status"]
                 if event["type"] == "anomaly":
                     detail = event["detail"] or {}
-                    change = f"{detail.get('anomaly')} (upstream said {detail.get('upstream_status')!r})"
+                    said = detail.get("reason") or f"upstream said {detail.get('upstream_status')!r}"
+                    change = f"{detail.get('anomaly')} ({said})"
                 else:
                     change = f"{event['from_status']} -> {event['to_status']}"
                 print(f"demo: {kinds[task_id]:6} {task_id}  {event['type']:10} {change}", flush=True)

@@ -128,6 +128,15 @@ def test_demo_moves_sample_tasks_to_the_end_and_keeps_them_across_a_restart(data
     try:
         token = first.wait_for(r"admin token: (\S+)").group(1)
         first.wait_for(r"demo: all sample tasks finished")
+        hooked = re.search(
+            r"demo: registered music\s+(\S+)\s+\(submitted to the relay with notify_hook", first.transcript
+        )
+        assert hooked is not None, first.transcript
+        told_complete = (
+            rf"demo: webhook {hooked.group(1)}  SUCCESS  \(the relay's format, signature verified\)"
+        )
+        if not re.search(told_complete, first.transcript):
+            first.wait_for(told_complete)
         before = list_tasks(port, token)
     finally:
         first.stop()
@@ -137,6 +146,9 @@ def test_demo_moves_sample_tasks_to_the_end_and_keeps_them_across_a_restart(data
     assert {task["status"] for task in before} == {"complete", "failed"}
     assert {task["kind"] for task in before} == {"music", "lyrics", "stems"}
     assert re.search(r"music .* transition .* -> complete", transcript)
+    # The one sample registered without a hook: delivered to the one its relay answers name, and only it.
+    assert set(re.findall(r"demo: webhook (\S+) ", transcript)) == {hooked.group(1)}
+    assert "webhook refused" not in transcript
 
     second = DemoProcess(data_dir, port)
     try:
@@ -219,8 +231,8 @@ async def until_finished(base: str, token: str, expected: dict[str, str]) -> dic
 def sample_ends(transcript: str) -> dict[str, str]:
     """Each sample the demo registered and how its fake lifecycle ends (the second song fails)."""
     registered = re.findall(r"demo: registered (\w+)\s+(\S+)", transcript)
-    ends = ["complete", "failed", "complete", "complete", "complete"]
-    assert [kind for kind, _ in registered] == ["music", "music", "lyrics", "music", "stems"]
+    ends = ["complete", "failed", "complete", "complete", "complete", "complete"]
+    assert [kind for kind, _ in registered] == ["music", "music", "lyrics", "music", "music", "stems"]
     return {task_id: end for (_, task_id), end in zip(registered, ends, strict=True)}
 
 

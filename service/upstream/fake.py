@@ -362,6 +362,8 @@ class FakeRelay:
     def set_notify_hook(self, task_id: str, notify_hook: str) -> None:
         """Name another hook (or none: "") in the task's fetch answers from now on."""
         self._tasks[task_id].values["notify_hook"] = _inner(notify_hook)
+        if self.state_file is not None:
+            self._save(self.state_file)
 
     def stage_of(self, task_id: str) -> Stage:
         task = self._tasks[task_id]
