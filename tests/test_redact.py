@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from yarl import URL
 
-from service.redact import mask_credentials, mask_json
+from service.redact import mask_credentials, mask_json, mask_secret
 
 
 @pytest.mark.parametrize(
@@ -49,4 +50,13 @@ def test_json_values_are_masked_in_every_string() -> None:
         "hooks": ["https://u:***@h/1", {"previous": "https://v:***@h/2"}],
         "n": 1,
         "none": None,
+    }
+
+
+def test_a_secret_is_masked_as_written_and_as_json_escapes_it() -> None:
+    secret = 'tok"en\\0123456789'
+    raw = msgspec.json.encode({"hook": f"https://h/cb/{secret}", "again": secret})
+    assert msgspec.json.decode(mask_secret(raw, secret)) == {"hook": "https://h/cb/***", "again": "***"}
+    assert mask_json({"hook": [f"https://u:p@h/cb/{secret}"]}, secret=secret) == {
+        "hook": ["https://u:***@h/cb/***"]
     }

@@ -21,6 +21,7 @@ from service.api import AppRuntime, DbSession
 from service.api.schemas import decode_json, is_task_id
 from service.errors import InvalidInput, NotFound, UpstreamUnavailable
 from service.metrics import CALLBACKS
+from service.redact import mask_json
 from service.runtime import CALLBACK_POLLS
 from service.tracking.service import poll_task
 from service.upstream.dialects import parse_callback
@@ -33,10 +34,11 @@ log = structlog.get_logger()
 HINT_MAX_BYTES = 16 * 1024
 
 
-def _hint(body: bytes, value: Any) -> dict[str, Any]:
+def _hint(body: bytes, value: Any, token: str) -> dict[str, Any]:
     if len(body) > HINT_MAX_BYTES:
         return {"omitted": f"a body of {len(body)} bytes (more than {HINT_MAX_BYTES})"}
-    return {"body": value}
+    # The relay names the hook it calls, this route: its token is not kept.
+    return {"body": mask_json(value, secret=token)}
 
 
 @post(
@@ -76,7 +78,7 @@ async def relay_callback(
                 task_id,
                 source=EventSource.CALLBACK,
                 settings=runtime.settings,
-                hint=_hint(body, value),
+                hint=_hint(body, value, expected.get_secret_value()),
             )
     except NotFound:
         # Acknowledged so the relay does not retry a task nobody asked us to track.

@@ -29,6 +29,7 @@ from service.db import database_now
 from service.errors import Conflict, NotFound, UpstreamUnavailable
 from service.metrics import ANOMALIES, TRANSITIONS
 from service.models import Task, TaskEvent
+from service.redact import mask_secret
 from service.tracking import repository
 from service.tracking.repository import (
     ClipState,
@@ -478,6 +479,10 @@ class _Recorder:
             state.finished_at = self.now
             state.next_poll_at = None
         if state.notify_hook is not None:
+            token = self.settings.callback_token
+            if relay_payload is not None and token is not None:
+                # A relay calling us back names our callback route in its answers; the hook is not ours.
+                relay_payload = mask_secret(relay_payload, token.get_secret_value())
             self.notices.append(
                 TransitionNotice(
                     task_pk=state.id,

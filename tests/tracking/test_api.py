@@ -15,6 +15,7 @@ from service.config import Settings
 from service.db import create_engine, create_session_maker, transaction
 from service.tracking.service import claim_polls
 from service.upstream.fake import Advance, FakeRelay, FaultKind, Lifecycle
+from tests.api.test_tasks import db_rows
 from tests.conftest import LiveServer, auth_headers, wait_until
 from tests.tracking.conftest import RELAY_KEY
 from tests.tracking.test_lifecycles import clip_steps, music_history
@@ -164,6 +165,27 @@ async def test_a_callback_polls_the_task_and_only_the_relays_answer_is_recorded(
     masked = forged["data"] | {"notifyHook": "http://user:***@evil.example/steal"}  # type: ignore[operator]
     assert recorded[1] == {"upstream_status": "QUEUED", "callback": {"body": forged | {"data": masked}}}
     assert [detail.get("callback") for detail in recorded[2:]] == [None, None]
+
+
+async def test_our_callback_token_is_neither_kept_nor_passed_on(
+    api: httpx.AsyncClient, fake_relay: FakeRelay, database_url: str
+) -> None:
+    """A relay told to call us back names our callback route, token and all, as the task's hook in
+    its callbacks and answers: the event keeping the callback body and the relay-format webhook body
+    show *** instead."""
+    ours = f"{api.base_url}{CALLBACK_URL}"
+    task_id = fake_relay.add_task(stages=["QUEUED"], advance=Advance.MANUAL, notify_hook=ours)
+    registration = {"task_id": task_id, "notify_hook": "http://127.0.0.1:9/hook", "notify_format": "relay"}
+    await api.post("/api/v1/tasks", json=registration)
+
+    called = await api.post(CALLBACK_URL, json={"task_id": task_id, "notify_hook": ours}, headers=NO_AUTH)
+
+    assert called.json()["status"] == "polled"
+    events = await api.get(f"/api/v1/tasks/{task_id}/events")
+    assert (await details(api, task_id))[1]["callback"]["body"]["notify_hook"].endswith("/suno/***")
+    [body] = await db_rows(database_url, "SELECT body FROM deliveries")
+    assert msgspec.json.decode(body["body"])["notify_hook"].endswith("/suno/***")
+    assert CALLBACK_TOKEN not in events.text + body["body"].decode()
 
 
 async def test_a_callback_while_the_relay_is_down_leaves_the_task_as_it_was(
