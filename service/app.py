@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,16 +9,16 @@ from typing import Any
 
 import structlog
 from litestar import Litestar, Request, Response, Router
-from litestar.connection import ASGIConnection
 from litestar.di import Provide
-from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
-from litestar.handlers.base import BaseRouteHandler
+from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api import AppRuntime
+from service.api.auth import provide_caller, provide_owner, require_token
 from service.api.callbacks import CALLBACK_ROUTES
+from service.api.clients import CLIENT_ROUTES
 from service.api.deliveries import DELIVERY_ROUTES
 from service.api.health import HEALTH_ROUTES
 from service.api.schemas import check_json, too_deep
@@ -37,23 +36,13 @@ log = structlog.get_logger()
 REQUEST_MAX_BODY_BYTES = 1024 * 1024
 
 
-def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    expected = connection.app.state.runtime.settings.admin_token
-    scheme, _sep, presented = connection.headers.get("authorization", "").partition(" ")
-    if (
-        expected is None
-        or scheme.lower() != "bearer"
-        or not hmac.compare_digest(presented.strip().encode(), expected.get_secret_value().encode())
-    ):
-        raise NotAuthorizedException("missing or invalid bearer token in the Authorization header")
-
-
 def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     """The one place an exception becomes a response: `{"status_code", "detail", "extra"}` always."""
     headers: dict[str, str] = {}
     extra: Any
     if isinstance(exc, ServiceError):
         status, detail, extra = exc.status_code, exc.detail, {"code": exc.code, **exc.extra}
+        headers.update(exc.headers)
     elif isinstance(exc, ValidationException):
         # Litestar says only 'Validation failed'; the detail names each offending field.
         extra = exc.extra if isinstance(exc.extra, list) else []
@@ -123,7 +112,15 @@ def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
         route_handlers=[
             *HEALTH_ROUTES,
             *CALLBACK_ROUTES,
-            Router(path="/", route_handlers=[*TASK_ROUTES, *DELIVERY_ROUTES], guards=[require_admin]),
+            Router(
+                path="/",
+                route_handlers=[*TASK_ROUTES, *DELIVERY_ROUTES, *CLIENT_ROUTES],
+                guards=[require_token],
+                dependencies={
+                    "caller": Provide(provide_caller, sync_to_thread=False),
+                    "owner": Provide(provide_owner),
+                },
+            ),
         ],
         lifespan=[lifespan],
         dependencies={

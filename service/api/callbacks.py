@@ -74,7 +74,7 @@ async def relay_callback(
         async with runtime.callback_polls:
             outcome = await poll_task(
                 session,
-                runtime.relay,
+                runtime.relays,
                 task_id,
                 source=EventSource.CALLBACK,
                 settings=runtime.settings,
