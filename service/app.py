@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,19 +9,18 @@ from typing import Any
 
 import structlog
 from litestar import Litestar, Request, Response, Router
-from litestar.connection import ASGIConnection
 from litestar.di import Provide
-from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
-from litestar.handlers.base import BaseRouteHandler
+from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api import AppRuntime
+from service.api.auth import provide_caller, provide_owner, require_token
 from service.api.callbacks import CALLBACK_ROUTES
+from service.api.clients import CLIENT_ROUTES
 from service.api.deliveries import DELIVERY_ROUTES
 from service.api.health import HEALTH_ROUTES
-from service.api.relay_front import RELAY_FRONT_ROUTES
 from service.api.schemas import check_json, too_deep
 from service.api.tasks import TASK_ROUTES
 from service.config import Settings
@@ -36,18 +34,6 @@ from service.webhooks.jobs import Dispatcher, start_dispatcher
 log = structlog.get_logger()
 
 REQUEST_MAX_BODY_BYTES = 1024 * 1024
-RELAY_FRONT_PREFIX = "/suno/"
-
-
-def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    expected = connection.app.state.runtime.settings.admin_token
-    scheme, _sep, presented = connection.headers.get("authorization", "").partition(" ")
-    if (
-        expected is None
-        or scheme.lower() != "bearer"
-        or not hmac.compare_digest(presented.strip().encode(), expected.get_secret_value().encode())
-    ):
-        raise NotAuthorizedException("missing or invalid bearer token in the Authorization header")
 
 
 def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
@@ -56,6 +42,7 @@ def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[
     extra: Any
     if isinstance(exc, ServiceError):
         status, detail, extra = exc.status_code, exc.detail, {"code": exc.code, **exc.extra}
+        headers.update(exc.headers)
     elif isinstance(exc, ValidationException):
         # Litestar says only 'Validation failed'; the detail names each offending field.
         extra = exc.extra if isinstance(exc.extra, list) else []
@@ -73,10 +60,6 @@ def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[
         headers["WWW-Authenticate"] = 'Bearer realm="sunotrack"'
     # A detail may quote a notify_hook (a yarl error, a refusal): never with its password.
     body = {"status_code": status, "detail": mask_credentials(detail), "extra": mask_json(extra)}
-    if str(request.scope.get("path", "")).startswith(RELAY_FRONT_PREFIX):
-        # The relay's own error keys too, for clients written against the relay.
-        code = extra.get("code") if isinstance(extra, dict) else None
-        body |= {"code": code or f"http_{status}", "message": body["detail"], "data": None}
     return Response(body, status_code=status, headers=headers)
 
 
@@ -131,8 +114,12 @@ def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
             *CALLBACK_ROUTES,
             Router(
                 path="/",
-                route_handlers=[*TASK_ROUTES, *DELIVERY_ROUTES, *RELAY_FRONT_ROUTES],
-                guards=[require_admin],
+                route_handlers=[*TASK_ROUTES, *DELIVERY_ROUTES, *CLIENT_ROUTES],
+                guards=[require_token],
+                dependencies={
+                    "caller": Provide(provide_caller, sync_to_thread=False),
+                    "owner": Provide(provide_owner),
+                },
             ),
         ],
         lifespan=[lifespan],

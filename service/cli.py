@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import gc
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 
+from service.clients.service import DEFAULT_SECRET_GRACE_S
 from service.config import ConfigError, Settings
 from service.redact import mask_log_credentials
+from service.vocabulary import RelayHooks
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 
 def configure_logging(level: str) -> None:
@@ -102,27 +109,49 @@ def command_fake_relay(args: argparse.Namespace) -> None:
     run_fake_relay(args.port, args.host, api_key=os.environ.get("SUNO_API_KEY"), stage_s=args.stage_s)
 
 
-def command_migrate(_: argparse.Namespace) -> None:
+@contextlib.asynccontextmanager
+async def migrated_database(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """DATABASE_URL's database, else the embedded one, connected and at the latest schema."""
     from service.db import check_connection, create_engine, migrate, start_embedded_postgres  # noqa: PLC0415
 
+    url, embedded = (settings.database_url, None)
+    if url is None:
+        url, embedded = start_embedded_postgres(settings.data_dir)
+    engine = create_engine(url, pool_size=1)
+    try:
+        await check_connection(engine, "DATABASE_URL" if embedded is None else "SUNOTRACK_DATA_DIR")
+        await migrate(engine)
+        yield engine
+    finally:
+        await engine.dispose()
+        if embedded is not None:
+            embedded.cleanup()
+
+
+def command_migrate(_: argparse.Namespace) -> None:
     settings = Settings.from_env()
     configure_logging(settings.log_level)
 
     async def run() -> None:
-        url, embedded = (settings.database_url, None)
-        if url is None:
-            url, embedded = start_embedded_postgres(settings.data_dir)
-        engine = create_engine(url, pool_size=1)
-        try:
-            await check_connection(engine, "DATABASE_URL" if embedded is None else "SUNOTRACK_DATA_DIR")
-            await migrate(engine)
-        finally:
-            await engine.dispose()
-            if embedded is not None:
-                embedded.cleanup()
+        async with migrated_database(settings):
+            pass
 
     asyncio.run(run())
     print("database is at the latest schema")
+
+
+def command_clients(args: argparse.Namespace) -> None:
+    """Manage clients in the database (DATABASE_URL, else the embedded one): JSON on stdout only."""
+    from service.clients import commands  # noqa: PLC0415  (database access only for this command)
+
+    settings = Settings.from_env()
+    configure_logging("warning")
+
+    async def run() -> int:
+        async with migrated_database(settings) as engine:
+            return await commands.run(args, settings, engine)
+
+    raise SystemExit(asyncio.run(run()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +182,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("migrate", help="upgrade the database schema to the latest revision").set_defaults(
         handler=command_migrate
+    )
+
+    clients = commands.add_parser(
+        "clients", help="manage API clients (order backends, each with its own token and webhook secret)"
+    )
+    clients.set_defaults(handler=command_clients)
+    actions = clients.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a client; prints its token and webhook secret, once")
+    create.add_argument("name")
+    create.add_argument(
+        "--relay", help="where its tasks are polled unless a registration says (default: default)"
+    )
+    create.add_argument(
+        "--rate",
+        type=float,
+        help="registrations per second, bursts to twice that (default: SUNOTRACK_CLIENT_RATE)",
+    )
+    create.add_argument(
+        "--relay-hooks",
+        choices=[hooks.value for hooks in RelayHooks],
+        help="adopt or ignore the notify_hook a relay reports (default: SUNOTRACK_RELAY_HOOKS)",
+    )
+    actions.add_parser("list", help="every client, one JSON object per line (never a token or secret)")
+    for action, text in (
+        ("revoke", "its token stops working at once; its tasks keep being tracked and delivered"),
+        ("rotate-token", "a new token (printed once); the old one stops working at once"),
+        ("rotate-secret", "a new webhook secret; the old one keeps signing during the grace period"),
+    ):
+        actions.add_parser(action, help=text).add_argument("name")
+    actions.choices["rotate-secret"].add_argument(
+        "--grace-s", type=float, default=DEFAULT_SECRET_GRACE_S, help="how long the old secret keeps signing"
     )
     return parser
 

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from yarl import URL
 
 from service.upstream.schemas import Dialect
+from service.vocabulary import DEFAULT_RELAY, RelayHooks
 
 DEFAULT_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
@@ -38,10 +48,42 @@ _DATABASE_URL_PARAMETERS = {
     "host", "port", "ssl", "target_session_attrs", "prepared_statement_cache_size", "passfile",
 }  # fmt: skip
 
+# Relay names become parts of variable names (SUNOTRACK_RELAY_<NAME>_BASE_URL) and of callback paths.
+RELAY_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+MAX_CONCURRENCY = 1024
+
 
 class ConfigError(Exception):
     """A start-up problem the user must fix: printed as is (one line per problem, each naming the
     variable or option), and the process exits with status 2. Never carries a secret."""
+
+
+def http_url(value: str) -> str:
+    """A relay's base URL, checked; without its trailing slash."""
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    try:
+        url = URL(value)
+        port = url.port
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URL ({exc})") from None
+    if not url.raw_host or not _valid_host(url.raw_host):
+        raise ValueError("must name a valid host, e.g. https://relay.example")
+    if not port:
+        raise ValueError("has port 0")
+    if url.query_string or url.fragment:
+        raise ValueError("must not have a query or a fragment")
+    return value.rstrip("/")
+
+
+class RelayConfig(BaseModel, frozen=True):
+    """One relay: `default` from SUNO_*, the others from SUNOTRACK_RELAY_<NAME>_*."""
+
+    name: str
+    base_url: str | None  # None: SUNO_BASE_URL is unset, nothing is polled on `default`
+    api_key: SecretStr | None
+    dialect: Dialect
+    concurrency: int  # requests in flight to this relay, per process
 
 
 class Settings(BaseSettings):
@@ -59,14 +101,14 @@ class Settings(BaseSettings):
         default=15.0, le=10 * MINUTE, validation_alias="SUNOTRACK_UPSTREAM_TIMEOUT_S"
     )
     upstream_concurrency: int = Field(
-        default=16, ge=1, le=1024, validation_alias="SUNOTRACK_UPSTREAM_CONCURRENCY"
+        default=16, ge=1, le=MAX_CONCURRENCY, validation_alias="SUNOTRACK_UPSTREAM_CONCURRENCY"
     )
     poll_batch_size: int = Field(default=50, ge=1, le=500, validation_alias="SUNOTRACK_POLL_BATCH_SIZE")
 
     admin_token: SecretStr | None = Field(default=None, validation_alias="SUNOTRACK_ADMIN_TOKEN")
     callback_token: SecretStr | None = Field(default=None, validation_alias="SUNOTRACK_CALLBACK_TOKEN")
-    # Where the relay reaches us: the relay front then asks it to call back instead of the client.
-    public_url: str | None = Field(default=None, validation_alias="SUNOTRACK_PUBLIC_URL")
+    # Registrations per second of a client created without --rate; bursts may reach twice that.
+    client_rate: float = Field(default=100.0, gt=0, le=1e6, validation_alias="SUNOTRACK_CLIENT_RATE")
 
     poll_min_interval_s: PositiveSeconds = Field(
         default=3.0, le=DAY, validation_alias="SUNOTRACK_POLL_MIN_INTERVAL_S"
@@ -100,8 +142,8 @@ class Settings(BaseSettings):
         default=1.0, le=HOUR, validation_alias="SUNOTRACK_WEBHOOK_SWEEP_S"
     )
     allow_private_hooks: bool = Field(default=False, validation_alias="SUNOTRACK_ALLOW_PRIVATE_HOOKS")
-    # `ignore` for relays that call their clients' hooks themselves.
-    relay_hooks: Literal["adopt", "ignore"] = Field(default="adopt", validation_alias="SUNOTRACK_RELAY_HOOKS")
+    # The default of clients that set none (`sunotrack clients create --relay-hooks`).
+    relay_hooks: RelayHooks = Field(default=RelayHooks.ADOPT, validation_alias="SUNOTRACK_RELAY_HOOKS")
     hook_breaker_failures: int = Field(
         default=20, ge=1, le=1_000_000, validation_alias="SUNOTRACK_HOOK_BREAKER_FAILURES"
     )
@@ -158,25 +200,12 @@ class Settings(BaseSettings):
             raise ValueError(f"has query parameters the driver does not take: {', '.join(unknown)}{hint}")
         return value
 
-    @field_validator("suno_base_url", "public_url")
+    @field_validator("suno_base_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL")
-        try:
-            url = URL(value)
-            port = url.port
-        except ValueError as exc:
-            raise ValueError(f"is not a valid URL ({exc})") from None
-        if not url.raw_host or not _valid_host(url.raw_host):
-            raise ValueError("must name a valid host, e.g. https://host.example")
-        if not port:
-            raise ValueError("has port 0")
-        if url.query_string or url.fragment:
-            raise ValueError("must not have a query or a fragment")
-        return value.rstrip("/")
+        return http_url(value)
 
     @field_validator("webhook_secrets", mode="before")
     @classmethod
@@ -216,11 +245,19 @@ class Settings(BaseSettings):
     def _intervals_ordered(self) -> Settings:
         if self.poll_max_interval_s < self.poll_min_interval_s:
             raise ValueError("SUNOTRACK_POLL_MAX_INTERVAL_S must be >= SUNOTRACK_POLL_MIN_INTERVAL_S")
-        if self.public_url is not None and self.callback_token is None:
-            raise ValueError(
-                "SUNOTRACK_PUBLIC_URL needs SUNOTRACK_CALLBACK_TOKEN (the callback route's secret)"
-            )
         return self
+
+    @functools.cached_property
+    def relays(self) -> dict[str, RelayConfig]:
+        """Every relay by name, `default` first (configured or not)."""
+        default = RelayConfig(
+            name=DEFAULT_RELAY,
+            base_url=self.suno_base_url,
+            api_key=self.suno_api_key,
+            dialect=self.suno_api_dialect,
+            concurrency=self.upstream_concurrency,
+        )
+        return {relay.name: relay for relay in (default,)}
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

@@ -9,15 +9,23 @@ class ServiceError(Exception):
     status_code = 400
     code = "bad_request"
 
-    def __init__(self, detail: str, *, extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, detail: str, *, extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.extra = extra or {}
+        self.headers = headers or {}
 
 
 class InvalidInput(ServiceError):
     status_code = 400
     code = "invalid_input"
+
+
+class Forbidden(ServiceError):
+    status_code = 403
+    code = "forbidden"
 
 
 class NotFound(ServiceError):
@@ -28,6 +36,11 @@ class NotFound(ServiceError):
 class Conflict(ServiceError):
     status_code = 409
     code = "conflict"
+
+
+class RateLimited(ServiceError):
+    status_code = 429
+    code = "rate_limited"
 
 
 class UpstreamUnavailable(ServiceError):

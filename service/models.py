@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Float,
     ForeignKey,
@@ -27,12 +28,14 @@ from sqlalchemy.types import TIMESTAMP
 
 from service.db import Base
 from service.vocabulary import (
+    DEFAULT_RELAY,
     TERMINAL_STATUSES,
     DeliveryStatus,
     EventSource,
     EventType,
     HookSource,
     NotifyFormat,
+    RelayHooks,
     TaskKind,
     TaskStatus,
 )
@@ -53,11 +56,47 @@ LIVE = f"NOT ({_one_of('status', _TERMINAL)})"
 Timestamp = TIMESTAMP(timezone=True)
 
 
+class Client(Base):
+    """An order backend with its own bearer token, webhook secret(s), relay and registration rate."""
+
+    __tablename__ = "clients"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    # The bearer token is shown once and never stored: this is its SHA-256.
+    token_sha256: Mapped[bytes] = mapped_column(LargeBinary, unique=True)
+    webhook_secret: Mapped[str] = mapped_column(Text)
+    # The secret before the last rotation signs too, until previous_secret_until.
+    previous_webhook_secret: Mapped[str | None] = mapped_column(Text)
+    previous_secret_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Where its tasks are polled unless a registration names another relay.
+    relay: Mapped[str] = mapped_column(Text)
+    # Registrations per second (burst twice that); NULL: SUNOTRACK_CLIENT_RATE.
+    rate: Mapped[float | None] = mapped_column(Float)
+    # NULL: SUNOTRACK_RELAY_HOOKS.
+    relay_hooks: Mapped[str | None] = mapped_column(Text)
+    # The registration token bucket (clients.service.take_registrations): tokens left at bucket_at.
+    bucket_tokens: Mapped[float | None] = mapped_column(Float)
+    bucket_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    revoked_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+    __table_args__ = (
+        CheckConstraint(_one_of("relay_hooks", RelayHooks, nullable=True), name="relay_hooks"),
+        CheckConstraint("rate > 0", name="rate"),
+    )
+
+
 class Task(Base):
     __tablename__ = "tasks"
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    task_id: Mapped[str] = mapped_column(Text, unique=True)
+    task_id: Mapped[str] = mapped_column(Text)
+    # NULL: registered with the admin token. A task's identity is (client_id, task_id).
+    client_id: Mapped[int | None] = mapped_column(ForeignKey("clients.id"))
+    relay: Mapped[str] = mapped_column(Text, server_default=DEFAULT_RELAY)
+    # Another client tracks this relay task too: the claim polls them together (tracking.repository).
+    shared: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     kind: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(Text)
     upstream_status: Mapped[str | None] = mapped_column(Text)
@@ -106,10 +145,14 @@ class Task(Base):
         # column a claim writes (next_poll_at and the poll counters), so the claim's update is HOT: the
         # row's new version goes on the same page and no index gets an entry for it (measured: 20 µs
         # of Postgres time per claimed row with an index on next_poll_at, 5.3 µs without).
-        Index("ix_tasks_live", "id", postgresql_where=text(LIVE)),
+        # Each relay's claims sweep its own tasks (one poller per relay).
+        Index("ix_tasks_live", "relay", "id", postgresql_where=text(LIVE)),
+        # One record per client (the admin's: NULL) of a task id; also finds every client's by task id.
+        UniqueConstraint("task_id", "client_id", postgresql_nulls_not_distinct=True),
         # The API's newest-first keyset listing (by id) filtered by status or kind; unfiltered uses the pkey.
         Index("ix_tasks_status_id", "status", "id"),
         Index("ix_tasks_kind_id", "kind", "id"),
+        Index("ix_tasks_client_id_id", "client_id", "id"),
         # Room on each page for a polled row's next versions: the update stays on its page, and the
         # page's dead versions are pruned in passing (the claim ran ~75% faster in a measurement).
         {"postgresql_with": {"fillfactor": 50}},

@@ -25,6 +25,7 @@ from service.db import (
     start_embedded_postgres,
 )
 from service.upstream.client import RelayClient
+from service.vocabulary import DEFAULT_RELAY
 
 # A callback's poll holds a connection of the pool (10 + 10 overflow by default, shared with the
 # poller and the API) while it asks the relay: a burst of callbacks may take this many.
@@ -37,12 +38,18 @@ class Runtime:
     engine: AsyncEngine
     sessions: SessionMaker
     http: aiohttp.ClientSession
-    relay: RelayClient | None  # None when SUNO_BASE_URL is unset: nothing to poll
+    # The relays this process polls, by name (`default` is missing when SUNO_BASE_URL is unset).
+    relays: dict[str, RelayClient]
     scheduler: AsyncIOScheduler
     # Identifies this process in logs and leases (host:pid:random).
     instance_id: str
     # Relay callbacks' polls in flight in this process (api.callbacks): each holds a pooled connection.
     callback_polls: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(CALLBACK_POLLS))
+
+    @property
+    def relay(self) -> RelayClient | None:
+        """The `default` relay's client (None when SUNO_BASE_URL is unset)."""
+        return self.relays.get(DEFAULT_RELAY)
 
 
 @asynccontextmanager
@@ -79,7 +86,7 @@ async def open_runtime(settings: Settings, *, pool_size: int = 10) -> AsyncItera
             engine=engine,
             sessions=create_session_maker(engine),
             http=http,
-            relay=relay,
+            relays={} if relay is None else {DEFAULT_RELAY: relay},
             scheduler=scheduler,
             instance_id=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
         )

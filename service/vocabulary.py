@@ -10,6 +10,10 @@ import enum
 from collections.abc import Mapping
 from types import MappingProxyType
 
+# The relay SUNO_BASE_URL, SUNO_API_KEY and SUNO_API_DIALECT configure; tasks are polled there unless
+# their registration (or their client) names another.
+DEFAULT_RELAY = "default"
+
 
 class TaskStatus(enum.StrEnum):
     """Normalised status of a task, and of each of its clips, in the order a task moves through them.
@@ -53,6 +57,13 @@ class HookSource(enum.StrEnum):
 
     CLIENT = "client"  # the registration: never replaced by the relay's
     RELAY = "relay"  # a relay answer: adopted by a task registered without one
+
+
+class RelayHooks(enum.StrEnum):
+    """What to do with the notify_hook a relay answer names, for a task registered without one."""
+
+    ADOPT = "adopt"  # deliver to it (tracking.service.relay_hook_news)
+    IGNORE = "ignore"  # for relays that call their clients' hooks themselves
 
 
 class EventType(enum.StrEnum):

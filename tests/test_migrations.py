@@ -75,5 +75,61 @@ async def test_downgrade_to_base_and_upgrade_again(empty_database_url: str) -> N
         await engine.dispose()
 
     assert tables == [
-        "alembic_version", "clips", "deliveries", "delivery_attempts", "hook_hosts", "task_events", "tasks",
+        "alembic_version", "clients", "clips", "deliveries", "delivery_attempts", "hook_hosts", "task_events",
+        "tasks",
     ]  # fmt: skip
+
+
+async def test_clients_migration_keeps_every_task_and_its_history_as_the_admins(
+    empty_database_url: str,
+) -> None:
+    """From the schema before clients (0004): tasks become the admin's (no client) on the default relay,
+    with their clips, events, deliveries and attempts as they were."""
+    engine = create_engine(empty_database_url, pool_size=1)
+
+    def run(connection: Any, action: str, target: str) -> None:
+        config = alembic_config(empty_database_url)
+        config.attributes["connection"] = connection
+        getattr(command, action)(config, target)
+
+    tables = ("tasks", "clips", "task_events", "deliveries", "delivery_attempts")
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(run, "upgrade", "0004")
+            for statement in (
+                "INSERT INTO tasks (task_id, kind, status, notify_hook, notify_hook_source, last_seq, "
+                "next_poll_at) VALUES ('t-live', 'music', 'queued', 'https://h.example/x', 'client', 2, "
+                "now()), ('t-done', 'lyrics', 'complete', NULL, NULL, 2, NULL)",
+                "INSERT INTO clips (task_pk, clip_id, position, status) "
+                "SELECT id, 'clip-' || task_id, 0, status FROM tasks",
+                "INSERT INTO task_events (task_pk, seq, to_status, source) "
+                "SELECT id, 1, 'submitted', 'register' FROM tasks "
+                "UNION ALL SELECT id, 2, status, 'poll' FROM tasks",
+                "INSERT INTO deliveries (task_pk, event_seq, webhook_id, url, body) "
+                "SELECT id, 2, 'msg_' || task_id, notify_hook, '{}' FROM tasks WHERE notify_hook IS NOT NULL",
+                "INSERT INTO delivery_attempts (delivery_id, attempt, status_code) "
+                "SELECT id, 1, 500 FROM deliveries",
+            ):
+                await connection.exec_driver_sql(statement)
+            before = {
+                table: (await connection.exec_driver_sql(f"SELECT * FROM {table} ORDER BY 1, 2")).all()
+                for table in tables
+            }
+            await connection.run_sync(run, "upgrade", "head")
+            after = {
+                table: (await connection.exec_driver_sql(f"SELECT * FROM {table} ORDER BY 1, 2")).all()
+                for table in tables
+            }
+            owners = (
+                await connection.exec_driver_sql(
+                    "SELECT task_id, client_id, relay, shared FROM tasks ORDER BY id"
+                )
+            ).all()
+    finally:
+        await engine.dispose()
+
+    assert [len(before[table]) for table in tables] == [2, 2, 4, 1, 1]
+    for table in tables[1:]:
+        assert after[table] == before[table], table
+    assert [row[: len(before["tasks"][0])] for row in after["tasks"]] == before["tasks"]
+    assert owners == [("t-live", None, "default", False), ("t-done", None, "default", False)]

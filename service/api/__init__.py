@@ -8,12 +8,17 @@ from litestar.di import NamedDependency
 from litestar.params import PathParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.api.auth import Owner
 from service.api.schemas import TASK_ID_MAX_LENGTH, TASK_ID_PATTERN
+from service.clients.service import Caller
 from service.runtime import Runtime
 
 # The request's unit of work: committed after the handler returns, rolled back if it raises.
 DbSession = NamedDependency[AsyncSession]
 AppRuntime = NamedDependency[Runtime]
+# Who is asking (service.api.auth), and whose tasks the request addresses.
+AppCaller = NamedDependency[Caller]
+TaskOwner = NamedDependency[Owner]
 
 TaskIdPath = Annotated[
     str,

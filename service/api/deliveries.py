@@ -7,7 +7,7 @@ from typing import Annotated
 from litestar import get, post
 from litestar.params import FromQuery, PathParameter, QueryParameter
 
-from service.api import DbSession, TaskIdPath
+from service.api import DbSession, TaskIdPath, TaskOwner
 from service.api.schemas import (
     INT64_MAX,
     DeliveryList,
@@ -32,8 +32,8 @@ REQUEUE_STATUSES = (DeliveryStatus.FAILED, DeliveryStatus.DEAD)
 
 
 @get("/api/v1/tasks/{task_id:str}/deliveries", summary="A task's webhook deliveries with their attempt logs")
-async def list_task_deliveries(task_id: TaskIdPath, session: DbSession) -> DeliveryList:
-    task_pk = await reads.task_pk_of(session, task_id)
+async def list_task_deliveries(task_id: TaskIdPath, session: DbSession, owner: TaskOwner) -> DeliveryList:
+    task_pk = await reads.task_pk_of(session, owner.client_id, task_id)
     deliveries = await reads.deliveries_of_task(session, task_pk)
     return DeliveryList(items=[delivery_out(d, task_id, attempts) for d, attempts in deliveries])
 
@@ -41,12 +41,18 @@ async def list_task_deliveries(task_id: TaskIdPath, session: DbSession) -> Deliv
 @get("/api/v1/deliveries", summary="Deliveries, newest first, with keyset pagination")
 async def list_deliveries(
     session: DbSession,
+    owner: TaskOwner,
     status: FromQuery[DeliveryStatus | None] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, QueryParameter(max_length=64)] = None,
 ) -> DeliveryPage:
     rows = await reads.list_deliveries(
-        session, status=status, limit=limit + 1, before_id=decode_cursor("d", cursor) if cursor else None
+        session,
+        client_id=owner.client_id,
+        every_client=owner.every_client,
+        status=status,
+        limit=limit + 1,
+        before_id=decode_cursor("d", cursor) if cursor else None,
     )
     page, more = rows[:limit], len(rows) > limit
     return DeliveryPage(
@@ -63,10 +69,11 @@ async def list_deliveries(
 async def redeliver_task(
     task_id: TaskIdPath,
     session: DbSession,
+    owner: TaskOwner,
     # Named as the query parameter, so that its validation errors name it too.
     all: Annotated[bool, QueryParameter(description="Also re-send pending and delivered")] = False,
 ) -> DeliveryList:
-    task_pk = await reads.task_pk_of(session, task_id)
+    task_pk = await reads.task_pk_of(session, owner.client_id, task_id)
     statuses = tuple(DeliveryStatus) if all else REQUEUE_STATUSES
     requeued = await reads.requeue(session, task_pk=task_pk, statuses=statuses)
     return DeliveryList(items=[delivery_out(delivery, task_id) for delivery in requeued])
@@ -77,8 +84,11 @@ async def redeliver_task(
     status_code=202,
     summary="Send one delivery again now, with a fresh round of attempts",
 )
-async def retry_delivery(delivery_id: DeliveryIdPath, session: DbSession) -> DeliveryOut:
-    delivery, task_id = await reads.get_delivery(session, delivery_id)
+async def retry_delivery(delivery_id: DeliveryIdPath, session: DbSession, owner: TaskOwner) -> DeliveryOut:
+    """The admin may retry anyone's delivery (ids are unique); ?client=NAME narrows to that client's."""
+    delivery, task_id = await reads.get_delivery(
+        session, delivery_id, client_id=owner.client_id, every_client=owner.every_client
+    )
     # A pending delivery is already queued; sending it twice at once would only race its claim.
     if delivery.status != DeliveryStatus.PENDING:
         requeued = await reads.requeue(session, delivery_id=delivery_id, statuses=(delivery.status,))
@@ -91,8 +101,8 @@ async def retry_delivery(delivery_id: DeliveryIdPath, session: DbSession) -> Del
     "/api/v1/hooks/hosts",
     summary="Webhook hosts on a failure streak, and whether the circuit breaker paused them",
 )
-async def list_hook_hosts(session: DbSession) -> HookHostList:
-    hosts = await reads.list_hook_hosts(session)
+async def list_hook_hosts(session: DbSession, owner: TaskOwner) -> HookHostList:
+    hosts = await reads.list_hook_hosts(session, client_id=owner.client_id, every_client=owner.every_client)
     now = await database_now(session)
     return HookHostList(
         items=[

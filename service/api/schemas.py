@@ -10,10 +10,11 @@ from typing import Annotated, Any
 
 import msgspec
 
+from service.config import RELAY_NAME
 from service.errors import InvalidInput
-from service.models import Clip, Delivery, DeliveryAttempt, Task, TaskEvent
+from service.models import Client, Clip, Delivery, DeliveryAttempt, Task, TaskEvent
 from service.redact import mask_credentials, mask_json
-from service.vocabulary import NotifyFormat, TaskKind
+from service.vocabulary import NotifyFormat, RelayHooks, TaskKind
 from service.webhooks.bodies import delivery_format
 from service.webhooks.ssrf import HOOK_MAX_LENGTH
 
@@ -36,12 +37,18 @@ INT64_MAX = 2**63 - 1
 JSON_MAX_DEPTH = 64
 
 
+ClientName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+RelayName = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=f"^{RELAY_NAME.pattern}$")]
+
+
 class RegisterTask(msgspec.Struct, forbid_unknown_fields=True):
     task_id: TaskIdStr
     kind: TaskKind = TaskKind.MUSIC
     notify_hook: Annotated[str, msgspec.Meta(min_length=1, max_length=HOOK_MAX_LENGTH)] | None = None
     notify_format: NotifyFormat | None = None
     metadata: dict[str, Any] | None = None
+    # Where the task is polled: the client's relay unless given (the admin's: `default`).
+    relay: RelayName | None = None
 
 
 class ClipOut(msgspec.Struct):
@@ -75,6 +82,9 @@ class TaskOut(msgspec.Struct):
     last_error: str | None
     # `client` (given at registration), `relay` (adopted from a relay answer) or None (no hook).
     notify_hook_source: str | None
+    relay: str
+    # Only in the admin's view: the client that registered the task (None: the admin).
+    client: str | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class TaskPage(msgspec.Struct):
@@ -110,7 +120,8 @@ def clip_out(clip: Clip) -> ClipOut:
     )
 
 
-def task_out(task: Task, clips: list[Clip]) -> TaskOut:
+def task_out(task: Task, clips: list[Clip], client_names: dict[int, str] | None = None) -> TaskOut:
+    """`client_names` (by client id) for the admin's view, which names each task's client."""
     return TaskOut(
         task_id=task.task_id,
         kind=task.kind,
@@ -130,6 +141,10 @@ def task_out(task: Task, clips: list[Clip]) -> TaskOut:
         poll_count=task.poll_count,
         last_error=task.last_error,
         notify_hook_source=task.notify_hook_source,
+        relay=task.relay,
+        client=msgspec.UNSET
+        if client_names is None
+        else (None if task.client_id is None else client_names[task.client_id]),
     )
 
 
@@ -320,3 +335,63 @@ def decode_json(body: bytes) -> Any:
         raise too_deep(body) from None
     check_json(value)
     return value
+
+
+class CreateClient(msgspec.Struct, forbid_unknown_fields=True):
+    name: ClientName
+    # Where its tasks are polled unless a registration names another (default: `default`).
+    relay: RelayName | None = None
+    # Registrations per second, bursts to twice that (default: SUNOTRACK_CLIENT_RATE).
+    rate: Annotated[float, msgspec.Meta(gt=0, le=1e6)] | None = None
+    # What its tasks do with the notify_hook a relay answer names (default: SUNOTRACK_RELAY_HOOKS).
+    relay_hooks: RelayHooks | None = None
+
+
+class ClientIssued(msgspec.Struct):
+    """A new client's credentials: shown once, never again."""
+
+    name: str
+    token: str
+    webhook_secret: str
+    relay: str
+
+
+class ClientOut(msgspec.Struct):
+    """A client as listed: never its token or secrets."""
+
+    name: str
+    relay: str
+    # None: SUNOTRACK_CLIENT_RATE and SUNOTRACK_RELAY_HOOKS.
+    rate: float | None
+    relay_hooks: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+    task_count: int
+
+
+class ClientList(msgspec.Struct):
+    items: list[ClientOut]
+
+
+class TokenRotated(msgspec.Struct):
+    name: str
+    token: str
+
+
+class SecretRotated(msgspec.Struct):
+    name: str
+    webhook_secret: str
+    # Until when the previous secret signs too (None: it stopped at once).
+    previous_secret_until: datetime | None
+
+
+def client_out(client: Client, task_count: int) -> ClientOut:
+    return ClientOut(
+        name=client.name,
+        relay=client.relay,
+        rate=client.rate,
+        relay_hooks=client.relay_hooks,
+        created_at=client.created_at,
+        revoked_at=client.revoked_at,
+        task_count=task_count,
+    )

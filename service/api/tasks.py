@@ -9,7 +9,8 @@ from litestar import Response, delete, get, post
 from litestar.params import FromQuery, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.api import AppRuntime, DbSession, TaskIdPath
+from service.api import AppRuntime, DbSession, TaskIdPath, TaskOwner
+from service.api.auth import REGISTERS, Owner
 from service.api.schemas import (
     INT32_MAX,
     METADATA_MAX_BYTES,
@@ -22,6 +23,7 @@ from service.api.schemas import (
     event_out,
     task_out,
 )
+from service.clients.service import known_relay
 from service.errors import InvalidInput, NotFound
 from service.models import Task
 from service.tracking import repository
@@ -30,46 +32,60 @@ from service.vocabulary import EventSource, TaskKind, TaskStatus
 from service.webhooks.ssrf import check_hook_url
 
 
-async def load_task_out(session: AsyncSession, task: Task) -> TaskOut:
+async def load_task_out(session: AsyncSession, owner: Owner, task: Task) -> TaskOut:
     clips = await repository.clips_by_task(session, [task.id])
-    return task_out(task, clips[task.id])
+    names = await repository.client_names(session, [task]) if owner.shows_client else None
+    return task_out(task, clips[task.id], names)
 
 
-async def require_task(session: AsyncSession, task_id: str) -> Task:
-    task = await repository.get_task(session, task_id)
+async def require_task(session: AsyncSession, owner: Owner, task_id: str) -> Task:
+    """The owner's task of this id: another client's is as unknown as one nobody registered."""
+    task = await repository.get_task(session, owner.client_id, task_id)
     if task is None:
         raise NotFound(f"task {task_id!r} is not tracked", extra={"task_id": task_id})
     return task
 
 
-@post("/api/v1/tasks", status_code=201, summary="Start tracking a relay task")
+@post(
+    "/api/v1/tasks",
+    status_code=201,
+    summary="Start tracking a relay task",
+    opt={REGISTERS: True},
+)
 async def create_task(
-    data: JSONBody[RegisterTask], session: DbSession, runtime: AppRuntime
+    data: JSONBody[RegisterTask], session: DbSession, runtime: AppRuntime, owner: TaskOwner
 ) -> Response[TaskOut]:
     if data.metadata is not None and len(msgspec.json.encode(data.metadata)) > METADATA_MAX_BYTES:
         raise InvalidInput(f"metadata: must encode to at most {METADATA_MAX_BYTES} bytes of JSON")
+    if data.relay is not None:
+        known_relay(runtime.settings, data.relay)
     if data.notify_hook is not None:
         await check_hook_url(data.notify_hook, allow_private=runtime.settings.allow_private_hooks)
     task, created = await register_task(
         session,
+        client_id=owner.client_id,
         task_id=data.task_id,
         kind=data.kind,
+        relay=data.relay,
+        default_relay=owner.caller.relay,
         notify_hook=data.notify_hook,
         notify_format=data.notify_format,
         metadata=data.metadata,
         settings=runtime.settings,
     )
-    return Response(await load_task_out(session, task), status_code=201 if created else 200)
+    return Response(await load_task_out(session, owner, task), status_code=201 if created else 200)
 
 
 @get("/api/v1/tasks/{task_id:str}", summary="One task with its clips")
-async def read_task(task_id: TaskIdPath, session: DbSession) -> TaskOut:
-    return await load_task_out(session, await require_task(session, task_id))
+async def read_task(task_id: TaskIdPath, session: DbSession, owner: TaskOwner) -> TaskOut:
+    return await load_task_out(session, owner, await require_task(session, owner, task_id))
 
 
 @get("/api/v1/tasks", summary="Tasks, newest first, with keyset pagination")
 async def list_tasks(
+    *,
     session: DbSession,
+    owner: TaskOwner,
     status: FromQuery[TaskStatus | None] = None,
     kind: FromQuery[TaskKind | None] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
@@ -77,6 +93,8 @@ async def list_tasks(
 ) -> TaskPage:
     tasks = await repository.list_tasks(
         session,
+        client_id=owner.client_id,
+        every_client=owner.every_client,
         status=status,
         kind=kind,
         limit=limit + 1,
@@ -84,8 +102,9 @@ async def list_tasks(
     )
     page, more = tasks[:limit], len(tasks) > limit
     clips = await repository.clips_by_task(session, [task.id for task in page])
+    names = await repository.client_names(session, page) if owner.shows_client else None
     return TaskPage(
-        items=[task_out(task, clips[task.id]) for task in page],
+        items=[task_out(task, clips[task.id], names) for task in page],
         next_cursor=encode_cursor("t", page[-1].id) if more else None,
     )
 
@@ -94,30 +113,42 @@ async def list_tasks(
 async def list_task_events(
     task_id: TaskIdPath,
     session: DbSession,
+    owner: TaskOwner,
     after: Annotated[
         int, QueryParameter(ge=0, le=INT32_MAX, description="Only events with a greater seq")
     ] = 0,
 ) -> EventList:
-    task = await require_task(session, task_id)
+    task = await require_task(session, owner, task_id)
     events = await repository.list_events(session, task.id, after_seq=after)
     return EventList(items=[event_out(event) for event in events])
 
 
 @post("/api/v1/tasks/{task_id:str}/refresh", status_code=200, summary="Poll the relay for this task now")
-async def refresh_task_now(task_id: TaskIdPath, session: DbSession, runtime: AppRuntime) -> TaskOut:
+async def refresh_task_now(
+    task_id: TaskIdPath, session: DbSession, runtime: AppRuntime, owner: TaskOwner
+) -> TaskOut:
     """A terminal task is returned as it is: polling stopped for good. 502 when the relay fails."""
-    await poll_task(session, runtime.relay, task_id, source=EventSource.API, settings=runtime.settings)
-    return await load_task_out(session, await require_task(session, task_id))
+    await poll_task(
+        session,
+        runtime.relays,
+        task_id,
+        source=EventSource.API,
+        settings=runtime.settings,
+        client_id=owner.client_id,
+    )
+    return await load_task_out(session, owner, await require_task(session, owner, task_id))
 
 
 @delete(
     "/api/v1/tasks/{task_id:str}", status_code=200, summary="Stop tracking: status cancelled, history kept"
 )
-async def cancel_task_now(task_id: TaskIdPath, session: DbSession, runtime: AppRuntime) -> TaskOut:
+async def cancel_task_now(
+    task_id: TaskIdPath, session: DbSession, runtime: AppRuntime, owner: TaskOwner
+) -> TaskOut:
     """Idempotent for a cancelled task; 409 for one that already finished otherwise. The relay is not
     told (it has no cancel endpoint)."""
-    await cancel_task(session, task_id, settings=runtime.settings)
-    return await load_task_out(session, await require_task(session, task_id))
+    await cancel_task(session, task_id, client_id=owner.client_id, settings=runtime.settings)
+    return await load_task_out(session, owner, await require_task(session, owner, task_id))
 
 
 TASK_ROUTES = [create_task, read_task, list_tasks, list_task_events, refresh_task_now, cancel_task_now]

@@ -9,23 +9,54 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import msgspec
-from sqlalchemy import Row, Table, select, text
+from sqlalchemy import ColumnElement, Row, Table, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.db import database_now, recordset, recordset_value, rows_as
-from service.models import LIVE, Clip, Task, TaskEvent
-from service.upstream.schemas import ClipContent, ClipView
-from service.vocabulary import TaskStatus
+from service.models import LIVE, Client, Clip, Task, TaskEvent
+from service.upstream.schemas import ClipContent
+
+
+def owned_by(client_id: int | None) -> ColumnElement[bool]:
+    """Tasks of this client, or the admin's (None): a condition the (client_id, id) index serves."""
+    return Task.client_id.is_(None) if client_id is None else Task.client_id == client_id
 
 
 async def get_task(
-    session: AsyncSession, task_id: str, *, for_update: bool = False, skip_locked: bool = False
+    session: AsyncSession, client_id: int | None, task_id: str, *, for_update: bool = False
 ) -> Task | None:
-    """The task; with `skip_locked`, None also when another transaction holds its row."""
-    query = select(Task).where(Task.task_id == task_id)
+    """A client's task by its relay task id (client_id None: the admin's)."""
+    query = select(Task).where(Task.task_id == task_id, owned_by(client_id))
     if for_update:
-        query = query.with_for_update(skip_locked=skip_locked)
+        query = query.with_for_update()
     return (await session.execute(query)).scalar_one_or_none()
+
+
+async def lock_tasks(session: AsyncSession, relay: str, task_id: str) -> list[Task]:
+    """Every client's record of this task id on this relay, locked, skipping those another
+    transaction holds (a poll in flight)."""
+    query = (
+        select(Task)
+        .where(Task.task_id == task_id, Task.relay == relay)
+        .order_by(Task.id)
+        .with_for_update(skip_locked=True)
+    )
+    return list((await session.execute(query)).scalars())
+
+
+async def tracks(session: AsyncSession, relay: str, task_id: str) -> bool:
+    """Whether any client tracks this task id on this relay."""
+    query = select(Task.id).where(Task.task_id == task_id, Task.relay == relay).limit(1)
+    return (await session.execute(query)).first() is not None
+
+
+async def client_names(session: AsyncSession, tasks: Sequence[Task]) -> dict[int, str]:
+    """The names of these tasks' clients, by client id."""
+    ids = {task.client_id for task in tasks if task.client_id is not None}
+    if not ids:
+        return {}
+    rows = await session.execute(select(Client.id, Client.name).where(Client.id.in_(ids)))
+    return {client_id: name for client_id, name in rows}
 
 
 async def clips_by_task(session: AsyncSession, task_pks: Sequence[int]) -> dict[int, list[Clip]]:
@@ -44,13 +75,18 @@ async def clips_by_task(session: AsyncSession, task_pks: Sequence[int]) -> dict[
 async def list_tasks(
     session: AsyncSession,
     *,
+    client_id: int | None,
+    every_client: bool,
     status: str | None,
     kind: str | None,
     limit: int,
     before_pk: int | None,
 ) -> list[Task]:
-    """Newest first by the identity key: a cursor of the last pk seen is stable while rows are added."""
+    """Newest first by the identity key: a cursor of the last pk seen is stable while rows are added.
+    Only client_id's tasks (None: the admin's) unless every_client."""
     query = select(Task).order_by(Task.id.desc()).limit(limit)
+    if not every_client:
+        query = query.where(owned_by(client_id))
     if before_pk is not None:
         query = query.where(Task.id < before_pk)
     if kind is not None:
@@ -100,6 +136,8 @@ class TaskIdentity(msgspec.Struct, kw_only=True):
     # NULL: the registration chose no format (webhooks.bodies.delivery_format).
     notify_format: str | None
     metadata: dict[str, Any] | None
+    # Not a tasks column: its client's relay_hooks (None: the admin's task, or the client set none).
+    client_relay_hooks: str | None = None
 
 
 class TaskState(TaskIdentity, kw_only=True):
@@ -171,8 +209,10 @@ class PollClaim:
     tasks: list[ClaimedTask]
 
 
-_TASK_READ = tuple(name for name in TaskState.__struct_fields__ if name not in ("clips", "last_payload"))
-_NOT_COLUMNS = ("clips",)
+_NOT_COLUMNS = ("clips", "client_relay_hooks")
+_TASK_READ = tuple(
+    name for name in TaskState.__struct_fields__ if name not in (*_NOT_COLUMNS, "last_payload")
+)
 _TASK_WRITTEN = (
     "id",
     *(
@@ -204,20 +244,23 @@ def _task_state(row: Row[Any]) -> TaskState:
 
 
 _LOCK = (
-    f"SELECT now() AS now, {', '.join(_TASK_READ)}, {_with_clips('tasks')} AS clips "  # noqa: S608
-    "FROM tasks WHERE %s ORDER BY id FOR UPDATE"
+    f"SELECT now() AS now, {', '.join(_TASK_READ)}, {_with_clips('tasks')} AS clips, "  # noqa: S608
+    "(SELECT c.relay_hooks FROM clients AS c WHERE c.id = tasks.client_id) AS client_relay_hooks "
+    "FROM tasks WHERE %s ORDER BY id FOR UPDATE OF tasks"
 )
 _LOCK_BY_PK = text(_LOCK % "id = ANY(CAST(:pks AS bigint[]))")
-_LOCK_BY_TASK_ID = text(_LOCK % "task_id = ANY(CAST(:task_ids AS text[]))")
+_LOCK_BY_TASK_ID = text(_LOCK % "task_id = ANY(CAST(:task_ids AS text[])) AND relay = :relay")
 
 
 async def lock_task_states(
-    session: AsyncSession, *, pks: Sequence[int] = (), task_ids: Sequence[str] = ()
+    session: AsyncSession, *, pks: Sequence[int] = (), relay: str = "", task_ids: Sequence[str] = ()
 ) -> tuple[datetime, list[TaskState]]:
-    """Lock the given tasks (in id order, so concurrent lockers cannot deadlock) and read them with
-    their clips. Returns the transaction's now() too: every time written in this unit of work uses it."""
+    """Lock the given tasks (by pk, or every client's record of these task ids on `relay`), in id
+    order so concurrent lockers cannot deadlock, and read them with their clips. Returns the
+    transaction's now() too: every time written in this unit of work uses it."""
     query = _LOCK_BY_PK if pks else _LOCK_BY_TASK_ID
-    rows = (await session.execute(query, {"pks": list(pks), "task_ids": list(task_ids)})).all()
+    params = {"pks": list(pks), "relay": relay, "task_ids": list(task_ids)}
+    rows = (await session.execute(query, params)).all()
     if not rows:
         return await database_now(session), []
     return rows[0].now, [_task_state(row) for row in rows]
@@ -363,50 +406,3 @@ async def write_page(
             "events": _encode(events).decode(),
         },
     )
-
-
-# --- the relay front's reads (api/relay_front.py) -------------------------------------------------------
-
-
-class RelayView(msgspec.Struct, kw_only=True):
-    """What the relay front renders of a task, field names being its columns: the relay's task object
-    is our state written over the relay's last answer (`last_payload`)."""
-
-    id: int
-    task_id: str
-    kind: str
-    status: TaskStatus
-    progress: int | None
-    fail_reason: str | None
-    finished_at: datetime | None
-    notify_hook: str | None
-    # `null` while the relay has not answered (msgspec takes no `Raw | None`).
-    last_payload: msgspec.Raw
-    clips: list[ClipView]
-
-
-# ClipView's fields from the clips row (its `id` is the row's clip_id).
-_VIEW_CLIP = ", ".join(
-    f"'{name}', c.{'clip_id' if name == 'id' else name}" for name in ClipView.__struct_fields__
-)
-_VIEW_TASK = ", ".join(f"'{name}', t.{name}" for name in RelayView.__struct_fields__ if name != "clips")
-# One row, one JSON document for the whole batch: decoded straight into the structs in one call.
-_RELAY_VIEWS = text(
-    f"""
-    SELECT coalesce(json_agg(json_build_object({_VIEW_TASK}, 'clips', (
-        SELECT coalesce(json_agg(json_build_object({_VIEW_CLIP}) ORDER BY c.position), '[]')
-        FROM clips AS c WHERE c.task_pk = t.id
-    ))), '[]')::text
-    FROM tasks AS t
-    WHERE t.task_id = ANY(CAST(:task_ids AS text[]))
-    """  # noqa: S608
-)
-_relay_views = msgspec.json.Decoder(list[RelayView])
-
-
-async def relay_views(session: AsyncSession, task_ids: Sequence[str]) -> dict[str, RelayView]:
-    """These tasks (those tracked) by task_id, in one statement."""
-    if not task_ids:
-        return {}
-    document = (await session.execute(_RELAY_VIEWS, {"task_ids": list(task_ids)})).scalar_one()
-    return {view.task_id: view for view in _relay_views.decode(document)}

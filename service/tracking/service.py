@@ -13,16 +13,17 @@ import asyncio
 import hashlib
 import operator
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, NamedTuple
 
 import msgspec
 import structlog
-from sqlalchemy import insert
+from sqlalchemy import exists, insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from service.config import Settings
 from service.db import database_now
@@ -42,11 +43,13 @@ from service.tracking.repository import (
 from service.upstream.client import RelayClient
 from service.upstream.schemas import ClipContent, ClipView, TaskSnapshot, UpstreamError
 from service.vocabulary import (
+    DEFAULT_RELAY,
     STATUS_RANK,
     TERMINAL_STATUSES,
     EventSource,
     EventType,
     HookSource,
+    RelayHooks,
     TaskKind,
     TaskStatus,
 )
@@ -116,7 +119,7 @@ def relay_hook_news(state: TaskState, snapshot: TaskSnapshot | None, settings: S
         or hook == state.relay_notify_hook
         or state.notify_hook_source == HookSource.CLIENT
         or state.status in _TERMINAL
-        or settings.relay_hooks == "ignore"
+        or (state.client_relay_hooks or settings.relay_hooks) == RelayHooks.IGNORE
     ):
         return None
     token = settings.callback_token
@@ -611,31 +614,39 @@ async def record_snapshot(
     *,
     source: EventSource,
     settings: Settings,
+    pks: Sequence[int] | None = None,
+    relay: str = DEFAULT_RELAY,
     hint: dict[str, Any] | None = None,
 ) -> bool:
     """Record the relay's answer to a poll of one task outside the poller (an API refresh, or the
-    poll a relay callback triggers: poll_task). `hint`, the callback's body, goes into the detail of
-    the first event the answer records, as `callback`.
+    poll a relay callback triggers: poll_task) into the tasks `pks`, or into every client's record
+    of that task id on `relay`. `hint`, the callback's body, goes into the detail of the first event
+    the answer records for each, as `callback`.
 
-    It leaves next_poll_at of a live task alone: the schedule is the poller's. Returns False when the
-    task is not tracked.
+    It leaves next_poll_at of a live task alone: the schedule is the poller's. Returns False when no
+    such task is tracked.
     """
-    now, states = await repository.lock_task_states(session, task_ids=[snapshot.task_id])
+    if pks is None:
+        now, states = await repository.lock_task_states(session, relay=relay, task_ids=[snapshot.task_id])
+    else:
+        now, states = await repository.lock_task_states(session, pks=pks)
     if not states:
         return False
-    state = states[0]
     recorder = _Recorder(now, settings)
-    await recorder.check_relay_hooks([(state, snapshot)])
-    if recorder.snapshot(state, snapshot, source):
-        state.poll_interval_s = settings.poll_min_interval_s
-    if hint is not None and recorder.events:
-        first = recorder.events[0]
-        recorder.events[0] = msgspec.structs.replace(first, detail={**(first.detail or {}), "callback": hint})
-    recorder.dirty[state.id] = state
-    state.last_polled_at = now
-    state.poll_count += 1
-    state.consecutive_errors = 0
-    state.last_error = None
+    await recorder.check_relay_hooks((state, snapshot) for state in states)
+    for state in states:
+        recorded = len(recorder.events)
+        if recorder.snapshot(state, snapshot, source):
+            state.poll_interval_s = settings.poll_min_interval_s
+        if hint is not None and len(recorder.events) > recorded:
+            first = recorder.events[recorded]
+            detail = {**(first.detail or {}), "callback": hint}
+            recorder.events[recorded] = msgspec.structs.replace(first, detail=detail)
+        recorder.dirty[state.id] = state
+        state.last_polled_at = now
+        state.poll_count += 1
+        state.consecutive_errors = 0
+        state.last_error = None
     await recorder.flush(session)
     # Rows were written with Core statements: ORM copies loaded earlier in this session are stale.
     session.expire_all()
@@ -647,53 +658,63 @@ PollOutcome = Literal["polled", "finished", "in_flight"]
 
 async def poll_task(
     session: AsyncSession,
-    relay: RelayClient | None,
+    relays: Mapping[str, RelayClient],
     task_id: str,
     *,
     source: EventSource,
     settings: Settings,
+    client_id: int | None = None,
+    relay: str = DEFAULT_RELAY,
     hint: dict[str, Any] | None = None,
 ) -> PollOutcome:
-    """Poll one task now and record what the relay answers: an API refresh (source `api`), or the
-    poll a relay callback triggers (source `callback`, `hint` its body; see record_snapshot).
+    """Poll one task now and record what the relay answers: an API refresh of a client's task
+    (source `api`; client_id None: the admin's), or the poll a relay callback triggers (source
+    `callback`, `hint` its body; see record_snapshot), for every client's record of that task id on
+    `relay`.
 
-    Like a poller's claim, the task's row stays locked from before the request until the answer is
-    recorded. A refresh waits for a poll holding it; a callback's poll does not: that poll is in
+    Like a poller's claim, the tasks' rows stay locked from before the request until the answer is
+    recorded. A refresh waits for a poll holding its task; a callback's poll does not: that poll is in
     flight ("in_flight", nothing asked). A finished task is left as it is ("finished": polling
     stopped for good). NotFound for a task not tracked; UpstreamUnavailable, with nothing written,
     when the relay fails.
     """
-    in_flight_is_enough = source == EventSource.CALLBACK
-    task = await repository.get_task(session, task_id, for_update=True, skip_locked=in_flight_is_enough)
-    if task is None:
-        if in_flight_is_enough and await repository.get_task(session, task_id) is not None:
-            return "in_flight"
-        raise NotFound(f"task {task_id!r} is not tracked", extra={"task_id": task_id})
-    if task.status in _TERMINAL:
+    if source == EventSource.CALLBACK:
+        tasks = await repository.lock_tasks(session, relay, task_id)
+        if not tasks:
+            if await repository.tracks(session, relay, task_id):
+                return "in_flight"
+            raise NotFound(f"task {task_id!r} is not tracked", extra={"task_id": task_id})
+    else:
+        tasks = [await _require_task(session, client_id, task_id, for_update=True)]
+    live = [task for task in tasks if task.status not in _TERMINAL]
+    if not live:
         return "finished"
-    if relay is None:
-        raise UpstreamUnavailable("no relay is configured (SUNO_BASE_URL is unset)")
+    client = relays.get(live[0].relay)
+    if client is None:
+        raise UpstreamUnavailable(f"relay {live[0].relay!r} is not configured in this process")
     try:
-        snapshot = await relay.fetch_task(task.kind, task_id)
+        snapshot = await client.fetch_task(live[0].kind, task_id)
     except UpstreamError as exc:
         raise UpstreamUnavailable(
             f"the relay did not answer usefully: {exc.message}",
             extra={"error_class": exc.error_class, "upstream_code": exc.code},
         ) from exc
-    await record_snapshot(session, snapshot, source=source, settings=settings, hint=hint)
+    pks = [task.id for task in live]
+    await record_snapshot(session, snapshot, source=source, settings=settings, pks=pks, hint=hint)
     return "polled"
 
 
-async def cancel_task(session: AsyncSession, task_id: str, *, settings: Settings) -> None:
-    """Stop tracking with status `cancelled` (source `api`); the history stays.
+async def cancel_task(
+    session: AsyncSession, task_id: str, *, client_id: int | None = None, settings: Settings
+) -> None:
+    """Stop tracking a client's task (None: the admin's) with status `cancelled` (source `api`); the
+    history stays.
 
     Cancelling a cancelled task again is a no-op; a task that already finished otherwise is a
     conflict (its outcome is known, and a client should not be told it was cancelled).
     """
-    now, states = await repository.lock_task_states(session, task_ids=[task_id])
-    if not states:
-        raise NotFound(f"task {task_id!r} is not tracked", extra={"task_id": task_id})
-    state = states[0]
+    task = await _require_task(session, client_id, task_id)
+    now, [state] = await repository.lock_task_states(session, pks=[task.id])
     if state.status == TaskStatus.CANCELLED:
         return
     if state.status in _TERMINAL:
@@ -714,26 +735,55 @@ async def cancel_task(session: AsyncSession, task_id: str, *, settings: Settings
     session.expire_all()
 
 
+async def _require_task(
+    session: AsyncSession, client_id: int | None, task_id: str, *, for_update: bool = False
+) -> Task:
+    task = await repository.get_task(session, client_id, task_id, for_update=for_update)
+    if task is None:
+        raise NotFound(f"task {task_id!r} is not tracked", extra={"task_id": task_id})
+    return task
+
+
 async def register_task(
     session: AsyncSession,
     *,
+    client_id: int | None = None,
     task_id: str,
     kind: str,
+    relay: str | None = None,
+    default_relay: str = DEFAULT_RELAY,
     notify_hook: str | None,
     notify_format: str | None,
     metadata: dict[str, Any] | None,
     settings: Settings,
 ) -> tuple[Task, bool]:
-    """Start tracking task_id; returns (task, created). Registering the same task again is idempotent.
+    """Start tracking task_id for a client (None: the admin) on a relay (None: `default_relay`);
+    returns (task, created). Registering the same task again is idempotent.
 
     Polls are scheduled by the database's clock only (docs/design.md, "One clock"): the registration's
     first poll too."""
     now = await database_now(session)
+    polled_on = relay or default_relay
+    other = aliased(Task)
+    # Another client already polls this relay task: the claims then poll both records together.
+    shared = (
+        exists()
+        .where(
+            other.task_id == task_id,
+            other.relay == polled_on,
+            other.client_id.is_distinct_from(client_id),
+            other.next_poll_at.is_not(None),
+        )
+        .correlate_except(other)
+    )
     created_pk = (
         await session.execute(
             pg_insert(Task)
             .values(
                 task_id=task_id,
+                client_id=client_id,
+                relay=polled_on,
+                shared=shared,
                 kind=kind,
                 status=TaskStatus.SUBMITTED,
                 notify_hook=notify_hook,
@@ -746,7 +796,7 @@ async def register_task(
                 next_poll_at=now + timedelta(seconds=settings.poll_min_interval_s),
                 poll_interval_s=settings.poll_min_interval_s,
             )
-            .on_conflict_do_nothing(index_elements=[Task.task_id])
+            .on_conflict_do_nothing(index_elements=[Task.task_id, Task.client_id])
             .returning(Task.id)
         )
     ).scalar_one_or_none()
@@ -764,18 +814,20 @@ async def register_task(
                 source=EventSource.REGISTER,
             )
         )
-        task = await repository.get_task(session, task_id)
+        task = await repository.get_task(session, client_id, task_id)
         assert task is not None
         return task, True
 
     # A concurrent registration may still be committing: the row lock waits for it.
-    existing = await repository.get_task(session, task_id, for_update=True)
+    existing = await repository.get_task(session, client_id, task_id, for_update=True)
     assert existing is not None
-    if existing.kind != kind:
-        raise Conflict(
-            f"task_id {task_id!r} is already registered with kind {existing.kind!r}, not {kind!r}",
-            extra={"task_id": task_id, "kind": existing.kind},
-        )
+    for name, given in (("kind", kind), ("relay", relay)):
+        registered = getattr(existing, name)
+        if given is not None and registered != given:
+            raise Conflict(
+                f"task_id {task_id!r} is already registered with {name} {registered!r}, not {given!r}",
+                extra={"task_id": task_id, name: registered},
+            )
     changed = False
     # A hook given at registration replaces one adopted from the relay, and the relay's never replaces it.
     for attribute, value in (

@@ -6,13 +6,12 @@ import asyncio
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 import msgspec
 import structlog
-from multidict import CIMultiDictProxy
 from yarl import URL
 
 from service.http import retry_after_s
@@ -35,7 +34,7 @@ from service.upstream.schemas import (
 )
 from service.vocabulary import TaskKind
 
-__all__ = ["BatchResult", "RelayAnswer", "RelayClient"]
+__all__ = ["BatchResult", "RelayClient"]
 
 log = structlog.get_logger()
 
@@ -44,15 +43,6 @@ _T = TypeVar("_T")
 _BATCH_ACTIONS: dict[str, str] = {TaskKind.MUSIC: "MUSIC", TaskKind.LYRICS: "LYRICS"}
 _JSON_HEADERS = {"Content-Type": "application/json"}
 _MAX_MESSAGE = 200
-
-
-class RelayAnswer(NamedTuple):
-    """The relay's answer as it came: status, Content-Type, body, Retry-After."""
-
-    status: int
-    content_type: str | None
-    body: bytes
-    retry_after: str | None
 
 
 @dataclass(slots=True)
@@ -195,22 +185,7 @@ class RelayClient:
             raise PermanentUpstreamError("invalid_id", "empty task or clip id")
         return await self._request("GET", prefix + quote(item_id, safe=""))
 
-    async def forward(self, method: str, path: str, body: bytes | None = None) -> RelayAnswer:
-        """One request passed through as it is (the relay front): whatever status the relay answers,
-        with our key. Raises only when there is no answer: `connect` when nothing reached the relay,
-        `timeout` or `disconnected` when the request may have been acted on."""
-        status, answer, headers = await self._exchange(method, path, body)
-        return RelayAnswer(status, headers.get("Content-Type"), answer, headers.get("Retry-After"))
-
     async def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
-        status, answer, headers = await self._exchange(method, path, body)
-        if not 200 <= status < 300:
-            raise _failed(_status_error(method, path, status, headers.get("Retry-After"), answer))
-        return answer
-
-    async def _exchange(
-        self, method: str, path: str, body: bytes | None
-    ) -> tuple[int, bytes, CIMultiDictProxy[str]]:
         if self._session.closed:
             raise TransientUpstreamError("client_closed", "the HTTP session is closed (shutting down?)")
         url = URL(self._base + path, encoded=True)
@@ -222,9 +197,9 @@ class RelayClient:
                     method, url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
                 ) as response,
             ):
-                return response.status, await response.read(), response.headers
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise _failed(TransientUpstreamError("connect", f"{method} {path}: connect timed out")) from exc
+                answer = await response.read()
+                status = response.status
+                retry_after = response.headers.get("Retry-After")
         except TimeoutError as exc:
             raise _failed(TransientUpstreamError("timeout", f"{method} {path}: timed out")) from exc
         except aiohttp.ClientConnectorError as exc:
@@ -242,6 +217,9 @@ class RelayClient:
         except aiohttp.ClientError as exc:
             error = TransientUpstreamError("client_error", f"{method} {path}: {type(exc).__name__}")
             raise _failed(error) from exc
+        if not 200 <= status < 300:
+            raise _failed(_status_error(method, path, status, retry_after, answer))
+        return answer
 
 
 def _parse(parser: Callable[[bytes], _T], body: bytes) -> _T:

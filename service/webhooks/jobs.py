@@ -33,7 +33,7 @@ from service.webhooks.repository import (
     record_attempts,
     release_claims,
 )
-from service.webhooks.signing import secret_keys
+from service.webhooks.signing import client_keys, secret_keys
 from service.webhooks.ssrf import webhook_connector
 
 log = structlog.get_logger()
@@ -114,7 +114,6 @@ class Dispatcher:
         self._results_ready = asyncio.Event()
         self._stopping = False
         self._closing = False
-        self._held = False
         self._in_flight: dict[int, ClaimedDelivery] = {}
         self._sends: set[asyncio.Task[None]] = set()
         self._results: list[tuple[ClaimedDelivery, AttemptResult, Settlement]] = []
@@ -127,18 +126,18 @@ class Dispatcher:
 
     @property
     def held(self) -> bool:
-        """True when no secret is configured: deliveries stay queued rather than going out unsigned."""
-        return self._held
+        """True when SUNOTRACK_WEBHOOK_SECRET is unset: the admin's tasks' deliveries stay queued rather
+        than going out unsigned (clients' go out, signed with their own secrets)."""
+        return not self._keys
 
     async def start(self) -> None:
         settings = self._settings
         if not self._keys:
-            self._held = True
             self._log.error(
                 "webhooks.unsigned_refused",
-                reason="SUNOTRACK_WEBHOOK_SECRET is not set: deliveries stay pending until it is",
+                reason="SUNOTRACK_WEBHOOK_SECRET is not set: deliveries of tasks registered with the "
+                "admin token stay pending until it is",
             )
-            return
         if settings.lease_s <= settings.webhook_timeout_s:
             self._log.warning(
                 "webhooks.lease_shorter_than_timeout",
@@ -175,7 +174,7 @@ class Dispatcher:
         self._wake.set()
 
     async def stop(self) -> None:
-        if self._held or self._stopping:
+        if self._stopping:
             return
         self._stopping = True
         with contextlib.suppress(JobLookupError):
@@ -297,6 +296,7 @@ class Dispatcher:
                         lease_s=settings.lease_s,
                         breaker_failures=settings.hook_breaker_failures,
                         probe_s=settings.webhook_timeout_s + 1,
+                        signs_admin=bool(self._keys),
                     )
                 except Exception as exc:
                     # The sweep wakes us again; the rows are unclaimed or come back with their lease.
@@ -322,7 +322,9 @@ class Dispatcher:
         result = await attempt_delivery(
             self._http,
             delivery,
-            keys=self._keys,
+            keys=self._keys
+            if delivery.webhook_secret is None
+            else client_keys(delivery.webhook_secret, delivery.previous_webhook_secret),
             allow_private=settings.allow_private_hooks,
         )
         settlement = settle(delivery, result, settings.webhook_retry_schedule)

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.errors import NotFound
 from service.models import Delivery, DeliveryAttempt, HookHost, Task
 from service.vocabulary import DeliveryStatus
 from service.webhooks.outbox import notify_dispatchers
+from service.webhooks.ssrf import hook_host
 
 
-async def task_pk_of(session: AsyncSession, task_id: str) -> int:
-    pk = (await session.execute(select(Task.id).where(Task.task_id == task_id))).scalar_one_or_none()
+def _of_client(client_id: int | None, every_client: bool) -> ColumnElement[bool]:
+    """Deliveries of this client's tasks (None: the admin's), or of every client's."""
+    if every_client:
+        return true()
+    return Task.client_id.is_(None) if client_id is None else Task.client_id == client_id
+
+
+async def task_pk_of(session: AsyncSession, client_id: int | None, task_id: str) -> int:
+    """The task's key, when it is this client's (None: the admin's)."""
+    query = select(Task.id).where(Task.task_id == task_id, Task.client_id.is_not_distinct_from(client_id))
+    pk = (await session.execute(query)).scalar_one_or_none()
     if pk is None:
         raise NotFound(f"task {task_id!r} is not tracked", extra={"task_id": task_id})
     return pk
@@ -43,12 +53,19 @@ async def deliveries_of_task(
 
 
 async def list_deliveries(
-    session: AsyncSession, *, status: str | None, limit: int, before_id: int | None
+    session: AsyncSession,
+    *,
+    client_id: int | None,
+    every_client: bool,
+    status: str | None,
+    limit: int,
+    before_id: int | None,
 ) -> list[tuple[Delivery, str]]:
     """Newest first by id (a stable keyset cursor), each with its task's task_id."""
     query = (
         select(Delivery, Task.task_id)
         .join(Task, Task.id == Delivery.task_pk)
+        .where(_of_client(client_id, every_client))
         .order_by(Delivery.id.desc())
         .limit(limit)
     )
@@ -88,15 +105,36 @@ async def requeue(
     return sorted(requeued, key=lambda delivery: delivery.id)
 
 
-async def get_delivery(session: AsyncSession, delivery_id: int) -> tuple[Delivery, str]:
-    query = select(Delivery, Task.task_id).join(Task, Task.id == Delivery.task_pk)
-    row = (await session.execute(query.where(Delivery.id == delivery_id))).one_or_none()
+async def get_delivery(
+    session: AsyncSession, delivery_id: int, *, client_id: int | None, every_client: bool
+) -> tuple[Delivery, str]:
+    """A delivery of this client's tasks (or of anyone's, for every_client), with its task's task_id."""
+    query = (
+        select(Delivery, Task.task_id)
+        .join(Task, Task.id == Delivery.task_pk)
+        .where(Delivery.id == delivery_id, _of_client(client_id, every_client))
+    )
+    row = (await session.execute(query)).one_or_none()
     if row is None:
         raise NotFound(f"delivery {delivery_id} does not exist", extra={"delivery_id": delivery_id})
     delivery, task_id = row
     return delivery, task_id
 
 
-async def list_hook_hosts(session: AsyncSession) -> list[HookHost]:
+async def list_hook_hosts(
+    session: AsyncSession, *, client_id: int | None, every_client: bool
+) -> list[HookHost]:
+    """Hosts on a failure streak; short of every client's, only those this client's deliveries still
+    wait on (a host's state matters to a client while it has something to send there)."""
     query = select(HookHost).order_by(HookHost.paused_until.desc().nulls_last(), HookHost.host)
-    return list((await session.execute(query)).scalars())
+    hosts = list((await session.execute(query)).scalars())
+    if every_client or not hosts:
+        return hosts
+    urls = await session.execute(
+        select(Delivery.url)
+        .distinct()
+        .join(Task, Task.id == Delivery.task_pk)
+        .where(Delivery.next_attempt_at.is_not(None), _of_client(client_id, every_client))
+    )
+    waiting = {hook_host(url) for url in urls.scalars()}
+    return [host for host in hosts if host.host in waiting]

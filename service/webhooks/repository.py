@@ -43,6 +43,10 @@ class ClaimedDelivery(NamedTuple):
     attempts: int  # attempts made before this one, in the current round
     # The next_attempt_at our claim wrote: writes back only land while the row still carries it.
     lease: datetime
+    # The task's client's secrets (None: the admin's task, signed with SUNOTRACK_WEBHOOK_SECRET); the
+    # previous one only while its grace period after a rotation lasts.
+    webhook_secret: str | None = None
+    previous_webhook_secret: str | None = None
 
     @property
     def host(self) -> str:
@@ -82,6 +86,8 @@ _CLAIM = """
     WITH due AS (
         SELECT id FROM deliveries
         WHERE next_attempt_at <= now()
+            -- Without SUNOTRACK_WEBHOOK_SECRET only clients' deliveries can be signed.
+            AND ($4 OR EXISTS (SELECT FROM tasks AS t WHERE t.id = task_pk AND t.client_id IS NOT NULL))
         ORDER BY next_attempt_at
         LIMIT $1
         FOR UPDATE SKIP LOCKED
@@ -95,8 +101,11 @@ _CLAIM = """
         SELECT array_agg(host ORDER BY host) AS hosts, array_agg(paused_until ORDER BY host) AS untils
         FROM hook_hosts WHERE consecutive_failures >= $3
     )
-    SELECT c.*, t.task_id, now() AS now, tripped.hosts, tripped.untils
+    SELECT c.*, t.task_id, now() AS now, tripped.hosts, tripped.untils, cl.webhook_secret,
+           CASE WHEN cl.previous_secret_until > now() THEN cl.previous_webhook_secret END
+               AS previous_webhook_secret
     FROM claimed AS c JOIN tasks AS t ON t.id = c.task_pk CROSS JOIN tripped
+        LEFT JOIN clients AS cl ON cl.id = t.client_id
 """
 
 # Only one process wins the probe of a host whose pause is over: the row lock serialises the others,
@@ -115,14 +124,21 @@ _DEFER = """
 
 
 async def claim_due_deliveries(
-    driver: Driver, *, limit: int, lease_s: float, breaker_failures: int, probe_s: float
+    driver: Driver,
+    *,
+    limit: int,
+    lease_s: float,
+    breaker_failures: int,
+    probe_s: float,
+    signs_admin: bool = True,
 ) -> DeliveryClaim:
-    """Lease up to `limit` due deliveries to this process, putting back those whose host is paused.
+    """Lease up to `limit` due deliveries to this process, putting back those whose host is paused;
+    only clients' deliveries unless `signs_admin` (SUNOTRACK_WEBHOOK_SECRET is set).
 
     A host tripped by the circuit breaker gets one probe delivery once its pause is over; its other
     deliveries wait for the probe's outcome instead of each burning an attempt on a host that is down.
     """
-    rows = await driver.fetch(_CLAIM, limit, lease_s, breaker_failures)
+    rows = await driver.fetch(_CLAIM, limit, lease_s, breaker_failures, signs_admin)
     if not rows:
         return DeliveryClaim([], 0, None)
     first = rows[0]

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 from collections.abc import Sequence
 
 from pydantic import SecretStr
 
 
+def secret_key(secret: str) -> bytes:
+    """The HMAC key of a whsec_ secret, decoded the way the standardwebhooks package decodes it."""
+    return base64.b64decode(secret.removeprefix("whsec_") + "==")
+
+
 def secret_keys(secrets: Sequence[SecretStr]) -> tuple[bytes, ...]:
-    """HMAC keys from whsec_ secrets, decoded the way the standardwebhooks package decodes them."""
-    keys = []
-    for secret in secrets:
-        raw = secret.get_secret_value().removeprefix("whsec_")
-        keys.append(base64.b64decode(raw + "=="))
-    return tuple(keys)
+    return tuple(secret_key(secret.get_secret_value()) for secret in secrets)
+
+
+@functools.lru_cache(maxsize=1024)
+def client_keys(current: str, previous: str | None) -> tuple[bytes, ...]:
+    """A client's keys: its secret's, and during a rotation's grace period the previous one's."""
+    return (secret_key(current),) if previous is None else (secret_key(current), secret_key(previous))
 
 
 def signature_header(keys: Sequence[bytes], webhook_id: str, timestamp: int, body: bytes) -> str:

@@ -335,3 +335,28 @@ async def test_the_app_runs_the_poller_and_stops_it_cleanly(
         assert 'sunotrack_transitions_total{source="poll",to_status="complete"}' in metrics
         assert "sunotrack_claim_lag_seconds_count" in metrics
     server.stop(timeout=10)
+
+
+async def test_a_callback_polls_once_and_records_into_every_clients_record(
+    api: httpx.AsyncClient, fake_relay: FakeRelay
+) -> None:
+    """Two clients and the admin track one relay task: one callback, one question to the relay, the
+    answer in each record (each with its own history)."""
+    task_id = fake_relay.add_task(stages=["QUEUED"], advance=Advance.MANUAL)
+    for name in ("a", "b"):
+        token = (await api.post("/api/v1/clients", json={"name": name})).json()["token"]
+        async with httpx.AsyncClient(base_url=api.base_url, headers=auth_headers(token)) as client:
+            assert (await client.post("/api/v1/tasks", json={"task_id": task_id})).status_code == 201
+    await api.post("/api/v1/tasks", json={"task_id": task_id})
+
+    called = await api.post(CALLBACK_URL, json={"taskId": task_id, "status": "QUEUED"}, headers=NO_AUTH)
+
+    assert (called.status_code, called.json()["status"]) == (200, "polled")
+    assert fake_relay.task_requests[task_id] == 1
+    for owner in ({"client": "a"}, {"client": "b"}, {}):
+        task = (await api.get(f"/api/v1/tasks/{task_id}", params=owner)).json()
+        assert (task["status"], task["poll_count"]) == ("queued", 1), owner
+        events = (await api.get(f"/api/v1/tasks/{task_id}/events", params=owner)).json()["items"]
+        assert [(e["seq"], e["to_status"], e["source"]) for e in events if e["clip_id"] is None] == [
+            (1, "submitted", "register"), (2, "queued", "callback"),
+        ]  # fmt: skip

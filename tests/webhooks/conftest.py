@@ -36,6 +36,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float  # time.time() at receipt
+    path: str = ""
 
 
 Behaviour = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
@@ -77,7 +78,7 @@ class Receiver:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        self.received.append(Received(dict(request.headers), body, time.time()))
+        self.received.append(Received(dict(request.headers), body, time.time(), request.path))
         return await self.behaviour(request, len(self.received))
 
     def ids(self) -> list[str]:

@@ -294,3 +294,51 @@ async def test_a_callback_naming_a_hook_adopts_it(
         "relay",
     )
     assert [(d["event_seq"], d["url"], d["status"]) for d in deliveries] == [(2, receiver.url, "pending")]
+
+
+async def test_relay_hooks_can_be_set_per_client(
+    start: Callable[..., str], relay: FakeRelay, receiver: Receiver
+) -> None:
+    """SUNOTRACK_RELAY_HOOKS=ignore, but client `adopts` says adopt: of two clients tracking the same
+    relay task, only that one's record adopts the hook the relay names."""
+    task_id = relay.add_task(lifecycle=Lifecycle.MUSIC_SUCCESS, notify_hook=receiver.url)
+    base = start(SUNOTRACK_RELAY_HOOKS="ignore")
+    tasks = {}
+    async with httpx.AsyncClient(base_url=base, headers=auth_headers()) as admin:
+        for name, setting in (("adopts", {"relay_hooks": "adopt"}), ("default", {})):
+            issued = (await admin.post("/api/v1/clients", json={"name": name, **setting})).json()
+            async with httpx.AsyncClient(base_url=base, headers=auth_headers(issued["token"])) as client:
+                assert (await client.post("/api/v1/tasks", json={"task_id": task_id})).status_code == 201
+        for name in ("adopts", "default"):
+            await status_is_for(admin, task_id, name)
+            tasks[name] = (await admin.get(f"/api/v1/tasks/{task_id}", params={"client": name})).json()
+        deliveries = await delivered_for(admin, task_id, "adopts")
+        nothing = (
+            await admin.get(f"/api/v1/tasks/{task_id}/deliveries", params={"client": "default"})
+        ).json()
+
+    assert (tasks["adopts"]["notify_hook"], tasks["adopts"]["notify_hook_source"]) == (receiver.url, "relay")
+    assert (tasks["default"]["notify_hook"], tasks["default"]["notify_hook_source"]) == (None, None)
+    assert {delivery["url"] for delivery in deliveries} == {receiver.url}
+    assert nothing["items"] == []
+
+
+async def status_is_for(api: httpx.AsyncClient, task_id: str, client: str) -> None:
+    async def complete() -> bool:
+        task = (await api.get(f"/api/v1/tasks/{task_id}", params={"client": client})).json()
+        return bool(task["status"] == "complete")
+
+    await wait_until(complete, timeout=30, what=f"{client}'s {task_id} to complete")
+
+
+async def delivered_for(api: httpx.AsyncClient, task_id: str, client: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+
+    async def done() -> bool:
+        nonlocal items
+        answer = await api.get(f"/api/v1/tasks/{task_id}/deliveries", params={"client": client})
+        items = answer.json()["items"]
+        return bool(items) and all(d["status"] == "delivered" for d in items)
+
+    await wait_until(done, timeout=30, what=f"{client}'s deliveries of {task_id}")
+    return items

@@ -1,0 +1,103 @@
+"""Who is asking, and whose tasks a request may see.
+
+The guard runs before anything else a route does (its body is not even read yet): a request without a
+valid token is a 401 whatever else is wrong with it. The admin token is compared in memory; a client's
+is looked up in one statement on a connection of its own, which on a registration also takes from the
+client's rate-limit bucket, so a refused registration costs nothing more and the bucket's row lock is
+held for that statement only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from litestar import Request
+from litestar.connection import ASGIConnection
+from litestar.di import NamedDependency
+from litestar.exceptions import NotAuthorizedException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.params import QueryParameter
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.clients.service import ADMIN, Caller, authenticate, get_client
+from service.errors import Forbidden, InvalidInput, RateLimited
+from service.runtime import Runtime
+
+# Route handlers with this in their `opt` take one registration from the client's bucket.
+REGISTERS = "registers"
+
+
+async def require_token(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    runtime: Runtime = connection.app.state.runtime
+    scheme, _sep, presented = connection.headers.get("authorization", "").partition(" ")
+    token = presented.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise NotAuthorizedException("missing bearer token in the Authorization header")
+    admin = runtime.settings.admin_token
+    if admin is not None and hmac.compare_digest(token.encode(), admin.get_secret_value().encode()):
+        connection.state.caller = ADMIN
+        return
+    registers = bool(handler.opt.get(REGISTERS))
+    async with runtime.engine.connect() as db:
+        await db.execution_options(isolation_level="AUTOCOMMIT")
+        found = await authenticate(
+            db, token, take=1 if registers else 0, default_rate=runtime.settings.client_rate
+        )
+    if found is None:
+        raise NotAuthorizedException("invalid bearer token in the Authorization header")
+    caller, wait_s = found
+    if wait_s is not None:
+        raise RateLimited(
+            f"client {caller.name!r} is over its registration rate: retry in {wait_s:.2f} s",
+            extra={"client": caller.name, "retry_after_s": round(wait_s, 3)},
+            headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+        )
+    connection.state.caller = caller
+
+
+def provide_caller(request: Request[Any, Any, Any]) -> Caller:
+    caller: Caller = request.state.caller
+    return caller
+
+
+def require_admin(caller: Caller) -> None:
+    if not caller.is_admin:
+        raise Forbidden("only the admin token (SUNOTRACK_ADMIN_TOKEN) may do this")
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Whose tasks a request addresses. A task route's task is `client_id`'s (None: the admin's own);
+    a listing shows `client_id`'s, or every client's when `every_client` (the admin without ?client)."""
+
+    caller: Caller
+    client_id: int | None
+    every_client: bool
+
+    @property
+    def shows_client(self) -> bool:
+        """Whether task JSON names the task's client (only the admin sees that)."""
+        return self.caller.is_admin
+
+
+ClientQuery = Annotated[
+    str | None,
+    QueryParameter(
+        name="client",
+        max_length=64,
+        description="Admin token only: the client whose task this is (lists: filter by client)",
+    ),
+]
+
+
+async def provide_owner(
+    caller: NamedDependency[Caller], session: NamedDependency[AsyncSession], client: ClientQuery = None
+) -> Owner:
+    if client is None or client == caller.name:
+        return Owner(caller, caller.client_id, every_client=caller.is_admin)
+    if not caller.is_admin:
+        raise InvalidInput("client: only the admin token addresses another client's tasks")
+    return Owner(caller, (await get_client(session, client)).id, every_client=False)

@@ -1,0 +1,101 @@
+"""Client management for the admin: create, list, revoke, rotate a token or a webhook secret."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import get, post
+from litestar.params import JSONBody, PathParameter, QueryParameter
+
+from service.api import AppCaller, AppRuntime, DbSession
+from service.api.auth import require_admin
+from service.api.schemas import (
+    ClientIssued,
+    ClientList,
+    ClientOut,
+    CreateClient,
+    SecretRotated,
+    TokenRotated,
+    client_out,
+)
+from service.clients import service
+
+ClientNamePath = Annotated[str, PathParameter(description="The client's name", max_length=64)]
+
+
+@post("/api/v1/clients", status_code=201, summary="Create a client: its token is in this answer only")
+async def create_client(
+    data: JSONBody[CreateClient], session: DbSession, runtime: AppRuntime, caller: AppCaller
+) -> ClientIssued:
+    require_admin(caller)
+    issued = await service.create_client(
+        session,
+        name=data.name,
+        relay=data.relay,
+        rate=data.rate,
+        relay_hooks=data.relay_hooks,
+        settings=runtime.settings,
+    )
+    return ClientIssued(
+        name=issued.name, token=issued.token, webhook_secret=issued.webhook_secret, relay=issued.relay
+    )
+
+
+@get("/api/v1/clients", summary="Every client, by name (never a token or secret)")
+async def list_clients(session: DbSession, caller: AppCaller) -> ClientList:
+    require_admin(caller)
+    return ClientList(
+        items=[client_out(client, count) for client, count in await service.list_clients(session)]
+    )
+
+
+@get("/api/v1/clients/{name:str}", summary="One client")
+async def read_client(name: ClientNamePath, session: DbSession, caller: AppCaller) -> ClientOut:
+    require_admin(caller)
+    client = await service.get_client(session, name)
+    return client_out(client, await service.task_count(session, client))
+
+
+@post(
+    "/api/v1/clients/{name:str}/revoke",
+    status_code=200,
+    summary="Revoke a client's token at once; its tasks keep being tracked and delivered",
+)
+async def revoke_client(name: ClientNamePath, session: DbSession, caller: AppCaller) -> ClientOut:
+    require_admin(caller)
+    client = await service.revoke_client(session, name)
+    return client_out(client, await service.task_count(session, client))
+
+
+@post(
+    "/api/v1/clients/{name:str}/rotate-token",
+    status_code=200,
+    summary="A new token for a client (in this answer only); the old one stops working at once",
+)
+async def rotate_token(name: ClientNamePath, session: DbSession, caller: AppCaller) -> TokenRotated:
+    require_admin(caller)
+    return TokenRotated(name=name, token=await service.rotate_token(session, name))
+
+
+@post(
+    "/api/v1/clients/{name:str}/rotate-secret",
+    status_code=200,
+    summary="A new webhook secret; the old one keeps signing too for grace_s (default 24 h)",
+)
+async def rotate_secret(
+    name: ClientNamePath,
+    session: DbSession,
+    caller: AppCaller,
+    grace_s: Annotated[
+        float,
+        QueryParameter(
+            ge=0, le=service.MAX_SECRET_GRACE_S, description="How long the old secret keeps signing"
+        ),
+    ] = service.DEFAULT_SECRET_GRACE_S,
+) -> SecretRotated:
+    require_admin(caller)
+    secret, until = await service.rotate_secret(session, name, grace_s=grace_s)
+    return SecretRotated(name=name, webhook_secret=secret, previous_secret_until=until)
+
+
+CLIENT_ROUTES = [create_client, list_clients, read_client, revoke_client, rotate_token, rotate_secret]

@@ -1,0 +1,219 @@
+"""API clients: order backends, each with its own bearer token, webhook secret(s), relay and registration
+rate. Functions take the session first and never commit.
+
+A token is shown once, when it is made; only its SHA-256 is stored. The webhook secrets are stored as
+they are: the dispatchers of every replica sign with them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from service.config import Settings
+from service.errors import Conflict, InvalidInput, NotFound
+from service.models import Client, Task
+from service.vocabulary import DEFAULT_RELAY
+
+TOKEN_PREFIX = "st_"  # noqa: S105  (a prefix that tells tokens apart, not a secret)
+TOKEN_BYTES = 32
+SECRET_BYTES = 32
+# A rotated-out webhook secret keeps signing this long unless `rotate-secret --grace-s` says otherwise.
+DEFAULT_SECRET_GRACE_S = 86_400.0
+MAX_SECRET_GRACE_S = 30 * 86_400.0
+# A bucket holds this many seconds' worth of registrations: a client may burst to twice its rate.
+BURST_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is asking: the admin (no client) or one client."""
+
+    client_id: int | None
+    name: str | None
+    relay: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.client_id is None
+
+
+ADMIN = Caller(client_id=None, name=None, relay=DEFAULT_RELAY)
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """A new client's credentials: the only time its token is seen."""
+
+    name: str
+    token: str
+    webhook_secret: str
+    relay: str
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def new_webhook_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
+
+
+def known_relay(settings: Settings, relay: str) -> str:
+    if relay not in settings.relays:
+        known = ", ".join(settings.relays)
+        raise InvalidInput(f"relay: {relay!r} is not a relay of this deployment (known: {known})")
+    return relay
+
+
+async def create_client(
+    session: AsyncSession,
+    *,
+    name: str,
+    relay: str | None,
+    rate: float | None,
+    relay_hooks: str | None,
+    settings: Settings,
+) -> Issued:
+    relay = known_relay(settings, relay or DEFAULT_RELAY)
+    token, secret = new_token(), new_webhook_secret()
+    created = (
+        await session.execute(
+            pg_insert(Client)
+            .values(
+                name=name,
+                token_sha256=token_digest(token),
+                webhook_secret=secret,
+                relay=relay,
+                rate=rate,
+                relay_hooks=relay_hooks,
+            )
+            .on_conflict_do_nothing(index_elements=[Client.name])
+            .returning(Client.id)
+        )
+    ).scalar_one_or_none()
+    if created is None:
+        raise Conflict(f"client {name!r} already exists", extra={"client": name})
+    return Issued(name=name, token=token, webhook_secret=secret, relay=relay)
+
+
+async def get_client(session: AsyncSession, name: str, *, for_update: bool = False) -> Client:
+    query = select(Client).where(Client.name == name)
+    if for_update:
+        query = query.with_for_update()
+    client = (await session.execute(query)).scalar_one_or_none()
+    if client is None:
+        raise NotFound(f"client {name!r} does not exist", extra={"client": name})
+    return client
+
+
+async def list_clients(session: AsyncSession) -> list[tuple[Client, int]]:
+    """Every client with how many tasks it registered, by name."""
+    counts = select(func.count()).where(Task.client_id == Client.id).scalar_subquery()
+    rows = await session.execute(select(Client, counts).order_by(Client.name))
+    return [(client, count) for client, count in rows]
+
+
+async def task_count(session: AsyncSession, client: Client) -> int:
+    query = select(func.count()).select_from(Task).where(Task.client_id == client.id)
+    return int((await session.execute(query)).scalar_one())
+
+
+async def revoke_client(session: AsyncSession, name: str) -> Client:
+    """Its token stops working when this commits; its tasks keep being tracked and delivered."""
+    client = await get_client(session, name, for_update=True)
+    if client.revoked_at is None:
+        client.revoked_at = await _now(session)
+        await session.flush()
+    return client
+
+
+async def rotate_token(session: AsyncSession, name: str) -> str:
+    """A new token; the old one stops working when this commits."""
+    client = await _active(session, name)
+    token = new_token()
+    client.token_sha256 = token_digest(token)
+    await session.flush()
+    return token
+
+
+async def rotate_secret(
+    session: AsyncSession, name: str, *, grace_s: float = DEFAULT_SECRET_GRACE_S
+) -> tuple[str, datetime | None]:
+    """A new webhook secret; the current one keeps signing too for `grace_s` (webhooks carry one
+    signature per secret). Returns the new secret and when the old one stops signing."""
+    client = await _active(session, name)
+    secret = new_webhook_secret()
+    until = await _now(session) + timedelta(seconds=grace_s) if grace_s > 0 else None
+    client.previous_webhook_secret = client.webhook_secret if until is not None else None
+    client.previous_secret_until = until
+    client.webhook_secret = secret
+    await session.flush()
+    return secret, until
+
+
+async def _active(session: AsyncSession, name: str) -> Client:
+    client = await get_client(session, name, for_update=True)
+    if client.revoked_at is not None:
+        raise Conflict(f"client {name!r} is revoked", extra={"client": name})
+    return client
+
+
+async def _now(session: AsyncSession) -> datetime:
+    now: datetime = (await session.execute(select(func.now()))).scalar_one()
+    return now
+
+
+_CLIENT = "id, name, relay, token_sha256"
+_ACTIVE = "token_sha256 = :digest AND revoked_at IS NULL"
+_AUTHENTICATE = text(f"SELECT {_CLIENT} FROM clients WHERE {_ACTIVE}")  # noqa: S608
+# A token bucket in the clients row, refilled by the database's clock, so every replica takes from the
+# same one. One UPDATE: the row lock orders concurrent takers, and each one's clock_timestamp() (not its
+# transaction's start) is read once it holds the lock.
+_RATE = "coalesce(rate, :default_rate)"
+_AVAILABLE = (
+    f"least({BURST_S} * {_RATE}, coalesce(bucket_tokens, {BURST_S} * {_RATE}) + {_RATE} * "
+    "greatest(0, extract(epoch FROM clock_timestamp() - coalesce(bucket_at, clock_timestamp()))))"
+)
+_AUTHENTICATE_AND_TAKE = text(
+    f"UPDATE clients SET bucket_tokens = {_AVAILABLE} - :count, bucket_at = clock_timestamp() "  # noqa: S608
+    f"WHERE {_ACTIVE} AND {_AVAILABLE} >= :count RETURNING {_CLIENT}"
+)
+# Why the take found nothing: an unknown token, or (rarely, so in a statement of its own) an empty bucket.
+_REFUSED = text(f"SELECT {_CLIENT}, {_AVAILABLE} AS available, {_RATE} AS rate FROM clients WHERE {_ACTIVE}")  # noqa: S608
+
+
+async def authenticate(
+    db: AsyncConnection | AsyncSession, token: str, *, take: int = 0, default_rate: float
+) -> tuple[Caller, float | None] | None:
+    """The client this bearer token belongs to (None: unknown or revoked), and, when `take` > 0,
+    whether its rate allows that many registrations now: None when it does (they are taken), else how
+    many seconds until it would.
+
+    Looked up by its SHA-256: how long the index search takes depends on the hash, which nobody can
+    steer towards a stored one; the final comparison is constant-time all the same.
+    """
+    digest = token_digest(token)
+    params = {"digest": digest, "count": take, "default_rate": default_rate}
+    row = (await db.execute(_AUTHENTICATE_AND_TAKE if take else _AUTHENTICATE, params)).one_or_none()
+    refused = row is None and take > 0
+    if refused:
+        row = (await db.execute(_REFUSED, params)).one_or_none()
+    if row is None or not hmac.compare_digest(row.token_sha256, digest):
+        return None
+    caller = Caller(client_id=row.id, name=row.name, relay=row.relay)
+    if not refused:
+        return caller, None
+    return caller, max(0.0, take - row.available) / row.rate
