@@ -6,7 +6,7 @@ import base64
 import binascii
 import re
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -14,6 +14,8 @@ from service.config import RELAY_NAME
 from service.errors import InvalidInput
 from service.models import Client, Clip, Delivery, DeliveryAttempt, Task, TaskEvent
 from service.redact import mask_credentials, mask_json
+from service.tracking.repository import clip_view
+from service.upstream.schemas import ClipView
 from service.vocabulary import NotifyFormat, RelayHooks, TaskKind
 from service.webhooks.bodies import delivery_format
 from service.webhooks.ssrf import HOOK_MAX_LENGTH
@@ -51,17 +53,6 @@ class RegisterTask(msgspec.Struct, forbid_unknown_fields=True):
     relay: RelayName | None = None
 
 
-class ClipOut(msgspec.Struct):
-    id: str
-    status: str | None
-    title: str | None
-    audio_url: str | None
-    image_url: str | None
-    video_url: str | None
-    duration: float | None
-    error: str | None
-
-
 class TaskOut(msgspec.Struct):
     task_id: str
     kind: str
@@ -72,7 +63,7 @@ class TaskOut(msgspec.Struct):
     notify_hook: str | None
     notify_format: str
     metadata: dict[str, Any] | None
-    clips: list[ClipOut]
+    clips: list[ClipView]
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
@@ -107,41 +98,26 @@ class EventList(msgspec.Struct):
     items: list[EventOut]
 
 
-def clip_out(clip: Clip) -> ClipOut:
-    return ClipOut(
-        id=clip.clip_id,
-        status=clip.status,
-        title=clip.title,
-        audio_url=clip.audio_url,
-        image_url=clip.image_url,
-        video_url=clip.video_url,
-        duration=clip.duration,
-        error=clip.error,
-    )
+_Out = TypeVar("_Out", bound=msgspec.Struct)
+
+
+def _filled(shape: type[_Out], row: Any, **values: Any) -> _Out:
+    """`shape` with each field read from the row's attribute of the same name, unless given."""
+    for name in shape.__struct_fields__:
+        if name not in values:
+            values[name] = getattr(row, name)
+    return shape(**values)
 
 
 def task_out(task: Task, clips: list[Clip], client_names: dict[int, str] | None = None) -> TaskOut:
     """`client_names` (by client id) for the admin's view, which names each task's client."""
-    return TaskOut(
-        task_id=task.task_id,
-        kind=task.kind,
-        status=task.status,
-        upstream_status=task.upstream_status,
-        progress=task.progress,
-        fail_reason=task.fail_reason,
+    return _filled(
+        TaskOut,
+        task,
         notify_hook=None if task.notify_hook is None else mask_credentials(task.notify_hook),
         notify_format=delivery_format(task.notify_format, task.notify_hook_source),
         metadata=task.client_metadata,
-        clips=[clip_out(clip) for clip in clips],
-        created_at=task.created_at,
-        updated_at=task.updated_at,
-        finished_at=task.finished_at,
-        last_polled_at=task.last_polled_at,
-        next_poll_at=task.next_poll_at,
-        poll_count=task.poll_count,
-        last_error=task.last_error,
-        notify_hook_source=task.notify_hook_source,
-        relay=task.relay,
+        clips=[clip_view(clip) for clip in clips],
         client=msgspec.UNSET
         if client_names is None
         else (None if task.client_id is None else client_names[task.client_id]),
@@ -149,16 +125,7 @@ def task_out(task: Task, clips: list[Clip], client_names: dict[int, str] | None 
 
 
 def event_out(event: TaskEvent) -> EventOut:
-    return EventOut(
-        seq=event.seq,
-        at=event.at,
-        type=event.type,
-        from_status=event.from_status,
-        to_status=event.to_status,
-        source=event.source,
-        clip_id=event.clip_id,
-        detail=mask_json(event.detail),
-    )
+    return _filled(EventOut, event, detail=mask_json(event.detail))
 
 
 class AttemptOut(msgspec.Struct):
@@ -210,36 +177,15 @@ class HookHostList(msgspec.Struct):
     items: list[HookHostOut]
 
 
-def attempt_out(attempt: DeliveryAttempt) -> AttemptOut:
-    return AttemptOut(
-        attempt=attempt.attempt,
-        at=attempt.at,
-        duration_ms=attempt.duration_ms,
-        status_code=attempt.status_code,
-        error_class=attempt.error_class,
-        error=attempt.error,
-        response_body=attempt.response_body,
-        next_attempt_at=attempt.next_attempt_at,
-    )
-
-
 def delivery_out(
     delivery: Delivery, task_id: str, attempts: list[DeliveryAttempt] | None = None
 ) -> DeliveryOut:
-    return DeliveryOut(
-        id=delivery.id,
+    return _filled(
+        DeliveryOut,
+        delivery,
         task_id=task_id,
-        event_seq=delivery.event_seq,
-        webhook_id=delivery.webhook_id,
         url=mask_credentials(delivery.url),
-        status=delivery.status,
-        attempts=delivery.attempts,
-        next_attempt_at=delivery.next_attempt_at,
-        last_status_code=delivery.last_status_code,
-        last_error=delivery.last_error,
-        created_at=delivery.created_at,
-        delivered_at=delivery.delivered_at,
-        attempt_log=msgspec.UNSET if attempts is None else [attempt_out(a) for a in attempts],
+        attempt_log=msgspec.UNSET if attempts is None else [_filled(AttemptOut, a) for a in attempts],
     )
 
 
@@ -386,12 +332,4 @@ class SecretRotated(msgspec.Struct):
 
 
 def client_out(client: Client, task_count: int) -> ClientOut:
-    return ClientOut(
-        name=client.name,
-        relay=client.relay,
-        rate=client.rate,
-        relay_hooks=client.relay_hooks,
-        created_at=client.created_at,
-        revoked_at=client.revoked_at,
-        task_count=task_count,
-    )
+    return _filled(ClientOut, client, task_count=task_count)

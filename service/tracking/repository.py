@@ -14,7 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.db import database_now, recordset, recordset_value, rows_as
 from service.models import LIVE, Client, Clip, Task, TaskEvent
-from service.upstream.schemas import ClipContent
+from service.upstream.schemas import ClipContent, ClipView
+from service.vocabulary import TaskStatus
 
 
 def owned_by(client_id: int | None) -> ColumnElement[bool]:
@@ -123,7 +124,19 @@ class ClipState(ClipContent, kw_only=True):
     position: int
     status: str | None
     upstream_status: str | None
-    updated_at: datetime | None = None
+    updated_at: datetime
+
+
+_CLIP_CONTENT = ClipContent.__struct_fields__
+
+
+def clip_view(clip: ClipState | Clip) -> ClipView:
+    """A stored clip (as the recorder holds it, or as the ORM loads it) as the task JSON shows it."""
+    return ClipView(
+        id=clip.clip_id,
+        status=None if clip.status is None else TaskStatus(clip.status),
+        **{name: getattr(clip, name) for name in _CLIP_CONTENT},
+    )
 
 
 class TaskIdentity(msgspec.Struct, kw_only=True):

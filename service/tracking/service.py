@@ -38,10 +38,11 @@ from service.tracking.repository import (
     PollClaim,
     TaskState,
     UnchangedSchedule,
+    clip_view,
     relay_json,
 )
 from service.upstream.client import RelayClient
-from service.upstream.schemas import ClipContent, ClipView, TaskSnapshot, UpstreamError
+from service.upstream.schemas import ClipContent, TaskSnapshot, UpstreamError
 from service.vocabulary import (
     DEFAULT_RELAY,
     STATUS_RANK,
@@ -276,6 +277,7 @@ class _Recorder:
                     position=len(state.clips),
                     status=status,
                     upstream_status=seen.raw_status,
+                    updated_at=self.now,
                     **{name: getattr(seen, name) for name in _CLIP_CONTENT},
                 )
                 state.clips.append(clip)
@@ -496,7 +498,7 @@ class _Recorder:
                     previous_status=previous,
                     progress=state.progress,
                     fail_reason=state.fail_reason,
-                    clips=[_clip_view(clip) for clip in state.clips],
+                    clips=[clip_view(clip) for clip in state.clips],
                     metadata=state.metadata,
                     at=self.now,
                     notify_hook=state.notify_hook,
@@ -533,14 +535,6 @@ class _Recorder:
 
 def _upstream_detail(raw_status: str | None) -> dict[str, Any] | None:
     return None if raw_status is None else {"upstream_status": raw_status}
-
-
-def _clip_view(clip: ClipState) -> ClipView:
-    return ClipView(
-        id=clip.clip_id,
-        status=None if clip.status is None else TaskStatus(clip.status),
-        **dict(zip(_CLIP_CONTENT, _clip_content(clip), strict=True)),
-    )
 
 
 # -- entry points -----------------------------------------------------------------------------------

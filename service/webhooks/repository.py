@@ -68,7 +68,7 @@ class AttemptOutcome(NamedTuple):
     delivery_id: int
     attempt: int
     at: datetime
-    duration_ms: float
+    duration_ms: float | None
     status_code: int | None
     error_class: str | None
     error: str | None
