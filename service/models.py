@@ -111,6 +111,8 @@ class Task(Base):
     # NULL: the registration chose no format, so it follows the hook's source (webhooks.delivery_format).
     notify_format: Mapped[str | None] = mapped_column(Text)
     client_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB)
+    # A lyrics task's words once written: {"title", "text"} (upstream.schemas.Lyrics).
+    lyrics: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     last_payload: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     # Highest event seq handed out for this task; bumping it in the same UPDATE allocates seqs without max().
     last_seq: Mapped[int] = mapped_column(Integer, server_default="0")
@@ -170,7 +172,9 @@ class Clip(Base):
     title: Mapped[str | None] = mapped_column(Text)
     audio_url: Mapped[str | None] = mapped_column(Text)
     image_url: Mapped[str | None] = mapped_column(Text)
+    image_large_url: Mapped[str | None] = mapped_column(Text)
     video_url: Mapped[str | None] = mapped_column(Text)
+    model_name: Mapped[str | None] = mapped_column(Text)
     duration: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())

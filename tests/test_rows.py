@@ -51,8 +51,13 @@ def disagreements(struct: type, tables: tuple[Table, ...], computed: frozenset[s
         python_types = {arg for arg in args if arg is not type(None)}
         expected = column.type.python_type
         if isinstance(column.type, JSONB):
-            # A JSON object, or the relay's JSON as it came.
-            python_types = {typing.get_origin(arg) or arg for arg in python_types}
+            # A JSON object (a dict, or a struct of its own), or the relay's JSON as it came.
+            python_types = {
+                dict
+                if isinstance(arg, type) and issubclass(arg, msgspec.Struct)
+                else typing.get_origin(arg) or arg
+                for arg in python_types
+            }
             expected = msgspec.Raw if python_types == {msgspec.Raw} else dict
         if python_types != {expected}:
             problems.append(f"{struct.__name__}.{name}: {python_types} for a {expected.__name__} column")

@@ -15,7 +15,7 @@ from service.errors import InvalidInput
 from service.models import Client, Clip, Delivery, DeliveryAttempt, Task, TaskEvent
 from service.redact import mask_credentials, mask_json
 from service.tracking.repository import clip_view
-from service.upstream.schemas import ClipView
+from service.upstream.schemas import ClipView, Lyrics
 from service.vocabulary import NotifyFormat, RelayHooks, TaskKind
 from service.webhooks.bodies import delivery_format
 from service.webhooks.ssrf import HOOK_MAX_LENGTH
@@ -64,6 +64,8 @@ class TaskOut(msgspec.Struct):
     notify_format: str
     metadata: dict[str, Any] | None
     clips: list[ClipView]
+    # A lyrics task's words, null until it completes (and on other kinds).
+    lyrics: Lyrics | None
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
@@ -118,6 +120,7 @@ def task_out(task: Task, clips: list[Clip], client_names: dict[int, str] | None 
         notify_format=delivery_format(task.notify_format, task.notify_hook_source),
         metadata=task.client_metadata,
         clips=[clip_view(clip) for clip in clips],
+        lyrics=msgspec.convert(task.lyrics, Lyrics | None),
         client=msgspec.UNSET
         if client_names is None
         else (None if task.client_id is None else client_names[task.client_id]),

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.db import database_now, recordset, recordset_value, rows_as
 from service.models import LIVE, Client, Clip, Task, TaskEvent
-from service.upstream.schemas import ClipContent, ClipView
+from service.upstream.schemas import ClipContent, ClipView, Lyrics
 from service.vocabulary import TaskStatus
 
 
@@ -177,6 +177,7 @@ class TaskState(TaskIdentity, kw_only=True):
     notify_hook: str | None
     notify_hook_source: str | None
     relay_notify_hook: str | None
+    lyrics: Lyrics | None
     # Written when set (the relay's answer, as received), never read here.
     last_payload: msgspec.Raw | None = None
     clips: list[ClipState] = []
@@ -253,7 +254,7 @@ def _task_state(row: Row[Any]) -> TaskState:
     values = dict(row._mapping)
     del values["now"]
     values["clips"] = _clip_rows.decode(values["clips"])
-    return TaskState(**values)
+    return msgspec.convert(values, TaskState)
 
 
 _LOCK = (

@@ -105,6 +105,7 @@ def snapshot_digest(snapshot: TaskSnapshot) -> bytes:
             snapshot.fail_reason,
             snapshot.clips,
             snapshot.notify_hook,
+            snapshot.lyrics,
         )
     )
     return hashlib.blake2b(encoded, digest_size=8).digest()
@@ -206,6 +207,9 @@ class _Recorder:
         state.upstream_status = snapshot.raw_status
         if snapshot.progress is not None and snapshot.progress != state.progress:
             state.progress = snapshot.progress
+            changed = True
+        if snapshot.lyrics is not None and snapshot.lyrics != state.lyrics:
+            state.lyrics = snapshot.lyrics
             changed = True
 
         reported = snapshot.status
@@ -499,6 +503,7 @@ class _Recorder:
                     progress=state.progress,
                     fail_reason=state.fail_reason,
                     clips=[clip_view(clip) for clip in state.clips],
+                    lyrics=state.lyrics,
                     metadata=state.metadata,
                     at=self.now,
                     notify_hook=state.notify_hook,

@@ -19,8 +19,10 @@ from typing import Any, NamedTuple, TypeVar
 import msgspec
 
 from service.upstream.schemas import (
+    ClipContent,
     ClipSnapshot,
     ClipView,
+    Lyrics,
     MalformedUpstreamError,
     PermanentUpstreamError,
     TaskSnapshot,
@@ -94,20 +96,19 @@ class _Metadata(msgspec.Struct):
     duration: float | None = None
 
 
-class _Clip(msgspec.Struct):
+class _Clip(ClipContent, kw_only=True):
+    """A relay clip: ClipContent's fields are named as the relay names them (but `error`, which
+    `_clip` reads from the metadata)."""
+
     id: str | None = None
     status: str | None = None
     state: str | None = None
-    title: str | None = None
-    audio_url: str | None = None
-    image_url: str | None = None
-    video_url: str | None = None
-    duration: float | None = None
     metadata: _Metadata | None = None
 
 
 class _Lyrics(msgspec.Struct):
     text: str | None = None
+    title: str | None = None
     status: str | None = None
 
 
@@ -427,7 +428,7 @@ def _snapshot(
     if isinstance(data, list):
         clips = tuple([_clip(clip, None) for clip in data])
     elif data is not None:
-        lyrics = data.text or None
+        lyrics = Lyrics(title=data.title or None, text=data.text) if data.text else None
         lyrics_status = _part_status(data.status)
     return _finish(
         task_id=task_id,
@@ -457,7 +458,7 @@ def _finish(
     finished_at: datetime | None,
     progress: int | None,
     clips: tuple[ClipSnapshot, ...],
-    lyrics: str | None,
+    lyrics: Lyrics | None,
     lyrics_status: TaskStatus | None,
     raw: bytes,
     notify_hook: str | None = None,
@@ -518,7 +519,9 @@ def _clip(clip: _Clip, fallback_id: str | None) -> ClipSnapshot:
         title=clip.title or None,
         audio_url=clip.audio_url or None,
         image_url=clip.image_url or None,
+        image_large_url=clip.image_large_url or None,
         video_url=clip.video_url or None,
+        model_name=clip.model_name or None,
         duration=duration,
         error=error,
     )

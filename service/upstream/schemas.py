@@ -25,9 +25,18 @@ class ClipContent(msgspec.Struct, kw_only=True):
     title: str | None = None
     audio_url: str | None = None
     image_url: str | None = None
+    image_large_url: str | None = None
     video_url: str | None = None
+    model_name: str | None = None
     duration: float | None = None
     error: str | None = None
+
+
+class Lyrics(msgspec.Struct, frozen=True, kw_only=True):
+    """The words of a finished lyrics task."""
+
+    title: str | None
+    text: str
 
 
 class ClipView(ClipContent, kw_only=True):
@@ -61,7 +70,7 @@ class TaskSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     started_at: datetime | None
     finished_at: datetime | None
     clips: tuple[ClipSnapshot, ...]
-    lyrics: str | None
+    lyrics: Lyrics | None
     raw: bytes
     notify_hook: str | None = None
 

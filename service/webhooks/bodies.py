@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 
 from service.upstream.dialects import render_task
-from service.upstream.schemas import ClipView
+from service.upstream.schemas import ClipView, Lyrics
 from service.vocabulary import TERMINAL_STATUSES, HookSource, NotifyFormat, TaskStatus
 
 
@@ -27,6 +27,7 @@ class TransitionNotice:
     progress: int | None
     fail_reason: str | None
     clips: list[ClipView]
+    lyrics: Lyrics | None
     metadata: dict[str, Any] | None
     at: datetime
     notify_hook: str
@@ -61,6 +62,7 @@ def sunotrack_body(notice: TransitionNotice) -> bytes:
                 "progress": notice.progress,
                 "fail_reason": notice.fail_reason,
                 "clips": notice.clips,
+                "lyrics": notice.lyrics,
                 # Receivers get an object whether or not the client attached metadata.
                 "metadata": notice.metadata or {},
             },

@@ -83,7 +83,9 @@ def expected_fetch_doc(doc: bytes) -> TaskSnapshot:
                 title="Feline Reverie",
                 audio_url=f"https://cdn1.suno.ai/{clip_id}.mp3",
                 image_url=f"https://cdn2.suno.ai/image_{clip_id}.jpeg",
+                image_large_url=f"https://cdn2.suno.ai/image_large_{clip_id}.jpeg",
                 video_url=f"https://cdn1.suno.ai/{clip_id}.mp4",
+                model_name="chirp-v4",
                 duration=duration,
                 error=None,
             )
@@ -113,7 +115,9 @@ def expected_v1_doc(doc: bytes) -> TaskSnapshot:
                 title="Blowin' in the Breeze",
                 audio_url=f"https://cdn1.suno.ai/{clip_id}.mp3",
                 image_url=f"https://cdn1.suno.ai/image_{clip_id}.png",
+                image_large_url=f"https://cdn1.suno.ai/image_large_{clip_id}.png",
                 video_url=f"https://cdn1.suno.ai/{clip_id}.mp4",
+                model_name="chirp-v3",
                 duration=duration,
                 error=None,
             )

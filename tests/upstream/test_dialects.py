@@ -20,6 +20,7 @@ from service.upstream.dialects import (
 )
 from service.upstream.schemas import (
     ClipSnapshot,
+    Lyrics,
     MalformedUpstreamError,
     PermanentUpstreamError,
     TransientUpstreamError,
@@ -276,13 +277,15 @@ def test_timestamps(value: Any, expected: datetime | None) -> None:
 def test_lyrics_object_is_read_as_lyrics() -> None:
     lyrics = {"id": "l1", "text": "[Verse]\nla la", "title": "Song", "status": "complete"}
     snapshot = parse_fetch(fetch_body(task(action="LYRICS", data=lyrics)))
-    assert (snapshot.lyrics, snapshot.clips, snapshot.status) == ("[Verse]\nla la", (), S.COMPLETE)
+    assert (snapshot.lyrics, snapshot.clips, snapshot.status) == (
+        Lyrics(title="Song", text="[Verse]\nla la"), (), S.COMPLETE,
+    )  # fmt: skip
 
 
 def test_data_is_read_by_shape_not_action() -> None:
     lyrics = {"id": "l1", "text": "words", "title": "", "status": "complete"}
     as_music = parse_fetch(fetch_body(task(action="MUSIC", data=lyrics)))
-    assert (as_music.lyrics, as_music.clips) == ("words", ())
+    assert (as_music.lyrics, as_music.clips) == (Lyrics(title=None, text="words"), ())
     as_lyrics = parse_fetch(fetch_body(task(action="LYRICS", data=[clip("a")])))
     assert (as_lyrics.lyrics, tuple(c.id for c in as_lyrics.clips)) == (None, ("a",))
 

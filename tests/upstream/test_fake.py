@@ -93,7 +93,8 @@ async def test_lyrics(relay: FakeRelay, client: RelayClient) -> None:
     assert [(s.status, s.clips) for s in seen] == [(S.SUBMITTED, ()), (S.IN_PROGRESS, ()), (S.COMPLETE, ())]
     assert [s.lyrics is not None for s in seen] == [False, False, True]
     assert seen[-1].lyrics is not None
-    assert seen[-1].lyrics.startswith("[Verse]")
+    assert seen[-1].lyrics.text.startswith("[Verse]")
+    assert seen[-1].lyrics.title
     assert task_id.startswith("task_")
     assert len(task_id) == len("task_") + 32
     data = json.loads(seen[-1].raw)["data"]
