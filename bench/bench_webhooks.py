@@ -112,6 +112,7 @@ def transition(task_pk: int, task_id: str, seq: int, hook: str) -> TransitionNot
             )
             for n in range(2)
         ],
+        lyrics=None,
         metadata={"order": seq},
         at=datetime.now(UTC),
         notify_hook=hook,

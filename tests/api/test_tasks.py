@@ -11,6 +11,7 @@ TASK_KEYS = {
     "task_id", "kind", "status", "upstream_status", "progress", "fail_reason", "notify_hook",
     "notify_format", "metadata", "clips", "created_at", "updated_at", "finished_at",
     "last_polled_at", "next_poll_at", "poll_count", "last_error", "notify_hook_source", "relay", "client",
+    "lyrics",
 }  # fmt: skip
 
 

@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import pytest
 
 from service.upstream.dialects import (
@@ -17,9 +18,11 @@ from service.upstream.dialects import (
     parse_stems,
     parse_submit,
     parse_v1,
+    render_task,
 )
 from service.upstream.schemas import (
     ClipSnapshot,
+    ClipView,
     Lyrics,
     MalformedUpstreamError,
     PermanentUpstreamError,
@@ -517,3 +520,24 @@ def test_a_callback_names_its_hook_in_either_case() -> None:
         "https://backend.example/c",
         None,
     ]
+
+
+@pytest.mark.parametrize("status", list(S))
+def test_a_rendered_task_parses_back_to_what_was_rendered(status: S) -> None:
+    """Both directions of the relay's format: what render_task writes, parse_fetch reads back (a
+    terminal status the relay has no word for comes back as failed)."""
+    clip = ClipView(
+        id="c1", status=status, title="Song", audio_url="https://cdn.example/c1.mp3", image_url=None,
+        image_large_url="https://cdn.example/large.jpeg", video_url=None, model_name="chirp-v4",
+        duration=12.5, error="moderated" if status is S.FAILED else None,
+    )  # fmt: skip
+    rendered = render_task(
+        task_id="t1", kind="music", status=status, progress=None, fail_reason=None, finished_at=None,
+        notify_hook=None, clips=[clip],
+    )  # fmt: skip
+    parsed = parse_fetch(b'{"code": "success", "data": ' + rendered + b"}")
+    expected = status if status in (S.SUBMITTED, S.QUEUED, S.IN_PROGRESS, S.COMPLETE) else S.FAILED
+    assert (parsed.status, parsed.clips[0].status) == (expected, expected)
+    assert msgspec.structs.replace(parsed.clips[0], raw_status=None, status=status) == ClipSnapshot(
+        **msgspec.structs.asdict(clip), raw_status=None
+    )

@@ -160,6 +160,7 @@ def notice(
         progress=None,
         fail_reason=None,
         clips=[ClipView(**clip) for clip in clips or []],
+        lyrics=None,
         metadata=metadata,
         at=datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC),
         notify_hook=hook,

@@ -26,11 +26,13 @@ from tests.webhooks.conftest import (
 
 BODY_KEYS = {"type", "timestamp", "data"}
 DATA_KEYS = {
-    "task_id", "kind", "seq", "status", "previous_status", "progress", "fail_reason", "clips", "metadata",
+    "task_id", "kind", "seq", "status", "previous_status", "progress", "fail_reason", "clips", "lyrics",
+    "metadata",
 }  # fmt: skip
 CLIP = {
     "id": "c-1", "status": "complete", "title": "Song", "audio_url": "https://cdn.example/a.mp3",
-    "image_url": None, "video_url": None, "duration": 12.5, "error": None,
+    "image_url": None, "image_large_url": None, "video_url": None, "model_name": "chirp-v4",
+    "duration": 12.5, "error": None,
 }  # fmt: skip
 
 
