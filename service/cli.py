@@ -60,10 +60,7 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-# The poller allocates a few dozen short-lived objects per task polled. With the default thresholds
-# the collector ran every few hundred polls and each gen-2 pass walked every object the app had built
-# at start-up: 8-12 % of the process's CPU in profiles. Freezing those start-up objects and collecting
-# the young generation less often measured +20-35 % task polls/s on the benchmark.
+# Start-up objects frozen, the young generation collected less often (docs/design.md, "The poller's process").
 GC_THRESHOLDS = (20_000, 10, 10)
 
 

@@ -143,11 +143,9 @@ class Task(Base):
         CheckConstraint(
             f"(next_poll_at IS NULL) = ({_one_of('status', _TERMINAL)})", name="polled_while_live"
         ),
-        # The poller's claim sweeps the live tasks by id (tracking.repository._CLAIM). No index names a
-        # column a claim writes (next_poll_at and the poll counters), so the claim's update is HOT: the
-        # row's new version goes on the same page and no index gets an entry for it (measured: 20 µs
-        # of Postgres time per claimed row with an index on next_poll_at, 5.3 µs without).
-        # Each relay's claims sweep its own tasks (one poller per relay).
+        # The poller's claim sweeps the live tasks by id. No index names a column a claim writes, so its
+        # update is HOT (docs/design.md, "The poller's claim"). Each relay's claims sweep its own tasks
+        # (one poller per relay).
         Index("ix_tasks_live", "relay", "id", postgresql_where=text(LIVE)),
         # One record per client (the admin's: NULL) of a task id; also finds every client's by task id.
         UniqueConstraint("task_id", "client_id", postgresql_nulls_not_distinct=True),
@@ -155,8 +153,7 @@ class Task(Base):
         Index("ix_tasks_status_id", "status", "id"),
         Index("ix_tasks_kind_id", "kind", "id"),
         Index("ix_tasks_client_id_id", "client_id", "id"),
-        # Room on each page for a polled row's next versions: the update stays on its page, and the
-        # page's dead versions are pruned in passing (the claim ran ~75% faster in a measurement).
+        # Room on each page for a polled row's next versions (docs/design.md, "The poller's claim").
         {"postgresql_with": {"fillfactor": 50}},
     )
 

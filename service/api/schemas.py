@@ -1,4 +1,4 @@
-"""Request and response structs of the public API (CONTRACT.md: keys may be added, never renamed)."""
+"""Request and response structs of the public API (keys may be added, never renamed)."""
 
 from __future__ import annotations
 

@@ -106,13 +106,8 @@ class Poller:
         self._settings = settings
         self._drain_timeout_s = drain_timeout_s
         self._relay = relay
-        # A page is several batch requests' worth of tasks, claimed and recorded together: per task,
-        # fewer and larger statements and transactions cost Postgres, the driver and this process less
-        # (measured on 20,000 unchanging tasks: pages of 16 batches polled about 10% more than pages
-        # of 8, those 20-30% more than pages of 4). The workers' requests fill upstream_concurrency,
-        # with two pages more: while those are being claimed or recorded, the others keep every
-        # request slot busy (their requests wait in the client for a slot, which the idle limit below
-        # allows for). The tasks they hold stay within poll_claim_size.
+        # A page is several batch requests' worth of tasks; the workers' pages fill the request slots
+        # with two pages more (docs/design.md, "Pages, not rows"), within poll_claim_size.
         requests_per_page = min(PAGE_REQUESTS, settings.upstream_concurrency)
         self._page_size = min(settings.poll_batch_size * requests_per_page, settings.poll_claim_size)
         # Each worker keeps a connection for the whole drain: at most the pool's steady size, leaving
@@ -133,11 +128,8 @@ class Poller:
         rounds = math.ceil(self.workers * requests_per_page / settings.upstream_concurrency)
         self.idle_limit_s = settings.lease_s + settings.upstream_timeout_s * rounds
         self._connections = _Connections(engine, idle_s=self.idle_limit_s)
-        # Claims sweep the live tasks by id (repository._CLAIM): each page starts after the last id the
-        # previous one took, and a short page ends the sweep (the next starts again from 0). One claim
-        # at a time, so this process's workers take consecutive pages instead of walking past each
-        # other's locked rows (measured: 20% more polls than concurrent claims); a claim takes a few ms,
-        # a page's relay requests several times that.
+        # Claims sweep the live tasks by id: each page starts after the last id the previous one took,
+        # and a short page ends the sweep. One claim at a time (docs/design.md, "The poller's claim").
         self._sweep_after = 0
         self._claiming = asyncio.Lock()
         self._drain_task: asyncio.Task[int] | None = None

@@ -63,8 +63,8 @@ log = structlog.get_logger()
 
 # Unchanged answers stretch the interval by this factor up to the maximum; a change resets it.
 BACKOFF_FACTOR = 1.5
-# +-10 %: tasks registered together drift apart instead of hitting the relay in lockstep forever.
-JITTER = 0.1
+# Polls spread +-10 %: tasks registered together drift apart instead of hitting the relay in lockstep forever.
+POLL_JITTER = 0.1
 # Relays lag right after a submit, so "no such task" fails a task only when it repeats (and only
 # after settings.not_found_grace_s since registration); other refusals (401...) get a longer rope.
 NOT_FOUND_CODES = frozenset({"task_not_exist", "not_found"})
@@ -410,7 +410,7 @@ class _Recorder:
         else:
             interval = min(high, interval * BACKOFF_FACTOR)
         state.poll_interval_s = interval
-        delay = max(interval * random.uniform(1 - JITTER, 1 + JITTER), wait_at_least)  # noqa: S311  (jitter, not crypto)
+        delay = max(interval * random.uniform(1 - POLL_JITTER, 1 + POLL_JITTER), wait_at_least)  # noqa: S311  (jitter, not crypto)
         due = self.now + timedelta(seconds=delay)
         # Never sleep past the deadline: the poll at the deadline is what times the task out.
         deadline = state.created_at + timedelta(seconds=self.settings.task_deadline_s)
@@ -554,7 +554,7 @@ async def claim_polls(session: AsyncSession, *, after: int = 0, limit: int, sett
         min_s=settings.poll_min_interval_s,
         max_s=settings.poll_max_interval_s,
         factor=BACKOFF_FACTOR,
-        jitter=JITTER,
+        jitter=POLL_JITTER,
         deadline_s=settings.task_deadline_s,
     )
     return await repository.claim_due_tasks(session, after=after, limit=limit, schedule=schedule)

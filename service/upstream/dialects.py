@@ -1,7 +1,7 @@
 """Parsers for every relay document shape, each producing a normalised TaskSnapshot.
 
-Decoding goes straight into msgspec structs that declare only the fields we read: that is ~6x faster
-than building dicts and validates the shape at the same time. The task object is first captured as
+Decoding goes straight into msgspec structs that declare only the fields we read (docs/design.md,
+"Shapes declared once"), which validates the shape at the same time. The task object is first captured as
 `msgspec.Raw` so its exact bytes can be kept (stored and re-sent verbatim) without re-encoding.
 
 Whatever bytes arrive, the public functions return a snapshot or raise an UpstreamError subclass:
@@ -56,7 +56,7 @@ _TASK_STATUS: dict[str, TaskStatus] = {
     "FAILURE": TaskStatus.FAILED,
 }
 
-# Clip statuses of the fetch family plus the v1 vocabulary (CONTRACT.md), looked up lowercased: one
+# Clip statuses of the fetch family plus the v1 vocabulary, looked up lowercased: one
 # table serves clips of both dialects, the `state` field of newer clips, and v1 task statuses.
 _PART_STATUS: dict[str, TaskStatus] = {
     "submitted": TaskStatus.SUBMITTED,
