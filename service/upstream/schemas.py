@@ -46,8 +46,9 @@ class ClipView(ClipContent, kw_only=True):
     status: TaskStatus | None
 
 
-class ClipSnapshot(ClipView, kw_only=True):
-    """A clip as the relay reported it, normalised; `raw_status` is the relay's own word."""
+class ClipSnapshot(ClipView, kw_only=True, array_like=True):
+    """A clip as the relay reported it, normalised; `raw_status` is the relay's own word. Encoded as an
+    array (only the snapshot digest encodes it): no field names to hash on every poll."""
 
     raw_status: str | None
 
