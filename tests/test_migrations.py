@@ -129,7 +129,7 @@ async def test_clients_migration_keeps_every_task_and_its_history_as_the_admins(
         await engine.dispose()
 
     assert [len(before[table]) for table in tables] == [2, 2, 4, 1, 1]
-    for table in tables[1:]:
-        assert after[table] == before[table], table
-    assert [row[: len(before["tasks"][0])] for row in after["tasks"]] == before["tasks"]
+    for table in tables:
+        # Later migrations may add columns (at the end); the rows keep every value they had.
+        assert [row[: len(before[table][0])] for row in after[table]] == before[table], table
     assert owners == [("t-live", None, "default", False), ("t-done", None, "default", False)]

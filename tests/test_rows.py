@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import Column, Table
 from sqlalchemy.dialects.postgresql import JSONB
 
-from service.models import Clip, Delivery, DeliveryAttempt, Task, TaskEvent
+from service.models import Client, Clip, Delivery, DeliveryAttempt, Task, TaskEvent
 from service.tracking.repository import ClaimedTask, ClipState, EventRow, TaskState
 from service.webhooks.repository import AttemptOutcome, ClaimedDelivery
 
@@ -29,7 +29,8 @@ ROWS: list[tuple[type, tuple[Table, ...], frozenset[str]]] = [
     (TaskState, (table(Task),), frozenset({"clips", "client_relay_hooks"})),
     (EventRow, (table(TaskEvent),), frozenset()),
     (ClaimedTask, (table(Task),), frozenset({"quiet", "lag_s"})),
-    (ClaimedDelivery, (table(Delivery), table(Task)), frozenset({"lease"})),
+    # webhook_secret: a client's, NULL for the admin's tasks (an outer join).
+    (ClaimedDelivery, (table(Delivery), table(Task), table(Client)), frozenset({"lease", "webhook_secret"})),
     (AttemptOutcome, (table(DeliveryAttempt), table(Delivery)), frozenset({"lease"})),
 ]
 
