@@ -21,6 +21,7 @@ from service.api.callbacks import CALLBACK_ROUTES
 from service.api.clients import CLIENT_ROUTES
 from service.api.deliveries import DELIVERY_ROUTES
 from service.api.health import HEALTH_ROUTES
+from service.api.relay_front import RELAY_FRONT_ROUTES
 from service.api.schemas import check_json, too_deep
 from service.api.tasks import TASK_ROUTES
 from service.config import Settings
@@ -34,6 +35,7 @@ from service.webhooks.jobs import Dispatcher, start_dispatcher
 log = structlog.get_logger()
 
 REQUEST_MAX_BODY_BYTES = 1024 * 1024
+RELAY_FRONT_PREFIX = "/suno/"
 
 
 def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
@@ -60,6 +62,10 @@ def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[
         headers["WWW-Authenticate"] = 'Bearer realm="sunotrack"'
     # A detail may quote a notify_hook (a yarl error, a refusal): never with its password.
     body = {"status_code": status, "detail": mask_credentials(detail), "extra": mask_json(extra)}
+    if str(request.scope.get("path", "")).startswith(RELAY_FRONT_PREFIX):
+        # The relay's own error keys too, for clients written against the relay.
+        code = extra.get("code") if isinstance(extra, dict) else None
+        body |= {"code": code or f"http_{status}", "message": body["detail"], "data": None}
     return Response(body, status_code=status, headers=headers)
 
 
@@ -114,7 +120,7 @@ def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
             *CALLBACK_ROUTES,
             Router(
                 path="/",
-                route_handlers=[*TASK_ROUTES, *DELIVERY_ROUTES, *CLIENT_ROUTES],
+                route_handlers=[*TASK_ROUTES, *DELIVERY_ROUTES, *CLIENT_ROUTES, *RELAY_FRONT_ROUTES],
                 guards=[require_token],
                 dependencies={
                     "caller": Provide(provide_caller, sync_to_thread=False),

@@ -109,6 +109,8 @@ class Settings(BaseSettings):
     callback_token: SecretStr | None = Field(default=None, validation_alias="SUNOTRACK_CALLBACK_TOKEN")
     # Registrations per second of a client created without --rate; bursts may reach twice that.
     client_rate: float = Field(default=100.0, gt=0, le=1e6, validation_alias="SUNOTRACK_CLIENT_RATE")
+    # Where the relay reaches us: the relay front then asks it to call back instead of the client.
+    public_url: str | None = Field(default=None, validation_alias="SUNOTRACK_PUBLIC_URL")
 
     poll_min_interval_s: PositiveSeconds = Field(
         default=3.0, le=DAY, validation_alias="SUNOTRACK_POLL_MIN_INTERVAL_S"
@@ -200,7 +202,7 @@ class Settings(BaseSettings):
             raise ValueError(f"has query parameters the driver does not take: {', '.join(unknown)}{hint}")
         return value
 
-    @field_validator("suno_base_url")
+    @field_validator("suno_base_url", "public_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is None or value == "":
@@ -245,6 +247,10 @@ class Settings(BaseSettings):
     def _intervals_ordered(self) -> Settings:
         if self.poll_max_interval_s < self.poll_min_interval_s:
             raise ValueError("SUNOTRACK_POLL_MAX_INTERVAL_S must be >= SUNOTRACK_POLL_MIN_INTERVAL_S")
+        if self.public_url is not None and self.callback_token is None:
+            raise ValueError(
+                "SUNOTRACK_PUBLIC_URL needs SUNOTRACK_CALLBACK_TOKEN (the callback route's secret)"
+            )
         return self
 
     @functools.cached_property

@@ -167,3 +167,16 @@ def test_serve_exits_with_a_message_on_bad_config_or_without_an_admin_token() ->
     assert "SUNOTRACK_LEASE_S" in bad.stderr
     assert no_token.returncode == 2
     assert "SUNOTRACK_ADMIN_TOKEN" in no_token.stderr
+
+
+def test_a_public_url_needs_the_callback_token() -> None:
+    with pytest.raises(ConfigError, match="SUNOTRACK_PUBLIC_URL needs SUNOTRACK_CALLBACK_TOKEN"):
+        Settings.from_env(SUNOTRACK_PUBLIC_URL="https://track.example")
+    with pytest.raises(ConfigError, match="SUNOTRACK_PUBLIC_URL: must be an http"):
+        Settings.from_env(
+            SUNOTRACK_PUBLIC_URL="track.example", SUNOTRACK_CALLBACK_TOKEN="cb-token-0123456789"
+        )
+    settings = Settings.from_env(
+        SUNOTRACK_PUBLIC_URL="https://track.example/", SUNOTRACK_CALLBACK_TOKEN="cb-token-0123456789"
+    )
+    assert settings.public_url == "https://track.example"

@@ -19,6 +19,7 @@ from litestar.params import FromPath
 
 from service.api import AppRuntime, DbSession
 from service.api.schemas import decode_json, is_task_id
+from service.config import Settings
 from service.errors import InvalidInput, NotFound, UpstreamUnavailable
 from service.metrics import CALLBACKS
 from service.redact import mask_json
@@ -94,3 +95,11 @@ async def relay_callback(
 
 
 CALLBACK_ROUTES = [relay_callback]
+
+
+def callback_url(settings: Settings) -> str | None:
+    """Where the relay reaches relay_callback (None without SUNOTRACK_PUBLIC_URL). It holds the
+    callback token: it goes to the relay only, never to a client."""
+    if settings.public_url is None or settings.callback_token is None:
+        return None
+    return f"{settings.public_url}/api/v1/callbacks/suno/{settings.callback_token.get_secret_value()}"

@@ -420,3 +420,54 @@ async def write_page(
             "events": _encode(events).decode(),
         },
     )
+
+
+# --- the relay front's reads (api/relay_front.py) -------------------------------------------------------
+
+
+class RelayView(msgspec.Struct, kw_only=True):
+    """What the relay front renders of a task, field names being its columns: the relay's task object
+    is our state written over the relay's last answer (`last_payload`)."""
+
+    id: int
+    task_id: str
+    relay: str
+    kind: str
+    status: TaskStatus
+    progress: int | None
+    fail_reason: str | None
+    finished_at: datetime | None
+    notify_hook: str | None
+    # `null` while the relay has not answered (msgspec takes no `Raw | None`).
+    last_payload: msgspec.Raw
+    clips: list[ClipView]
+
+
+# ClipView's fields from the clips row (its `id` is the row's clip_id).
+_VIEW_CLIP = ", ".join(
+    f"'{name}', c.{'clip_id' if name == 'id' else name}" for name in ClipView.__struct_fields__
+)
+_VIEW_TASK = ", ".join(f"'{name}', t.{name}" for name in RelayView.__struct_fields__ if name != "clips")
+# One row, one JSON document for the whole batch: decoded straight into the structs in one call.
+_RELAY_VIEWS = text(
+    f"""
+    SELECT coalesce(json_agg(json_build_object({_VIEW_TASK}, 'clips', (
+        SELECT coalesce(json_agg(json_build_object({_VIEW_CLIP}) ORDER BY c.position), '[]')
+        FROM clips AS c WHERE c.task_pk = t.id
+    ))), '[]')::text
+    FROM tasks AS t
+    WHERE t.task_id = ANY(CAST(:task_ids AS text[])) AND t.client_id IS NOT DISTINCT FROM :client_id
+    """  # noqa: S608
+)
+_relay_views = msgspec.json.Decoder(list[RelayView])
+
+
+async def relay_views(
+    session: AsyncSession, client_id: int | None, task_ids: Sequence[str]
+) -> dict[str, RelayView]:
+    """These tasks of a client (None: the admin's), those tracked, by task_id, in one statement."""
+    if not task_ids:
+        return {}
+    values = {"task_ids": list(task_ids), "client_id": client_id}
+    document = (await session.execute(_RELAY_VIEWS, values)).scalar_one()
+    return {view.task_id: view for view in _relay_views.decode(document)}

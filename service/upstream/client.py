@@ -6,12 +6,13 @@ import asyncio
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 import msgspec
 import structlog
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from service.http import retry_after_s
@@ -34,7 +35,7 @@ from service.upstream.schemas import (
 )
 from service.vocabulary import TaskKind
 
-__all__ = ["BatchResult", "RelayClient"]
+__all__ = ["BatchResult", "RelayAnswer", "RelayClient"]
 
 log = structlog.get_logger()
 
@@ -43,6 +44,15 @@ _T = TypeVar("_T")
 _BATCH_ACTIONS: dict[str, str] = {TaskKind.MUSIC: "MUSIC", TaskKind.LYRICS: "LYRICS"}
 _JSON_HEADERS = {"Content-Type": "application/json"}
 _MAX_MESSAGE = 200
+
+
+class RelayAnswer(NamedTuple):
+    """The relay's answer as it came: status, Content-Type, body, Retry-After."""
+
+    status: int
+    content_type: str | None
+    body: bytes
+    retry_after: str | None
 
 
 @dataclass(slots=True)
@@ -185,7 +195,22 @@ class RelayClient:
             raise PermanentUpstreamError("invalid_id", "empty task or clip id")
         return await self._request("GET", prefix + quote(item_id, safe=""))
 
+    async def forward(self, method: str, path: str, body: bytes | None = None) -> RelayAnswer:
+        """One request passed through as it is (the relay front): whatever status the relay answers,
+        with our key. Raises only when there is no answer: `connect` when nothing reached the relay,
+        `timeout` or `disconnected` when the request may have been acted on."""
+        status, answer, headers = await self._exchange(method, path, body)
+        return RelayAnswer(status, headers.get("Content-Type"), answer, headers.get("Retry-After"))
+
     async def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
+        status, answer, headers = await self._exchange(method, path, body)
+        if not 200 <= status < 300:
+            raise _failed(_status_error(method, path, status, headers.get("Retry-After"), answer))
+        return answer
+
+    async def _exchange(
+        self, method: str, path: str, body: bytes | None
+    ) -> tuple[int, bytes, CIMultiDictProxy[str]]:
         if self._session.closed:
             raise TransientUpstreamError("client_closed", "the HTTP session is closed (shutting down?)")
         url = URL(self._base + path, encoded=True)
@@ -197,9 +222,9 @@ class RelayClient:
                     method, url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
                 ) as response,
             ):
-                answer = await response.read()
-                status = response.status
-                retry_after = response.headers.get("Retry-After")
+                return response.status, await response.read(), response.headers
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise _failed(TransientUpstreamError("connect", f"{method} {path}: connect timed out")) from exc
         except TimeoutError as exc:
             raise _failed(TransientUpstreamError("timeout", f"{method} {path}: timed out")) from exc
         except aiohttp.ClientConnectorError as exc:
@@ -217,9 +242,6 @@ class RelayClient:
         except aiohttp.ClientError as exc:
             error = TransientUpstreamError("client_error", f"{method} {path}: {type(exc).__name__}")
             raise _failed(error) from exc
-        if not 200 <= status < 300:
-            raise _failed(_status_error(method, path, status, retry_after, answer))
-        return answer
 
 
 def _parse(parser: Callable[[bytes], _T], body: bytes) -> _T:

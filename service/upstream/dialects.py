@@ -32,6 +32,7 @@ from service.upstream.schemas import (
 from service.vocabulary import STATUS_RANK, TaskStatus
 
 __all__ = [
+    "TASK_NOT_EXIST",
     "BatchParse",
     "derive_status",
     "error_code",
@@ -41,6 +42,9 @@ __all__ = [
     "parse_stems",
     "parse_submit",
     "parse_v1",
+    "render_batch_answer",
+    "render_fetch_answer",
+    "render_stems",
     "render_task",
 ]
 
@@ -590,25 +594,140 @@ def render_task(
     finished_at: datetime | None,
     notify_hook: str | None,
     clips: Sequence[ClipView],
+    last_answer: bytes | None = None,
 ) -> bytes:
-    """A task object as `GET /suno/fetch/{id}` returns it: what parse_fetch reads, written back, for a
-    state the relay itself never reported (a timeout, a cancellation, a failure after errors)."""
-    if progress is None:
-        progress = 100 if status is TaskStatus.COMPLETE else 0
-    return _encode_task(
-        {
+    """A task object as `GET /suno/fetch/{id}` returns it: what parse_fetch reads, written back.
+
+    `last_answer` is the relay's last task object for it: every field we do not store comes from it,
+    and while it agrees with our state (same status, same clip statuses, no other hook) it is returned
+    as received. Our state wins where they disagree (a timeout, a cancellation, a failure after errors:
+    states the relay never reported), and the hook shown is always the task's own."""
+    answer = _answer_object(last_answer)
+    if answer and _task_status(_text(answer.get("status"))) is status:
+        theirs_hook = answer.get("notify_hook")
+        data = answer.get("data")
+        if (
+            last_answer is not None
+            and (theirs_hook is None or theirs_hook == (notify_hook or ""))
+            and _clips_agree(data, clips)
+        ):
+            return last_answer
+        rendered = dict(answer)
+    else:
+        if progress is None:
+            progress = 100 if status is TaskStatus.COMPLETE else 0
+        finish = None if finished_at is None else int(finished_at.timestamp())
+        rendered = {
             "task_id": task_id,
-            "notify_hook": notify_hook,
+            "notify_hook": "",
             "action": kind.upper(),
             "status": _TASK_WORD[status],
             "fail_reason": fail_reason or "",
             "submit_time": None,
             "start_time": None,
-            "finish_time": None if finished_at is None else int(finished_at.timestamp()),
+            "finish_time": finish,
             "progress": f"{progress}%",
-            "data": [_render_clip(clip) for clip in clips],
+            "data": [],
         }
-    )
+        # The relay's fields we keep nothing of (times, extra keys) stay; ours replace the rest.
+        for key, value in answer.items():
+            if key not in rendered or key in _RELAY_KEEPS or (rendered[key] is None and value is not None):
+                rendered[key] = value
+        data = answer.get("data")
+    rendered["task_id"] = task_id
+    rendered["notify_hook"] = notify_hook or ""
+    if clips or not isinstance(data, dict):
+        rendered["data"] = _render_clips(clips, data)
+    return _encode_task(rendered)
+
+
+def render_stems(clips: Sequence[ClipView], last_answer: bytes | None = None) -> bytes:
+    """The stems answer (`{"clips": [...]}`) for these clips; `last_answer` as in render_task."""
+    answer = _answer_object(last_answer)
+    if last_answer is not None and answer and _clips_agree(answer.get("clips"), clips):
+        return last_answer
+    return _encode_task({**answer, "clips": _render_clips(clips, answer.get("clips"))})
+
+
+def render_fetch_answer(task: bytes) -> bytes:
+    """`GET /suno/fetch/{id}`'s answer around one task object."""
+    return b'{"code":"success","message":"","data":' + task + b"}"
+
+
+def render_batch_answer(tasks: Sequence[bytes]) -> bytes:
+    """`POST /suno/fetch`'s answer around task objects (unknown ids are left out, as the relay does)."""
+    return b'{"code":"success","message":"","data":[' + b",".join(tasks) + b"]}"
+
+
+# Fields only the relay knows: kept from its last answer even where our state differs from it.
+_RELAY_KEEPS = frozenset({"action", "submit_time", "start_time"})
+
+# The relay's answer for an id it does not know, with HTTP 400.
+TASK_NOT_EXIST = b'{"code":"task_not_exist","message":"task_not_exist","data":null}'
+
+
+def _answer_object(raw: bytes | None) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        answer = _object.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return {}
+    return answer if isinstance(answer, dict) else {}
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _their_clips(data: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(data, list):
+        return {}
+    clips: dict[str, dict[str, Any]] = {}
+    for clip in data:
+        if isinstance(clip, dict):
+            clip_id = _text(clip.get("id")) or _text(clip.get("clip_id"))
+            if clip_id:
+                clips[clip_id] = clip
+    return clips
+
+
+def _their_status(clip: dict[str, Any]) -> TaskStatus | None:
+    return _part_status(_text(clip.get("status"))) or _part_status(_text(clip.get("state")))
+
+
+def _clips_agree(data: Any, clips: Sequence[ClipView]) -> bool:
+    """Whether the relay's clips are ours: the same ids in the same order, each in the same status."""
+    if not clips:
+        return not isinstance(data, list) or not data
+    theirs = _their_clips(data)
+    if list(theirs) != [clip.id for clip in clips]:
+        return False
+    return all(_their_status(theirs[clip.id]) is clip.status for clip in clips)
+
+
+def _render_clips(clips: Sequence[ClipView], data: Any) -> list[dict[str, Any]]:
+    """Our clips, each over the relay's object for it: the relay's as received while its status is
+    ours, else with what we store written over it."""
+    theirs = _their_clips(data)
+    rendered = []
+    for clip in clips:
+        their = theirs.get(clip.id)
+        if their is not None and _their_status(their) is clip.status:
+            rendered.append(their)
+            continue
+        ours = _render_clip(clip)
+        if their is None:
+            rendered.append(ours)
+            continue
+        merged = dict(their)
+        metadata = merged.get("metadata")
+        error = ours.pop("metadata")["error_message"]
+        merged.update({key: value for key, value in ours.items() if value is not None or key == "status"})
+        if error is not None or not isinstance(metadata, dict):
+            merged["metadata"] = {**(metadata if isinstance(metadata, dict) else {}), "error_message": error}
+        rendered.append(merged)
+    return rendered
 
 
 def _render_clip(clip: ClipView) -> dict[str, Any]:
@@ -619,4 +738,5 @@ def _render_clip(clip: ClipView) -> dict[str, Any]:
     return rendered
 
 
+_object = msgspec.json.Decoder()
 _encode_task = msgspec.json.Encoder().encode

@@ -232,7 +232,8 @@ class FakeRelay:
     `requests` counts requests per endpoint (fetch, fetch_batch, submit_fetch, v1, stems,
     submit_music, submit_lyrics); `task_requests` counts requests that named each task; `windows`
     holds each such request's (start, end) on the monotonic clock, so `overlaps()` can show a task
-    polled by two requests at once; `batches` lists the ids of each batch request in arrival order.
+    polled by two requests at once; `batches` lists the ids of each batch request in arrival order,
+    `submitted` the body of each submit.
     The last two grow with every request: a long-running relay turns them off (`record_windows`).
     With a `state_file` (the demo's), the scripted tasks are kept there and reloaded on start, so a
     restarted relay still knows the tasks it was asked about before.
@@ -259,6 +260,8 @@ class FakeRelay:
         self.task_requests: Counter[str] = Counter()
         self.windows: defaultdict[str, list[Window]] = defaultdict(list)
         self.batches: list[tuple[str, ...]] = []
+        # Every submit body that was read, in arrival order.
+        self.submitted: list[dict[str, Any]] = []
         self._runner: web.AppRunner | None = None
         self.base_url = ""
         self.state_file = state_file
@@ -462,6 +465,7 @@ class FakeRelay:
         self.task_requests.clear()
         self.windows.clear()
         self.batches.clear()
+        self.submitted.clear()
 
     # -- HTTP handlers -------------------------------------------------------------------------
 
@@ -545,6 +549,7 @@ class FakeRelay:
             payload = _json_object.decode(await request.read())
         except (msgspec.DecodeError, UnicodeDecodeError):
             return _error(400, "invalid_request", "expected a JSON object")
+        self.submitted.append(payload)
         response = await self._faulted(request, self._faults_for(()), lambda: b"{}")
         if response is not None:
             return response
