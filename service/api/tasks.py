@@ -38,6 +38,14 @@ async def load_task_out(session: AsyncSession, owner: Owner, task: Task) -> Task
     return task_out(task, clips[task.id], names)
 
 
+async def registered_out(session: AsyncSession, owner: Owner, task: Task, created: bool) -> TaskOut:
+    """A task just registered has no clips: its JSON needs no other query (bar the admin's client name)."""
+    if not created:
+        return await load_task_out(session, owner, task)
+    names = await repository.client_names(session, [task]) if owner.shows_client else None
+    return task_out(task, [], names)
+
+
 async def require_task(session: AsyncSession, owner: Owner, task_id: str) -> Task:
     """The owner's task of this id: another client's is as unknown as one nobody registered."""
     task = await repository.get_task(session, owner.client_id, task_id)
@@ -73,7 +81,7 @@ async def create_task(
         metadata=data.metadata,
         settings=runtime.settings,
     )
-    return Response(await load_task_out(session, owner, task), status_code=201 if created else 200)
+    return Response(await registered_out(session, owner, task, created), status_code=201 if created else 200)
 
 
 @get("/api/v1/tasks/{task_id:str}", summary="One task with its clips")

@@ -20,16 +20,14 @@ from typing import Any, Literal, NamedTuple
 
 import msgspec
 import structlog
-from sqlalchemy import exists, insert
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
 from service.config import Settings
 from service.db import database_now
 from service.errors import Conflict, NotFound, UpstreamUnavailable
 from service.metrics import ANOMALIES, TRANSITIONS
-from service.models import Task, TaskEvent
+from service.models import Task
 from service.redact import mask_secret
 from service.tracking import repository
 from service.tracking.repository import (
@@ -743,6 +741,100 @@ async def _require_task(
     return task
 
 
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """One task to start tracking; `relay` None: the registering caller's relay."""
+
+    task_id: str
+    kind: str
+    notify_hook: str | None = None
+    notify_format: str | None = None
+    metadata: dict[str, Any] | None = None
+    relay: str | None = None
+
+
+_TASK_COLUMNS = ", ".join(f'"{column.name}"' for column in Task.__table__.c)
+# Every new task of a call and its registration event in one statement (docs/design.md, "Registration
+# in one statement"). Polls are scheduled by the database's clock only ("One clock"). A task another
+# client already polls on the same relay is `shared`: the claims then poll both records together.
+_REGISTER = text(
+    f"""
+WITH given AS (
+    SELECT * FROM unnest(
+        CAST(:task_ids AS text[]), CAST(:kinds AS text[]), CAST(:relays AS text[]),
+        CAST(:hooks AS text[]), CAST(:formats AS text[]), CAST(:metadata AS text[])
+    ) WITH ORDINALITY AS g(task_id, kind, relay, notify_hook, notify_format, metadata, ord)
+), created AS (
+    INSERT INTO tasks (task_id, client_id, relay, shared, kind, status, notify_hook, notify_hook_source,
+                       notify_format, metadata, last_seq, created_at, updated_at, next_poll_at,
+                       poll_interval_s)
+    SELECT g.task_id, CAST(:client_id AS bigint), g.relay,
+           EXISTS (SELECT FROM tasks o WHERE o.task_id = g.task_id AND o.relay = g.relay
+                   AND o.client_id IS DISTINCT FROM CAST(:client_id AS bigint)
+                   AND o.next_poll_at IS NOT NULL),
+           g.kind, :status, g.notify_hook, CASE WHEN g.notify_hook IS NOT NULL THEN :hook_source END,
+           g.notify_format, CAST(g.metadata AS jsonb), 1, now(), now(),
+           now() + make_interval(secs => :interval), :interval
+    FROM given g ORDER BY g.ord
+    ON CONFLICT (task_id, client_id) DO NOTHING
+    RETURNING *
+), registered AS (
+    INSERT INTO task_events (task_pk, seq, at, type, from_status, to_status, source)
+    SELECT id, 1, created_at, :event_type, NULL, :status, :event_source FROM created
+)
+SELECT {_TASK_COLUMNS} FROM created
+"""  # noqa: S608
+).columns(*Task.__table__.c)
+
+
+def _json(value: dict[str, Any]) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+async def register_tasks(
+    session: AsyncSession,
+    registrations: Sequence[Registration],
+    *,
+    client_id: int | None = None,
+    default_relay: str = DEFAULT_RELAY,
+    settings: Settings,
+) -> list[tuple[Task, bool] | Conflict]:
+    """Start tracking each task for a client (None: the admin), in order: (task, created) for each, or
+    the Conflict refusing it. Registering the same task again (in this call too) is idempotent.
+
+    New tasks cost one statement together; only a task registered before takes statements of its own.
+    A refused one wrote nothing, so the caller may go on with the others in the same transaction."""
+    if not registrations:
+        return []
+    params = {
+        "task_ids": [r.task_id for r in registrations],
+        "kinds": [r.kind for r in registrations],
+        "relays": [r.relay or default_relay for r in registrations],
+        "hooks": [r.notify_hook for r in registrations],
+        "formats": [r.notify_format for r in registrations],
+        "metadata": [None if r.metadata is None else _json(r.metadata) for r in registrations],
+        "client_id": client_id,
+        "status": TaskStatus.SUBMITTED.value,
+        "hook_source": HookSource.CLIENT.value,
+        "interval": settings.poll_min_interval_s,
+        "event_type": EventType.TRANSITION.value,
+        "event_source": EventSource.REGISTER.value,
+    }
+    rows = await session.scalars(select(Task).from_statement(_REGISTER), params)
+    created = {task.task_id: task for task in rows}
+    results: list[tuple[Task, bool] | Conflict] = []
+    for registration in registrations:
+        task = created.pop(registration.task_id, None)
+        if task is not None:
+            results.append((task, True))
+            continue
+        try:
+            results.append((await _register_again(session, client_id, registration), False))
+        except Conflict as refused:
+            results.append(refused)
+    return results
+
+
 async def register_task(
     session: AsyncSession,
     *,
@@ -756,89 +848,42 @@ async def register_task(
     metadata: dict[str, Any] | None,
     settings: Settings,
 ) -> tuple[Task, bool]:
-    """Start tracking task_id for a client (None: the admin) on a relay (None: `default_relay`);
-    returns (task, created). Registering the same task again is idempotent.
-
-    Polls are scheduled by the database's clock only (docs/design.md, "One clock"): the registration's
-    first poll too."""
-    now = await database_now(session)
-    polled_on = relay or default_relay
-    other = aliased(Task)
-    # Another client already polls this relay task: the claims then poll both records together.
-    shared = (
-        exists()
-        .where(
-            other.task_id == task_id,
-            other.relay == polled_on,
-            other.client_id.is_distinct_from(client_id),
-            other.next_poll_at.is_not(None),
-        )
-        .correlate_except(other)
+    """One registration (register_tasks); returns (task, created), or raises its Conflict."""
+    registration = Registration(task_id, kind, notify_hook, notify_format, metadata, relay)
+    (result,) = await register_tasks(
+        session, [registration], client_id=client_id, default_relay=default_relay, settings=settings
     )
-    created_pk = (
-        await session.execute(
-            pg_insert(Task)
-            .values(
-                task_id=task_id,
-                client_id=client_id,
-                relay=polled_on,
-                shared=shared,
-                kind=kind,
-                status=TaskStatus.SUBMITTED,
-                notify_hook=notify_hook,
-                notify_hook_source=None if notify_hook is None else HookSource.CLIENT,
-                notify_format=notify_format,
-                client_metadata=metadata,
-                last_seq=1,
-                created_at=now,
-                updated_at=now,
-                next_poll_at=now + timedelta(seconds=settings.poll_min_interval_s),
-                poll_interval_s=settings.poll_min_interval_s,
-            )
-            .on_conflict_do_nothing(index_elements=[Task.task_id, Task.client_id])
-            .returning(Task.id)
-        )
-    ).scalar_one_or_none()
+    if isinstance(result, Conflict):
+        raise result
+    return result
 
-    if created_pk is not None:
-        # The client just made this task: the registration event announces nothing, so no webhook.
-        await session.execute(
-            insert(TaskEvent).values(
-                task_pk=created_pk,
-                seq=1,
-                at=now,
-                type=EventType.TRANSITION,
-                from_status=None,
-                to_status=TaskStatus.SUBMITTED,
-                source=EventSource.REGISTER,
-            )
-        )
-        task = await repository.get_task(session, client_id, task_id)
-        assert task is not None
-        return task, True
 
+async def _register_again(session: AsyncSession, client_id: int | None, given: Registration) -> Task:
+    """The same task again: 200 with the existing one, whose hook, format and metadata a non-null value
+    given now replaces (no event); a different kind or relay is a Conflict."""
     # A concurrent registration may still be committing: the row lock waits for it.
-    existing = await repository.get_task(session, client_id, task_id, for_update=True)
+    existing = await repository.get_task(session, client_id, given.task_id, for_update=True)
     assert existing is not None
-    for name, given in (("kind", kind), ("relay", relay)):
+    for name, value in (("kind", given.kind), ("relay", given.relay)):
         registered = getattr(existing, name)
-        if given is not None and registered != given:
+        if value is not None and registered != value:
             raise Conflict(
-                f"task_id {task_id!r} is already registered with {name} {registered!r}, not {given!r}",
-                extra={"task_id": task_id, name: registered},
+                f"task_id {given.task_id!r} is already registered with {name} {registered!r}, not {value!r}",
+                extra={"task_id": given.task_id, name: registered},
             )
     changed = False
     # A hook given at registration replaces one adopted from the relay, and the relay's never replaces it.
-    for attribute, value in (
-        ("notify_hook", notify_hook),
-        ("notify_hook_source", None if notify_hook is None else HookSource.CLIENT),
-        ("notify_format", notify_format),
-        ("client_metadata", metadata),
-    ):
-        if value is not None and getattr(existing, attribute) != value:
-            setattr(existing, attribute, value)
+    replacements: tuple[tuple[str, object], ...] = (
+        ("notify_hook", given.notify_hook),
+        ("notify_hook_source", None if given.notify_hook is None else HookSource.CLIENT),
+        ("notify_format", given.notify_format),
+        ("client_metadata", given.metadata),
+    )
+    for attribute, replacement in replacements:
+        if replacement is not None and getattr(existing, attribute) != replacement:
+            setattr(existing, attribute, replacement)
             changed = True
     if changed:
-        existing.updated_at = now
+        existing.updated_at = await database_now(session)
         await session.flush()
-    return existing, False
+    return existing
