@@ -50,12 +50,16 @@ async def require_token(connection: ASGIConnection[Any, Any, Any, Any], handler:
         raise NotAuthorizedException("invalid bearer token in the Authorization header")
     caller, wait_s = found
     if wait_s is not None:
-        raise RateLimited(
-            f"client {caller.name!r} is over its registration rate: retry in {wait_s:.2f} s",
-            extra={"client": caller.name, "retry_after_s": round(wait_s, 3)},
-            headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
-        )
+        raise rate_limited(caller, wait_s)
     connection.state.caller = caller
+
+
+def rate_limited(caller: Caller, wait_s: float) -> RateLimited:
+    return RateLimited(
+        f"client {caller.name!r} is over its registration rate: retry in {wait_s:.2f} s",
+        extra={"client": caller.name, "retry_after_s": round(wait_s, 3)},
+        headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+    )
 
 
 def provide_caller(request: Request[Any, Any, Any]) -> Caller:

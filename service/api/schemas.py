@@ -53,6 +53,27 @@ class RegisterTask(msgspec.Struct, forbid_unknown_fields=True):
     relay: RelayName | None = None
 
 
+BATCH_MAX = 500
+
+
+class RegisterBatch(msgspec.Struct, forbid_unknown_fields=True):
+    # Each item is checked on its own (a bad one is its own 4xx item), so they arrive unparsed.
+    tasks: Annotated[list[Any], msgspec.Meta(min_length=1, max_length=BATCH_MAX)]
+
+
+class BatchItem(msgspec.Struct, omit_defaults=True):
+    """One registration's answer: `task` when status_code is 200 or 201, else `detail`."""
+
+    task_id: str | None
+    status_code: int
+    task: TaskOut | msgspec.UnsetType = msgspec.UNSET
+    detail: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class BatchOut(msgspec.Struct):
+    items: list[BatchItem]
+
+
 class TaskOut(msgspec.Struct):
     task_id: str
     kind: str

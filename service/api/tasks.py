@@ -10,11 +10,14 @@ from litestar.params import FromQuery, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api import AppRuntime, DbSession, TaskIdPath, TaskOwner
-from service.api.auth import REGISTERS, Owner
+from service.api.auth import REGISTERS, Owner, rate_limited
 from service.api.schemas import (
     INT32_MAX,
     METADATA_MAX_BYTES,
+    BatchItem,
+    BatchOut,
     EventList,
+    RegisterBatch,
     RegisterTask,
     TaskOut,
     TaskPage,
@@ -23,11 +26,12 @@ from service.api.schemas import (
     event_out,
     task_out,
 )
-from service.clients.service import known_relay
-from service.errors import InvalidInput, NotFound
+from service.clients.service import known_relay, take_up_to
+from service.errors import Conflict, InvalidInput, NotFound, ServiceError
 from service.models import Task
+from service.runtime import Runtime
 from service.tracking import repository
-from service.tracking.service import cancel_task, poll_task, register_task
+from service.tracking.service import Registration, cancel_task, poll_task, register_task, register_tasks
 from service.vocabulary import EventSource, TaskKind, TaskStatus
 from service.webhooks.ssrf import check_hook_url
 
@@ -54,6 +58,16 @@ async def require_task(session: AsyncSession, owner: Owner, task_id: str) -> Tas
     return task
 
 
+async def check_registration(runtime: Runtime, data: RegisterTask) -> None:
+    """What the struct cannot say about a registration: 400s naming the field."""
+    if data.metadata is not None and len(msgspec.json.encode(data.metadata)) > METADATA_MAX_BYTES:
+        raise InvalidInput(f"metadata: must encode to at most {METADATA_MAX_BYTES} bytes of JSON")
+    if data.relay is not None:
+        known_relay(runtime.settings, data.relay)
+    if data.notify_hook is not None:
+        await check_hook_url(data.notify_hook, allow_private=runtime.settings.allow_private_hooks)
+
+
 @post(
     "/api/v1/tasks",
     status_code=201,
@@ -63,12 +77,7 @@ async def require_task(session: AsyncSession, owner: Owner, task_id: str) -> Tas
 async def create_task(
     data: JSONBody[RegisterTask], session: DbSession, runtime: AppRuntime, owner: TaskOwner
 ) -> Response[TaskOut]:
-    if data.metadata is not None and len(msgspec.json.encode(data.metadata)) > METADATA_MAX_BYTES:
-        raise InvalidInput(f"metadata: must encode to at most {METADATA_MAX_BYTES} bytes of JSON")
-    if data.relay is not None:
-        known_relay(runtime.settings, data.relay)
-    if data.notify_hook is not None:
-        await check_hook_url(data.notify_hook, allow_private=runtime.settings.allow_private_hooks)
+    await check_registration(runtime, data)
     task, created = await register_task(
         session,
         client_id=owner.client_id,
@@ -82,6 +91,65 @@ async def create_task(
         settings=runtime.settings,
     )
     return Response(await registered_out(session, owner, task, created), status_code=201 if created else 200)
+
+
+@post("/api/v1/tasks/batch", status_code=200, summary="Start tracking up to 500 relay tasks at once")
+async def register_batch(
+    data: JSONBody[RegisterBatch], session: DbSession, runtime: AppRuntime, owner: TaskOwner
+) -> BatchOut:
+    """Each item answers as the single route would, in request order, all in one transaction. A client
+    takes one registration per valid item from its rate bucket: those the bucket cannot cover now are
+    429 items, and a batch it covers none of is a 429 (docs/design.md, "The batch route")."""
+    items: list[BatchItem | None] = [None] * len(data.tasks)
+    valid: list[tuple[int, RegisterTask]] = []
+    for index, raw in enumerate(data.tasks):
+        try:
+            registration = msgspec.convert(raw, RegisterTask)
+            await check_registration(runtime, registration)
+        except (msgspec.ValidationError, ServiceError) as refused:
+            given = raw.get("task_id") if isinstance(raw, dict) else None
+            status = refused.status_code if isinstance(refused, ServiceError) else 400
+            detail = refused.detail if isinstance(refused, ServiceError) else f"tasks[{index}]: {refused}"
+            given = given if isinstance(given, str) else None
+            items[index] = BatchItem(task_id=given, status_code=status, detail=detail)
+        else:
+            valid.append((index, registration))
+    granted = len(valid)
+    if owner.caller.client_id is not None and valid:
+        async with runtime.engine.connect() as db:
+            await db.execution_options(isolation_level="AUTOCOMMIT")
+            granted, wait_s = await take_up_to(
+                db, owner.caller.client_id, len(valid), default_rate=runtime.settings.client_rate
+            )
+        if granted == 0:
+            raise rate_limited(owner.caller, wait_s)
+    for index, registration in valid[granted:]:
+        detail = f"client {owner.caller.name!r} is over its registration rate"
+        items[index] = BatchItem(task_id=registration.task_id, status_code=429, detail=detail)
+    registering = valid[:granted]
+    results = await register_tasks(
+        session,
+        [
+            Registration(r.task_id, r.kind, r.notify_hook, r.notify_format, r.metadata, r.relay)
+            for _index, r in registering
+        ],
+        client_id=owner.client_id,
+        default_relay=owner.caller.relay,
+        settings=runtime.settings,
+    )
+    answered = [result for result in results if not isinstance(result, Conflict)]
+    tasks = [task for task, _created in answered]
+    # Only tasks registered before may have clips: one query for them all.
+    clips = await repository.clips_by_task(session, [task.id for task, created in answered if not created])
+    names = await repository.client_names(session, tasks) if owner.shows_client else None
+    for (index, registration), result in zip(registering, results, strict=True):
+        if isinstance(result, Conflict):
+            items[index] = BatchItem(task_id=registration.task_id, status_code=409, detail=result.detail)
+            continue
+        task, created = result
+        out = task_out(task, clips.get(task.id, []), names)
+        items[index] = BatchItem(task_id=task.task_id, status_code=201 if created else 200, task=out)
+    return BatchOut(items=[item for item in items if item is not None])
 
 
 @get("/api/v1/tasks/{task_id:str}", summary="One task with its clips")
@@ -159,4 +227,12 @@ async def cancel_task_now(
     return await load_task_out(session, owner, await require_task(session, owner, task_id))
 
 
-TASK_ROUTES = [create_task, read_task, list_tasks, list_task_events, refresh_task_now, cancel_task_now]
+TASK_ROUTES = [
+    create_task,
+    register_batch,
+    read_task,
+    list_tasks,
+    list_task_events,
+    refresh_task_now,
+    cancel_task_now,
+]

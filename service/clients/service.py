@@ -191,6 +191,14 @@ _AUTHENTICATE_AND_TAKE = text(
     f"UPDATE clients SET bucket_tokens = {_AVAILABLE} - :count, bucket_at = clock_timestamp() "  # noqa: S608
     f"WHERE {_ACTIVE} AND {_AVAILABLE} >= :count RETURNING {_CLIENT}"
 )
+# A batch's take: as many of `count` as the bucket holds whole (service.api.tasks, register_batch).
+_TAKE_UP_TO = text(
+    f"WITH c AS (SELECT id, {_AVAILABLE} AS available, {_RATE} AS rate FROM clients "  # noqa: S608
+    "WHERE id = :client_id FOR UPDATE) "
+    "UPDATE clients SET bucket_tokens = c.available - least(:count, floor(c.available)), "
+    "bucket_at = clock_timestamp() FROM c WHERE clients.id = c.id "
+    "RETURNING CAST(least(:count, floor(c.available)) AS integer) AS granted, c.available, c.rate"
+)
 # Why the take found nothing: an unknown token, or (rarely, so in a statement of its own) an empty bucket.
 _REFUSED = text(f"SELECT {_CLIENT}, {_AVAILABLE} AS available, {_RATE} AS rate FROM clients WHERE {_ACTIVE}")  # noqa: S608
 
@@ -217,3 +225,13 @@ async def authenticate(
     if not refused:
         return caller, None
     return caller, max(0.0, take - row.available) / row.rate
+
+
+async def take_up_to(
+    db: AsyncConnection, client_id: int, count: int, *, default_rate: float
+) -> tuple[int, float]:
+    """Take up to `count` registrations from the client's bucket: how many it granted, and (when none)
+    how many seconds until one would be."""
+    params = {"client_id": client_id, "count": count, "default_rate": default_rate}
+    row = (await db.execute(_TAKE_UP_TO, params)).one()
+    return row.granted, max(0.0, 1 - row.available) / row.rate
