@@ -1,0 +1,308 @@
+"""The API's edge: registrations/s (single, 64 concurrent clients) with the poller running, tasks/s
+through the batch route, and GET /api/v1/tasks/{id} at 16 concurrent clients, each beside a bare
+baseline from the same run (a bare Litestar handler doing one asyncpg insert or select, served by the
+same uvicorn the same way), and the peak RSS of the `sunotrack serve` process.
+
+Uses DATABASE_URL when set (a fresh database is created on that server and dropped afterwards), else an
+embedded PostgreSQL. `sunotrack serve`, the fake relay and the bare app each run in a process of their
+own; the load comes from this one (aiohttp), so both sides of each ratio pay the same client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.harness import fresh_database, install_uvloop
+
+ADMIN = "bench-admin-token-0123456789"
+RELAY_KEY = "bench-relay-key"
+SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
+BATCH = 500
+TARGETS = {
+    "reg_s": 2_000.0,
+    "reg_p99_ms": 50.0,
+    "batch_tasks_s": 20_000.0,
+    "get_s": 3_000.0,
+    "get_p99_ms": 20.0,
+}
+
+
+# --- the bare baseline: its own process ------------------------------------------------------------
+
+
+def bare_app(url: str) -> Any:
+    import asyncpg  # noqa: PLC0415
+    from litestar import Litestar, get, post  # noqa: PLC0415
+
+    pool: dict[str, asyncpg.Pool] = {}
+
+    async def start() -> None:
+        pool["db"] = await asyncpg.create_pool(url, min_size=10, max_size=10)
+        await pool["db"].execute(
+            "CREATE TABLE IF NOT EXISTS bare (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+            " task_id text UNIQUE, kind text, created_at timestamptz DEFAULT now())"
+        )
+
+    @post("/bare", status_code=201)
+    async def register(data: dict[str, Any]) -> dict[str, Any]:
+        row = await pool["db"].fetchrow(
+            "INSERT INTO bare (task_id, kind) VALUES ($1, 'music') RETURNING id, task_id, created_at",
+            data["task_id"],
+        )
+        return dict(row)
+
+    @post("/bare/batch", status_code=200)
+    async def register_batch(data: dict[str, Any]) -> dict[str, Any]:
+        ids = [item["task_id"] for item in data["tasks"]]
+        rows = await pool["db"].fetch(
+            "INSERT INTO bare (task_id, kind) SELECT unnest($1::text[]), 'music' RETURNING id, task_id",
+            ids,
+        )
+        return {"items": [dict(row) for row in rows]}
+
+    @get("/bare/{task_id:str}")
+    async def read(task_id: str) -> dict[str, Any]:
+        row = await pool["db"].fetchrow(
+            "SELECT id, task_id, kind, created_at FROM bare WHERE task_id = $1", task_id
+        )
+        return dict(row) if row else {}
+
+    return Litestar([register, register_batch, read], on_startup=[start])
+
+
+def run_bare(port: int, url: str) -> None:
+    import uvicorn  # noqa: PLC0415
+
+    uvicorn.run(bare_app(url), host="127.0.0.1", port=port, access_log=False, log_level="warning")
+
+
+# --- processes ---------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    # Output to a file: an unread pipe would block a process that logs once it fills.
+    log = open(f"/tmp/bench-api-{Path(argv[1]).name}-{os.getpid()}.log", "wb")  # noqa: SIM115
+    return subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def wait_ready(session: aiohttp.ClientSession, url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(
+                f"{url}: the process ended with {process.returncode} (its log: /tmp/bench-api-*)"
+            )
+        try:
+            async with session.get(url) as response:
+                if response.status < 500:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"{url}: not ready after 60 s")
+
+
+def say(message: str) -> None:
+    print(f"  {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+# --- load ---------------------------------------------------------------------------------------------
+
+
+async def load(concurrency: int, call: Callable[[], Awaitable[int]]) -> tuple[float, list[float]]:
+    """Calls/s (each worth what `call` returns: 1, or a batch's size) and each call's latency (ms)."""
+    latencies: list[float] = []
+    done = 0
+    deadline = time.monotonic() + SECONDS
+
+    async def worker() -> None:
+        nonlocal done
+        while time.monotonic() < deadline:
+            began = time.perf_counter()
+            worth = await call()  # read `done` only after the await: others add meanwhile
+            done += worth
+            latencies.append((time.perf_counter() - began) * 1000)
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return done / (time.monotonic() - started), sorted(latencies)
+
+
+def pct(latencies: list[float], q: float) -> float:
+    return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")
+
+
+def expect(status: int, wanted: int, body: str) -> None:
+    if status != wanted:
+        raise SystemExit(f"unexpected {status} (wanted {wanted}): {body[:500]}")
+
+
+@asynccontextmanager
+async def processes(url: str) -> AsyncIterator[tuple[str, str, str, subprocess.Popen[bytes]]]:
+    relay_port, serve_port, bare_port = free_port(), free_port(), free_port()
+    env = {
+        "DATABASE_URL": url,
+        "SUNOTRACK_ADMIN_TOKEN": ADMIN,
+        "SUNO_BASE_URL": f"http://127.0.0.1:{relay_port}",
+        "SUNO_API_KEY": RELAY_KEY,
+        "SUNOTRACK_DATA_DIR": f"/tmp/bench-api-{uuid.uuid4().hex[:8]}",
+        "SUNOTRACK_ALLOW_PRIVATE_HOOKS": "true",
+    }
+    relay = start(["sunotrack", "fake-relay", "--port", str(relay_port)], env)
+    serve = start(["sunotrack", "serve", "--port", str(serve_port)], env)
+    bare_url = url.replace("+asyncpg", "")
+    bare = start([sys.executable, __file__, "--bare", str(bare_port), bare_url], env)
+    try:
+        yield f"http://127.0.0.1:{serve_port}", f"http://127.0.0.1:{bare_port}", "", serve
+    finally:
+        for process in (bare, serve, relay):
+            stop(process)
+
+
+async def bench() -> None:
+    loop_name = install_uvloop()
+    load_before = os.getloadavg()
+    async with fresh_database() as url, processes(url) as (api, bare, _unused, serve):
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            await wait_ready(http, f"{api}/healthz", serve)
+            await wait_ready(http, f"{bare}/bare/none", serve)
+            admin = {"Authorization": f"Bearer {ADMIN}"}
+            async with http.post(
+                f"{api}/api/v1/clients", json={"name": "bench", "rate": 1e6}, headers=admin
+            ) as r:
+                expect(r.status, 201, await r.text())
+                client = {"Authorization": f"Bearer {(await r.json())['token']}"}
+            run = uuid.uuid4().hex[:6]
+            counter = iter(range(10**9))
+            registered: list[str] = []
+
+            async def register_one() -> int:
+                task_id = f"r{run}-{next(counter)}"
+                async with http.post(f"{api}/api/v1/tasks", json={"task_id": task_id}, headers=client) as r:
+                    expect(r.status, 201, await r.text())
+                    await r.read()
+                registered.append(task_id)
+                return 1
+
+            async def bare_one() -> int:
+                async with http.post(f"{bare}/bare", json={"task_id": f"b{run}-{next(counter)}"}) as r:
+                    expect(r.status, 201, await r.text())
+                    await r.read()
+                return 1
+
+            async def batch(base: str, route: str, headers: dict[str, str]) -> int:
+                tasks = [{"task_id": f"x{run}-{next(counter)}"} for _ in range(BATCH)]
+                async with http.post(f"{base}{route}", json={"tasks": tasks}, headers=headers) as r:
+                    expect(r.status, 200, await r.text())
+                    await r.read()
+                return BATCH
+
+            async def read_one() -> int:
+                async with http.get(f"{api}/api/v1/tasks/{random.choice(registered)}", headers=client) as r:
+                    expect(r.status, 200, await r.text())
+                    await r.read()
+                return 1
+
+            bare_ids: list[str] = []
+
+            async def bare_read() -> int:
+                async with http.get(f"{bare}/bare/{random.choice(bare_ids)}") as r:
+                    expect(r.status, 200, await r.text())
+                    await r.read()
+                return 1
+
+            say("ready")
+            figures: dict[str, tuple[float, list[float]]] = {}
+            figures["bare insert"] = await load(64, bare_one)
+            figures["registrations"] = await load(64, register_one)
+            figures["bare batch insert"] = await load(4, lambda: batch(bare, "/bare/batch", {}))
+            figures["batch route"] = await load(4, lambda: batch(api, "/api/v1/tasks/batch", client))
+            async with http.post(
+                f"{bare}/bare/batch", json={"tasks": [{"task_id": t} for t in registered[:2000]]}
+            ) as r:
+                expect(r.status, 200, await r.text())
+            bare_ids.extend(registered[:2000])
+            figures["bare select"] = await load(16, bare_read)
+            figures["GET task"] = await load(16, read_one)
+            rss = peak_rss_mb(serve.pid)
+    load_after = os.getloadavg()
+
+    print(
+        f"bench_api: {loop_name}, {SECONDS:g} s per figure, load average {load_before[0]:.1f} before, "
+        f"{load_after[0]:.1f} after (2 cores)"
+    )
+    print(f"{'what':<22} {'per s':>10} {'p50 ms':>8} {'p99 ms':>8}  ratio to bare")
+    for what, bare_what in (
+        ("registrations", "bare insert"),
+        ("batch route", "bare batch insert"),
+        ("GET task", "bare select"),
+    ):
+        for name in (bare_what, what):
+            rate, latencies = figures[name]
+            ratio = "" if name == bare_what else f"  {rate / figures[bare_what][0]:.2f}"
+            print(
+                f"{name:<22} {rate:>10,.0f} {pct(latencies, 0.5):>8.1f} {pct(latencies, 0.99):>8.1f}{ratio}"
+            )
+    print(f"peak RSS of the serve process: {rss:.0f} MB")
+    reg, batch_rate, read = figures["registrations"], figures["batch route"], figures["GET task"]
+    checks = [
+        (f"registrations >= {TARGETS['reg_s']:,.0f}/s", reg[0] >= TARGETS["reg_s"]),
+        (f"registration p99 <= {TARGETS['reg_p99_ms']:g} ms", pct(reg[1], 0.99) <= TARGETS["reg_p99_ms"]),
+        (f"batch >= {TARGETS['batch_tasks_s']:,.0f} tasks/s", batch_rate[0] >= TARGETS["batch_tasks_s"]),
+        (f"GET >= {TARGETS['get_s']:,.0f}/s", read[0] >= TARGETS["get_s"]),
+        (f"GET p99 <= {TARGETS['get_p99_ms']:g} ms", pct(read[1], 0.99) <= TARGETS["get_p99_ms"]),
+        ("peak RSS <= 300 MB", rss <= 300),
+    ]
+    for label, met in checks:
+        print(f"  {'met' if met else 'MISSED'}: {label}")
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--bare":
+        run_bare(int(sys.argv[2]), sys.argv[3])
+        return
+    asyncio.run(bench())
+
+
+if __name__ == "__main__":
+    main()
