@@ -32,7 +32,7 @@ from service.vocabulary import TERMINAL_STATUSES
 
 SAMPLES: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("music", "music", {"title": "Neon Harbor", "fake_lifecycle": "music_success"}),
-    ("music", "music", {"title": "Paper Moons", "fake_lifecycle": "music_failure"}),
+    ("music", "music", {"title": "Paper Moons", "fake_lifecycle": "music_success"}),
     ("lyrics", "lyrics", {"prompt": "a song about cats", "fake_lifecycle": "lyrics"}),
     ("music", "music", {"title": "Static Bloom", "fake_lifecycle": "unknown_blip"}),
 )

@@ -143,7 +143,7 @@ def test_demo_moves_sample_tasks_to_the_end_and_keeps_them_across_a_restart(data
     transcript = "".join(first.output)
 
     assert first.process.returncode == 0, transcript
-    assert {task["status"] for task in before} == {"complete", "failed"}
+    assert {task["status"] for task in before} == {"complete"}
     assert {task["kind"] for task in before} == {"music", "lyrics", "stems"}
     assert re.search(r"music .* transition .* -> complete", transcript)
     # The one sample registered without a hook: delivered to the one its relay answers name, and only it.
@@ -229,9 +229,9 @@ async def until_finished(base: str, token: str, expected: dict[str, str]) -> dic
 
 
 def sample_ends(transcript: str) -> dict[str, str]:
-    """Each sample the demo registered and how its fake lifecycle ends (the second song fails)."""
+    """Each sample the demo registered and how its fake lifecycle ends: every one completes."""
     registered = re.findall(r"demo: registered (\w+)\s+(\S+)", transcript)
-    ends = ["complete", "failed", "complete", "complete", "complete", "complete"]
+    ends = ["complete"] * 6
     assert [kind for kind, _ in registered] == ["music", "music", "lyrics", "music", "music", "stems"]
     return {task_id: end for (_, task_id), end in zip(registered, ends, strict=True)}
 
