@@ -1,10 +1,13 @@
-"""Webhook dispatcher benchmark: throughput next to a bare aiohttp POST loop, and commit-to-receipt latency.
+"""Webhook dispatcher benchmark: throughput next to a bare aiohttp POST loop, commit-to-receipt latency,
+and the same latency for a fast receiver while a slow one has a backlog (fair delivery).
 
     uv run python bench/bench_webhooks.py [--deliveries 20000] [--rate 100] [--seconds 10]
+                                          [--slow 300] [--slow-answer-s 5] [--fast 30] [--skip-fair]
 
 Uses DATABASE_URL when set (a fresh database is created on that server and dropped afterwards), else an
-embedded PostgreSQL (pgserver) in a temporary directory. The receiver is a separate process on
-127.0.0.1 so it does not share the dispatcher's CPU; both phases post to that same receiver.
+embedded PostgreSQL (pgserver) in a temporary directory. The receivers are a separate process on
+127.0.0.1 so they do not share the dispatcher's CPU. The single-receiver phases post to one port; the
+fair-delivery phase has the slow receiver on that port and the fast one on a second (another host key).
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,10 +54,11 @@ TIME_LIMIT_S = 300
 # --- the receiver (its own process) -------------------------------------------------------------------
 
 
-def run_receiver(port_out: Any) -> None:
+def run_receiver(port_out: Any, slow_answer_s: float) -> None:
     install_uvloop()
     received: list[int] = [0]
     receipts: dict[str, float] = {}
+    slow = {"now": 0, "peak": 0, "answered": 0}
 
     async def count(request: web.Request) -> web.Response:
         await request.read()
@@ -66,8 +72,19 @@ def run_receiver(port_out: Any) -> None:
         received[0] += 1
         return web.Response(text="ok")
 
+    async def slowly(request: web.Request) -> web.Response:
+        await request.read()
+        slow["now"] += 1
+        slow["peak"] = max(slow["peak"], slow["now"])
+        try:
+            await asyncio.sleep(slow_answer_s)
+        finally:
+            slow["now"] -= 1
+        slow["answered"] += 1
+        return web.Response(text="ok")
+
     async def stats(request: web.Request) -> web.Response:
-        answer: dict[str, Any] = {"received": received[0]}
+        answer: dict[str, Any] = {"received": received[0], "slow": slow}
         if request.query.get("receipts"):
             answer["receipts"] = receipts
         return web.json_response(answer)
@@ -75,19 +92,23 @@ def run_receiver(port_out: Any) -> None:
     async def reset(_: web.Request) -> web.Response:
         received[0] = 0
         receipts.clear()
+        slow.update(peak=slow["now"], answered=0)
         return web.Response()
 
     async def serve() -> None:
         app = web.Application()
         app.router.add_post("/hook", count)
         app.router.add_post("/timed", timed)
+        app.router.add_post("/slow", slowly)
         app.router.add_get("/stats", stats)
         app.router.add_post("/reset", reset)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
-        await site.start()
-        port_out.put(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        # The same app on two ports: two host keys for the fair-delivery phase.
+        for _ in range(2):
+            site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
+            await site.start()
+            port_out.put(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
         await asyncio.Event().wait()
 
     asyncio.run(serve())
@@ -187,6 +208,11 @@ class ReceiverClient:
             receipts: dict[str, float] = (await response.json())["receipts"]
             return receipts
 
+    async def slow(self) -> dict[str, int]:
+        async with self._http.get(f"{self.base}/stats") as response:
+            slow: dict[str, int] = (await response.json())["slow"]
+            return slow
+
     async def reset(self) -> None:
         async with self._http.post(f"{self.base}/reset") as response:
             response.raise_for_status()
@@ -259,6 +285,54 @@ async def commit_to_receipt(
     return [(receipts[key] - at) * 1000 for key, at in committed.items() if key in receipts]
 
 
+@dataclass(frozen=True)
+class FairFigures:
+    fast_ms: list[float]  # commit-to-receipt of each fast delivery received
+    fast_expected: int
+    slow_peak: int  # most slow requests in flight at once
+    slow_answered: int  # slow answers while the fast ones were sent
+
+
+async def fair_delivery(
+    settings: Settings, receiver: ReceiverClient, second_base: str, args: argparse.Namespace
+) -> FairFigures:
+    """A backlog for a slow receiver, then fast-receiver transitions committed one by one."""
+    slow_hook, fast_hook = f"{receiver.base}/slow", f"{second_base}/timed"
+    slow_tasks = await add_tasks(settings, args.slow, slow_hook, "slow")
+    fast_tasks = await add_tasks(settings, args.fast, fast_hook, "fast")
+    committed: dict[str, float] = {}
+    async with open_runtime(settings) as runtime:
+        dispatcher = await start_dispatcher(runtime)
+        await asyncio.sleep(0.5)  # the LISTEN connection is up
+        await receiver.reset()
+        async with transaction(runtime.sessions) as session:
+            await enqueue_deliveries(session, [transition(pk, t, 2, slow_hook) for pk, t in slow_tasks])
+        deadline = time.monotonic() + 10
+        # Registered after: once the slow receiver's requests are in flight (as many as it will get).
+        while time.monotonic() < deadline:
+            before = (await receiver.slow())["now"]
+            await asyncio.sleep(0.2)
+            if before and (await receiver.slow())["now"] == before:
+                break
+        for pk, task_id in fast_tasks:
+            async with transaction(runtime.sessions) as session:
+                await enqueue_deliveries(session, [transition(pk, task_id, 2, fast_hook)])
+            committed[f"{task_id}:2"] = time.time()
+            await asyncio.sleep(0.02)
+        deadline = time.monotonic() + max(30, 3 * args.slow_answer_s)
+        while await receiver.received() < len(fast_tasks) and time.monotonic() < deadline:  # noqa: ASYNC110 (polls another process)
+            await asyncio.sleep(0.05)
+        slow = await receiver.slow()
+        await dispatcher.stop()
+    receipts = await receiver.receipts()
+    return FairFigures(
+        fast_ms=[(receipts[key] - at) * 1000 for key, at in committed.items() if key in receipts],
+        fast_expected=len(fast_tasks),
+        slow_peak=slow["peak"],
+        slow_answered=slow["answered"],
+    )
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
@@ -267,11 +341,12 @@ def percentile(values: list[float], fraction: float) -> float:
 async def run(args: argparse.Namespace, loop_name: str) -> None:
     port_queue: Any = multiprocessing.get_context("spawn").Queue()
     receiver = multiprocessing.get_context("spawn").Process(
-        target=run_receiver, args=(port_queue,), daemon=True
+        target=run_receiver, args=(port_queue, args.slow_answer_s), daemon=True
     )
     receiver.start()
     try:
         client = ReceiverClient(f"http://127.0.0.1:{port_queue.get(timeout=30)}")
+        second_base = f"http://127.0.0.1:{port_queue.get(timeout=30)}"
         async with fresh_database() as database_url:
             settings = Settings.from_env(
                 DATABASE_URL=database_url,
@@ -295,6 +370,22 @@ async def run(args: argparse.Namespace, loop_name: str) -> None:
                 f"received {len(latencies)}/{expected}, p50 {statistics.median(latencies):.1f} ms, "
                 f"p99 {percentile(latencies, 0.99):.1f} ms, max {max(latencies):.1f} ms"
             )
+            if not args.skip_fair:
+                fair = await fair_delivery(settings, client, second_base, args)
+                fast = fair.fast_ms or [math.inf]
+                print(
+                    f"fair delivery: {args.slow} to a receiver answering in {args.slow_answer_s:g} s, then "
+                    f"{args.fast} to a fast one, committed one by one"
+                )
+                print(
+                    f"  fast receiver commit-to-receipt: received {len(fair.fast_ms)}/{fair.fast_expected}, "
+                    f"p50 {statistics.median(fast):.1f} ms, p95 {percentile(fast, 0.95):.1f} ms, "
+                    f"max {max(fast):.1f} ms"
+                )
+                print(
+                    f"  slow receiver meanwhile: at most {fair.slow_peak} requests in flight "
+                    f"(of {args.concurrency}), {fair.slow_answered} answered"
+                )
         await client.close()
     finally:
         receiver.kill()
@@ -309,6 +400,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--slow", type=int, default=300, help="deliveries to the slow receiver")
+    parser.add_argument("--slow-answer-s", type=float, default=5.0)
+    parser.add_argument("--fast", type=int, default=30, help="deliveries to the fast receiver")
+    parser.add_argument("--skip-fair", action="store_true", help="single-receiver phases only")
     parser.add_argument("--no-uvloop", action="store_true", help="run the dispatcher on the asyncio loop")
     args = parser.parse_args()
     loop_name = "asyncio" if args.no_uvloop else install_uvloop()

@@ -92,11 +92,17 @@ def provide_runtime(request: Request[Any, Any, Any]) -> Runtime:
     return runtime
 
 
+def provide_dispatcher(request: Request[Any, Any, Any]) -> Dispatcher | None:
+    dispatcher: Dispatcher | None = request.app.state.dispatcher
+    return dispatcher
+
+
 def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with open_runtime(settings) as runtime:
             app.state.runtime = runtime
+            app.state.dispatcher = None
             stoppables: list[Poller | Dispatcher] = []
             try:
                 if run_jobs:
@@ -104,7 +110,8 @@ def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
                         log.warning("poll.disabled", reason="SUNO_BASE_URL is not set")
                     else:
                         stoppables.append(await start_poller(runtime))
-                    stoppables.append(await start_dispatcher(runtime))
+                    app.state.dispatcher = await start_dispatcher(runtime)
+                    stoppables.append(app.state.dispatcher)
                 log.info("app.started", instance_id=runtime.instance_id, jobs=run_jobs)
                 yield
             finally:
@@ -131,6 +138,7 @@ def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
         lifespan=[lifespan],
         dependencies={
             "runtime": Provide(provide_runtime, sync_to_thread=False),
+            "dispatcher": Provide(provide_dispatcher, sync_to_thread=False),
             "session": Provide(provide_session),
         },
         exception_handlers={Exception: error_response},

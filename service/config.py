@@ -152,6 +152,12 @@ class Settings(BaseSettings):
     hook_breaker_pause_s: PositiveSeconds = Field(
         default=60.0, le=DAY, validation_alias="SUNOTRACK_HOOK_BREAKER_PAUSE_S"
     )
+    hook_host_concurrency: int = Field(
+        default=8, ge=1, le=4096, validation_alias="SUNOTRACK_HOOK_HOST_CONCURRENCY"
+    )
+    hook_slow_s: PositiveSeconds = Field(
+        default=5.0, le=10 * MINUTE, validation_alias="SUNOTRACK_HOOK_SLOW_S"
+    )
 
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", validation_alias="SUNOTRACK_LOG_LEVEL"

@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Computed,
     Float,
     ForeignKey,
     Identity,
@@ -213,6 +214,13 @@ class Delivery(Base):
     event_seq: Mapped[int] = mapped_column(Integer)
     webhook_id: Mapped[str] = mapped_column(Text, unique=True)
     url: Mapped[str] = mapped_column(Text)
+    # The dispatcher's host key, `scheme://host:port` (SQL function hook_origin, migration 0005): the
+    # unit of per-host concurrency, fair claims and the circuit breaker. Derived in the database, so
+    # every writer of a delivery gets the same key.
+    host: Mapped[str] = mapped_column(Text, Computed("hook_origin(url)", persisted=True))
+    # The task's client_id, 0 for the admin's tasks (a task's client never changes): with `host`, the
+    # delivery's lane, each with its own share of the dispatcher's slots.
+    client_key: Mapped[int] = mapped_column(BigInteger, server_default="0")
     # The exact bytes signed and sent, frozen at transition time so every retry carries the same body.
     body: Mapped[bytes] = mapped_column(LargeBinary)
     status: Mapped[str] = mapped_column(Text, server_default=DeliveryStatus.PENDING.value)
@@ -227,7 +235,15 @@ class Delivery(Base):
     __table_args__ = (
         UniqueConstraint("task_pk", "event_seq"),
         CheckConstraint(_one_of("status", DeliveryStatus), name="status"),
-        Index("ix_deliveries_due", "next_attempt_at", postgresql_where=text("next_attempt_at IS NOT NULL")),
+        # The fair claim's: lanes found by a loose scan of it, then each lane's due rows in order
+        # (docs/design.md, "Fair delivery claims").
+        Index(
+            "ix_deliveries_lane_due",
+            "client_key",
+            "host",
+            "next_attempt_at",
+            postgresql_where=text("next_attempt_at IS NOT NULL"),
+        ),
         Index("ix_deliveries_status_id", "status", "id"),
     )
 
@@ -248,7 +264,8 @@ class DeliveryAttempt(Base):
 
 
 class HookHost(Base):
-    """Circuit breaker state per webhook host, shared by every process through the database."""
+    """Circuit breaker state per webhook host key (deliveries.host), shared by every process through
+    the database. Only hosts on a failure streak have a row."""
 
     __tablename__ = "hook_hosts"
 

@@ -74,6 +74,8 @@ def test_values_are_parsed_from_their_variables() -> None:
         ("SUNOTRACK_WEBHOOK_RETRY_SCHEDULE", ",".join(["1"] * 51)),
         ("SUNOTRACK_HOOK_BREAKER_FAILURES", "1e300"),
         ("SUNOTRACK_HOOK_BREAKER_FAILURES", "10000000"),
+        ("SUNOTRACK_HOOK_HOST_CONCURRENCY", "0"),
+        ("SUNOTRACK_HOOK_SLOW_S", "0"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_variable(variable: str, value: str) -> None:

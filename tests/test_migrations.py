@@ -133,3 +133,42 @@ async def test_clients_migration_keeps_every_task_and_its_history_as_the_admins(
         # Later migrations may add columns (at the end); the rows keep every value they had.
         assert [row[: len(before[table][0])] for row in after[table]] == before[table], table
     assert owners == [("t-live", None, "default", False), ("t-done", None, "default", False)]
+
+
+async def test_fair_delivery_migration_gives_each_delivery_its_lane(empty_database_url: str) -> None:
+    """From 0005: each delivery gets its host key and its task's client; the breaker's streaks, counted
+    by host name alone before, start over."""
+    engine = create_engine(empty_database_url, pool_size=1)
+
+    def run(connection: Any, action: str, target: str) -> None:
+        config = alembic_config(empty_database_url)
+        config.attributes["connection"] = connection
+        getattr(command, action)(config, target)
+
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(run, "upgrade", "0005")
+            for statement in (
+                "INSERT INTO clients (name, token_sha256, webhook_secret, relay)"
+                " VALUES ('acme', 'x', 'whsec_x', 'default')",
+                "INSERT INTO tasks (task_id, kind, status, client_id) VALUES "
+                "('t-admin', 'music', 'complete', NULL), ('t-acme', 'music', 'complete', 1)",
+                "INSERT INTO deliveries (task_pk, event_seq, webhook_id, url, body) "
+                "SELECT id, 2, 'msg_' || task_id, 'HTTPS://Hooks.Example/' || task_id, '{}' FROM tasks",
+                "INSERT INTO hook_hosts (host, consecutive_failures) VALUES ('hooks.example', 3)",
+            ):
+                await connection.exec_driver_sql(statement)
+            await connection.run_sync(run, "upgrade", "head")
+            lanes = (
+                await connection.exec_driver_sql(
+                    "SELECT webhook_id, client_key, host FROM deliveries ORDER BY id"
+                )
+            ).all()
+            streaks = (await connection.exec_driver_sql("SELECT count(*) FROM hook_hosts")).scalar_one()
+    finally:
+        await engine.dispose()
+
+    assert lanes == [
+        ("msg_t-admin", 0, "https://hooks.example:443"), ("msg_t-acme", 1, "https://hooks.example:443"),
+    ]  # fmt: skip
+    assert streaks == 0

@@ -1,4 +1,4 @@
-"""The HTTP edge. Handlers receive these two app-wide dependencies (provided in service.app)."""
+"""The HTTP edge. Handlers receive these app-wide dependencies (provided in service.app)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from service.api.auth import Owner
 from service.api.schemas import TASK_ID_MAX_LENGTH, TASK_ID_PATTERN
 from service.clients.service import Caller
 from service.runtime import Runtime
+from service.webhooks.jobs import Dispatcher
 
 # The request's unit of work: committed after the handler returns, rolled back if it raises.
 DbSession = NamedDependency[AsyncSession]
@@ -19,6 +20,8 @@ AppRuntime = NamedDependency[Runtime]
 # Who is asking (service.api.auth), and whose tasks the request addresses.
 AppCaller = NamedDependency[Caller]
 TaskOwner = NamedDependency[Owner]
+# This process's webhook dispatcher; None when it runs no background jobs.
+AppDispatcher = NamedDependency[Dispatcher | None]
 
 TaskIdPath = Annotated[
     str,

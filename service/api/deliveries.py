@@ -7,7 +7,7 @@ from typing import Annotated
 from litestar import get, post
 from litestar.params import FromQuery, PathParameter, QueryParameter
 
-from service.api import DbSession, TaskIdPath, TaskOwner
+from service.api import AppDispatcher, AppRuntime, DbSession, TaskIdPath, TaskOwner
 from service.api.schemas import (
     INT64_MAX,
     DeliveryList,
@@ -99,22 +99,50 @@ async def retry_delivery(delivery_id: DeliveryIdPath, session: DbSession, owner:
 
 @get(
     "/api/v1/hooks/hosts",
-    summary="Webhook hosts on a failure streak, and whether the circuit breaker paused them",
+    summary="Webhook hosts: this process's sends in flight, shares and answer times; the circuit breaker",
 )
-async def list_hook_hosts(session: DbSession, owner: TaskOwner) -> HookHostList:
-    hosts = await reads.list_hook_hosts(session, client_id=owner.client_id, every_client=owner.every_client)
+async def list_hook_hosts(
+    session: DbSession, owner: TaskOwner, runtime: AppRuntime, dispatcher: AppDispatcher
+) -> HookHostList:
+    visible = await reads.hosts_waiting(session, client_id=owner.client_id, every_client=owner.every_client)
+    breaker = {host.host: host for host in await reads.list_hook_hosts(session, visible=visible)}
     now = await database_now(session)
-    return HookHostList(
-        items=[
+    live = {
+        view.host: view
+        for view in (dispatcher.hosts() if dispatcher is not None else [])
+        if visible is None or view.host in visible
+    }
+    # Paused hosts first (the breaker's order), then the others by name.
+    order = list(breaker) + sorted(live.keys() - breaker.keys())
+    full_share = runtime.settings.hook_host_concurrency
+    items = []
+    for name in order:
+        host, view = breaker.get(name), live.get(name)
+        if view is None:
+            in_flight = 0
+        elif owner.every_client:
+            in_flight = view.in_flight
+        else:  # only this client's own requests
+            in_flight = view.in_flight_by_client.get(owner.client_id or 0, 0)
+        items.append(
             HookHostOut(
-                host=host.host,
-                consecutive_failures=host.consecutive_failures,
-                paused=host.paused_until is not None and host.paused_until > now,
-                paused_until=host.paused_until,
-                updated_at=host.updated_at,
+                host=name,
+                consecutive_failures=host.consecutive_failures if host else 0,
+                paused=host is not None and host.paused_until is not None and host.paused_until > now,
+                paused_until=host.paused_until if host else None,
+                updated_at=host.updated_at if host else None,
+                in_flight=in_flight,
+                share=view.share if view else full_share,
+                slow=view is not None and view.slow,
+                recent_attempts=view.recent_attempts if view else 0,
+                p50_ms=view.p50_ms if view else None,
+                p90_ms=view.p90_ms if view else None,
             )
-            for host in hosts
-        ]
+        )
+    return HookHostList(
+        instance_id=runtime.instance_id if dispatcher is not None else None,
+        host_concurrency=full_share,
+        items=items,
     )
 
 

@@ -190,14 +190,26 @@ class DeliveryPage(msgspec.Struct):
 
 
 class HookHostOut(msgspec.Struct):
-    host: str
+    host: str  # scheme://host:port
+    # The circuit breaker, shared by every process through the database.
     consecutive_failures: int
     paused: bool
     paused_until: datetime | None
-    updated_at: datetime
+    updated_at: datetime | None  # of the breaker's row; null for a host on no failure streak
+    # The dispatcher of the process that answered (HookHostList.instance_id).
+    in_flight: int
+    share: int
+    slow: bool
+    recent_attempts: int
+    p50_ms: float | None
+    p90_ms: float | None
 
 
 class HookHostList(msgspec.Struct):
+    # The process whose dispatcher the in-flight counts, shares and answer times are from; null when
+    # this process sends no webhooks (every host then shows its full share and nothing in flight).
+    instance_id: str | None
+    host_concurrency: int
     items: list[HookHostOut]
 
 

@@ -22,8 +22,9 @@ from service.webhooks.ssrf import HookAddressRefused, refuse_literal_host
 
 USER_AGENT = "sunotrack-webhooks/1"
 RESPONSE_BODY_LIMIT = 4096
-# Retries wait their scheduled delay plus up to this fraction, so receivers coming back are not
-# stampeded. (Polls spread both ways instead: tracking.service.POLL_JITTER.)
+# Retries wait their scheduled delay (or the receiver's Retry-After) plus up to this fraction, drawn per
+# attempt, so receivers coming back are not stampeded and no two hosts' retries fall due together.
+# (Polls spread both ways instead: tracking.service.POLL_JITTER.)
 RETRY_JITTER = 0.2
 # A Retry-After may stretch the schedule, but not park a delivery beyond a day.
 RETRY_AFTER_CAP_S = 86_400.0
@@ -73,9 +74,11 @@ def settle(
     attempt = delivery.attempts + 1
     if result.status_code == 410 or attempt > len(schedule):
         return Settlement(DeliveryStatus.DEAD, None)
-    delay = schedule[attempt - 1] * (1 + (rng or random).uniform(0, RETRY_JITTER))
+    delay = schedule[attempt - 1]
     if result.retry_after_s is not None:
         delay = max(delay, min(result.retry_after_s, RETRY_AFTER_CAP_S))
+    # After the Retry-After too: a storm of 429s naming one time must not come back all at that time.
+    delay *= 1 + (rng or random).uniform(0, RETRY_JITTER)
     finished = result.at + timedelta(milliseconds=result.duration_ms)
     return Settlement(DeliveryStatus.FAILED, finished + timedelta(seconds=delay))
 

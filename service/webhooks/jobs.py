@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,9 +24,19 @@ from service.db import transaction
 from service.metrics import DELIVERY_ATTEMPTS, DELIVERY_LATENCY, HOSTS_PAUSED
 from service.runtime import Runtime
 from service.vocabulary import DeliveryStatus
-from service.webhooks.attempts import AttemptResult, Settlement, attempt_delivery, outcome, settle
+from service.webhooks.attempts import (
+    RETRY_JITTER,
+    AttemptResult,
+    Settlement,
+    attempt_delivery,
+    outcome,
+    settle,
+)
+from service.webhooks.hosts import HostBook, HostView
 from service.webhooks.outbox import CHANNEL
 from service.webhooks.repository import (
+    CLAIM_SESSION,
+    Blocked,
     ClaimedDelivery,
     Driver,
     claim_due_deliveries,
@@ -69,9 +80,10 @@ class DriverConnection:
     Outside the engine's pool: a checkout there costs a pre-ping round trip, as much as the statement.
     """
 
-    def __init__(self, dsn: str, *, name: str) -> None:
+    def __init__(self, dsn: str, *, name: str, settings: Mapping[str, str] | None = None) -> None:
         self._dsn = dsn
         self._name = name
+        self._settings = dict(settings or {})
         self._connection: Any = None
 
     async def get(self) -> Driver:
@@ -84,7 +96,12 @@ class DriverConnection:
                 # its last milliseconds of these means a delivery goes out again under the same
                 # webhook-id, never that one is lost (the outbox rows are written elsewhere, durably);
                 # in exchange no statement here waits for a WAL flush.
-                server_settings={"application_name": self._name, "jit": "off", "synchronous_commit": "off"},
+                server_settings={
+                    "application_name": self._name,
+                    "jit": "off",
+                    "synchronous_commit": "off",
+                    **self._settings,
+                },
             )
         driver: Driver = self._connection
         return driver
@@ -104,7 +121,7 @@ class Dispatcher:
         self._runtime = runtime
         self._settings = runtime.settings
         self._dsn = driver_dsn(runtime.engine)
-        self._claim_db = DriverConnection(self._dsn, name="sunotrack-webhooks-claim")
+        self._claim_db = DriverConnection(self._dsn, name="sunotrack-webhooks-claim", settings=CLAIM_SESSION)
         self._write_db = DriverConnection(self._dsn, name="sunotrack-webhooks-write")
         self._min_claim = max(1, runtime.settings.webhook_concurrency // 4)
         self._keys = secret_keys(runtime.settings.webhook_secrets)
@@ -115,6 +132,15 @@ class Dispatcher:
         self._stopping = False
         self._closing = False
         self._in_flight: dict[int, ClaimedDelivery] = {}
+        self._hosts = HostBook(
+            concurrency=runtime.settings.hook_host_concurrency,
+            client_concurrency=runtime.settings.webhook_concurrency
+            - runtime.settings.webhook_concurrency // 4,
+            slow_s=runtime.settings.hook_slow_s,
+        )
+        # Lanes and clients the last claim left due rows of because they had no free slot: a send of
+        # theirs finishing is worth a claim.
+        self._blocked = Blocked()
         self._sends: set[asyncio.Task[None]] = set()
         self._results: list[tuple[ClaimedDelivery, AttemptResult, Settlement]] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -172,6 +198,10 @@ class Dispatcher:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def hosts(self) -> list[HostView]:
+        """This process's view of the hosts it sends to: in flight, share, recent answer times."""
+        return self._hosts.view()
 
     async def stop(self) -> None:
         if self._stopping:
@@ -235,6 +265,7 @@ class Dispatcher:
     async def _sweep(self) -> None:
         """Fallback tick: catches rows whose NOTIFY was missed and leases left by crashed processes."""
         self.wake()
+        self._hosts.forget_idle()
         try:
             async with transaction(self._runtime.sessions) as session:
                 HOSTS_PAUSED.set(await count_paused_hosts(session))
@@ -297,6 +328,7 @@ class Dispatcher:
                         breaker_failures=settings.hook_breaker_failures,
                         probe_s=settings.webhook_timeout_s + 1,
                         signs_admin=bool(self._keys),
+                        quotas=self._hosts.quotas(),
                     )
                 except Exception as exc:
                     # The sweep wakes us again; the rows are unclaimed or come back with their lease.
@@ -308,8 +340,10 @@ class Dispatcher:
                     break
                 if claim.wake_at is not None:
                     self._wake_at(claim.wake_at)
+                self._blocked = claim.blocked
                 for delivery in claim.deliveries:
                     self._in_flight[delivery.id] = delivery
+                    self._hosts.started(delivery.lane)
                     task = asyncio.create_task(self._send(delivery))
                     self._sends.add(task)
                     task.add_done_callback(self._sends.discard)
@@ -330,6 +364,12 @@ class Dispatcher:
         settlement = settle(delivery, result, settings.webhook_retry_schedule)
         self._results.append((delivery, result, settlement))
         del self._in_flight[delivery.id]
+        self._hosts.finished(delivery.lane, result.duration_ms / 1000)
+        # A lane (or client) with rows left waits for a few free slots, so that its claims take a few
+        # rows at a time rather than one.
+        if self._hosts.worth_a_claim(self._blocked, delivery.lane):
+            self._blocked = Blocked()
+            self.wake()
         self._slot_freed.set()
         self._results_ready.set()
         self._observe(delivery, result, settlement)
@@ -380,6 +420,7 @@ class Dispatcher:
                     [(d.host, result.host_failed, outcome(d, result, s)) for d, result, s in batch],
                     breaker_failures=settings.hook_breaker_failures,
                     breaker_pause_s=settings.hook_breaker_pause_s,
+                    jitter=RETRY_JITTER,
                 )
                 break
             except Exception as exc:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.models import Delivery
+from service.models import Delivery, Task
 from service.webhooks.bodies import TransitionNotice, render_body
 
 # Postgres NOTIFY channel the dispatchers LISTEN on; a notification is sent only when the writer commits.
@@ -36,6 +36,9 @@ async def enqueue_deliveries(session: AsyncSession, notices: Sequence[Transition
             "webhook_id": new_webhook_id(),
             "url": notice.notify_hook,
             "body": render_body(notice),
+            "client_key": select(func.coalesce(Task.client_id, 0))
+            .where(Task.id == notice.task_pk)
+            .scalar_subquery(),
         }
         for notice in notices
     ]

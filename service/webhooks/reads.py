@@ -11,7 +11,6 @@ from service.errors import NotFound
 from service.models import Delivery, DeliveryAttempt, HookHost, Task
 from service.vocabulary import DeliveryStatus
 from service.webhooks.outbox import notify_dispatchers
-from service.webhooks.ssrf import hook_host
 
 
 def _of_client(client_id: int | None, every_client: bool) -> ColumnElement[bool]:
@@ -121,20 +120,20 @@ async def get_delivery(
     return delivery, task_id
 
 
-async def list_hook_hosts(
+async def hosts_waiting(
     session: AsyncSession, *, client_id: int | None, every_client: bool
-) -> list[HookHost]:
-    """Hosts on a failure streak; short of every client's, only those this client's deliveries still
-    wait on (a host's state matters to a client while it has something to send there)."""
+) -> set[str] | None:
+    """The host keys this client's deliveries still wait on (None: the admin's); None when the caller
+    sees every client's. A host's state matters to a client while it has something to send there."""
+    if every_client:
+        return None
+    query = select(Delivery.host).distinct()
+    query = query.where(Delivery.client_key == (client_id or 0), Delivery.next_attempt_at.is_not(None))
+    return set((await session.execute(query)).scalars())
+
+
+async def list_hook_hosts(session: AsyncSession, *, visible: set[str] | None) -> list[HookHost]:
+    """Hosts on a failure streak, paused ones first; only those in `visible` unless it is None."""
     query = select(HookHost).order_by(HookHost.paused_until.desc().nulls_last(), HookHost.host)
     hosts = list((await session.execute(query)).scalars())
-    if every_client or not hosts:
-        return hosts
-    urls = await session.execute(
-        select(Delivery.url)
-        .distinct()
-        .join(Task, Task.id == Delivery.task_pk)
-        .where(Delivery.next_attempt_at.is_not(None), _of_client(client_id, every_client))
-    )
-    waiting = {hook_host(url) for url in urls.scalars()}
-    return [host for host in hosts if host.host in waiting]
+    return hosts if visible is None else [host for host in hosts if host.host in visible]

@@ -7,9 +7,9 @@ what spans several. Rows are declared once as NamedTuples named by their columns
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import Table, text
@@ -18,7 +18,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.db import rows_as, sql_type
 from service.models import Delivery, DeliveryAttempt
 from service.webhooks.outbox import notify_dispatchers
-from service.webhooks.ssrf import hook_host
 
 _DELIVERIES: Table = Delivery.__table__  # type: ignore[assignment]
 _ATTEMPTS: Table = DeliveryAttempt.__table__  # type: ignore[assignment]
@@ -32,6 +31,11 @@ class Driver(Protocol):
     async def execute(self, query: str, *args: Any) -> str: ...
 
 
+# A lane of deliveries: (client key, host key), deliveries.client_key and deliveries.host. Shares and
+# fair turns are per lane, so one client's backlog to a host never takes another client's share of it.
+Lane = tuple[int, str]
+
+
 class ClaimedDelivery(NamedTuple):
     """A delivery leased to this process, as the claim returns it."""
 
@@ -39,18 +43,42 @@ class ClaimedDelivery(NamedTuple):
     task_id: str
     webhook_id: str
     url: str
+    host: str  # the host key deliveries.host: scheme://host:port
     body: bytes
     attempts: int  # attempts made before this one, in the current round
     # The next_attempt_at our claim wrote: writes back only land while the row still carries it.
     lease: datetime
+    client_key: int = 0  # deliveries.client_key: the task's client id, 0 for the admin's tasks
     # The task's client's secrets (None: the admin's task, signed with SUNOTRACK_WEBHOOK_SECRET); the
     # previous one only while its grace period after a rotation lasts.
     webhook_secret: str | None = None
     previous_webhook_secret: str | None = None
 
     @property
-    def host(self) -> str:
-        return hook_host(self.url)
+    def lane(self) -> Lane:
+        return (self.client_key, self.host)
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """How many deliveries a claim may take: per lane `lane_default`, or a host's share from `by_host`
+    (a slow host's), or exactly `by_lane` (lanes with sends in flight); per client `client_default`,
+    or `by_client` (clients with sends in flight)."""
+
+    lane_default: int
+    client_default: int
+    by_host: Mapping[str, int] = field(default_factory=dict)
+    by_lane: Mapping[Lane, int] = field(default_factory=dict)
+    by_client: Mapping[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Blocked:
+    """What a claim left due rows of because it had no free slot: lanes at their quota, clients at
+    theirs. Worth claiming again when one of their sends finishes; everything else due was taken."""
+
+    lanes: frozenset[Lane] = frozenset()
+    clients: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +87,7 @@ class DeliveryClaim:
     # Rows put back because their host is paused, and when the earliest of them becomes due again.
     deferred: int
     wake_at: datetime | None
+    blocked: Blocked = field(default_factory=Blocked)
 
 
 class AttemptOutcome(NamedTuple):
@@ -80,47 +109,125 @@ class AttemptOutcome(NamedTuple):
     delivered_at: datetime | None
 
 
-# One round trip: the claim, plus the (few) hosts the circuit breaker has tripped. hook_hosts only holds
-# hosts on a failure streak (a success deletes the row), so the scan stays small.
+# The fair claim, one statement (docs/design.md, "Fair delivery claims"):
+# - lanes: every (client, host) with rows waiting, and its earliest next_attempt_at, by a loose index
+#   scan of ix_deliveries_lane_due (one index probe per lane, however deep a lane's backlog);
+# - each lane due now gets a quota: its free slots in this process, capped by the claim's size; a host
+#   the circuit breaker tripped gets 0, or 1 (in one of its lanes) for the one process that wins its
+#   half-open probe (the row lock on hook_hosts serialises them);
+# - each lane's oldest due rows, up to its quota, are locked (FOR UPDATE SKIP LOCKED) and numbered;
+#   then numbered again per client by that turn, and taken in client turns (every client's first,
+#   then every client's second, ...), each client up to its own quota, up to the claim's size;
+# - a paused host's due rows are put back until its pause ends, so they burn no attempt.
+# Without SUNOTRACK_WEBHOOK_SECRET ($9 false) the admin's lane (client key 0) is left alone.
+# Rows are updated by their addresses (a TID scan), which keeps the generic plan good on any table.
 _CLAIM = """
-    WITH due AS (
-        SELECT id FROM deliveries
-        WHERE next_attempt_at <= now()
-            -- Without SUNOTRACK_WEBHOOK_SECRET only clients' deliveries can be signed.
-            AND ($4 OR EXISTS (SELECT FROM tasks AS t WHERE t.id = task_pk AND t.client_id IS NOT NULL))
-        ORDER BY next_attempt_at
-        LIMIT $1
-        FOR UPDATE SKIP LOCKED
-    ), claimed AS (
-        UPDATE deliveries AS d
-        SET next_attempt_at = now() + make_interval(secs => $2)
+    WITH RECURSIVE lanes AS (
+        (SELECT client_key, host, next_attempt_at AS oldest FROM deliveries
+         WHERE next_attempt_at IS NOT NULL ORDER BY client_key, host, next_attempt_at LIMIT 1)
+        UNION ALL
+        SELECT later.* FROM lanes, LATERAL (
+            SELECT client_key, host, next_attempt_at AS oldest FROM deliveries
+            WHERE next_attempt_at IS NOT NULL AND (client_key, host) > (lanes.client_key, lanes.host)
+            ORDER BY client_key, host, next_attempt_at LIMIT 1
+        ) AS later
+    ), due AS (
+        SELECT l.client_key, l.host, h.paused_until,
+            coalesce(h.consecutive_failures >= $3, false) AS tripped,
+            row_number() OVER (PARTITION BY l.host ORDER BY l.oldest) AS nth_of_host,
+            least(coalesce(lq.quota, hq.quota, $5), $1) AS quota
+        FROM lanes AS l
+        LEFT JOIN hook_hosts AS h ON h.host = l.host
+        LEFT JOIN unnest($6::text[], $7::integer[]) AS hq(host, quota) ON hq.host = l.host
+        LEFT JOIN unnest($8::bigint[], $9::text[], $10::integer[]) AS lq(client_key, host, quota)
+            ON lq.client_key = l.client_key AND lq.host = l.host
+        WHERE l.oldest <= now() AND ($14 OR l.client_key <> 0)
+    ), probes AS (
+        UPDATE hook_hosts AS h
+        SET paused_until = now() + make_interval(secs => $4), updated_at = now()
         FROM due
-        WHERE d.id = due.id
-        RETURNING d.id, d.task_pk, d.webhook_id, d.url, d.body, d.attempts, d.next_attempt_at AS lease
-    ), tripped AS (
-        SELECT array_agg(host ORDER BY host) AS hosts, array_agg(paused_until ORDER BY host) AS untils
-        FROM hook_hosts WHERE consecutive_failures >= $3
+        WHERE h.host = due.host AND due.tripped AND due.quota > 0 AND due.nth_of_host = 1
+            AND (h.paused_until IS NULL OR h.paused_until <= now())
+        RETURNING h.host
+    ), turns AS (
+        SELECT due.client_key, due.host, due.tripped,
+            CASE WHEN NOT due.tripped THEN due.quota
+                 WHEN p.host IS NOT NULL AND due.nth_of_host = 1 THEN 1 ELSE 0 END AS quota,
+            -- Lost the probe race to another process: its pause (the probe's lease) is moments old.
+            CASE WHEN due.paused_until > now() THEN due.paused_until
+                 ELSE now() + make_interval(secs => $4) END AS until
+        FROM due LEFT JOIN probes AS p ON p.host = due.host
+    ), taken AS (
+        SELECT o.client_key, t.* FROM turns AS o CROSS JOIN LATERAL (
+            SELECT locked.*, row_number() OVER (ORDER BY locked.next_attempt_at) AS turn FROM (
+                SELECT ctid, host, next_attempt_at FROM deliveries
+                WHERE client_key = o.client_key AND host = o.host AND next_attempt_at <= now()
+                ORDER BY next_attempt_at LIMIT o.quota
+                FOR UPDATE SKIP LOCKED
+            ) AS locked
+        ) AS t
+        WHERE o.quota > 0
+    ), picked AS (
+        SELECT ctid, client_key, host FROM (
+            SELECT taken.*,
+                row_number() OVER (PARTITION BY client_key ORDER BY turn, next_attempt_at) AS client_turn
+            FROM taken
+        ) AS ranked
+        LEFT JOIN unnest($11::bigint[], $12::integer[]) AS cq(client_key, quota) USING (client_key)
+        WHERE client_turn <= coalesce(cq.quota, $13)
+        ORDER BY client_turn, next_attempt_at
+        LIMIT $1
+    ), claimed AS (
+        UPDATE deliveries AS d SET next_attempt_at = now() + make_interval(secs => $2)
+        WHERE d.ctid = ANY(ARRAY(SELECT ctid FROM picked))
+        RETURNING d.id, d.task_pk, d.webhook_id, d.url, d.host, d.client_key, d.body, d.attempts,
+                  d.next_attempt_at AS lease
+    ), held AS (
+        UPDATE deliveries AS d SET next_attempt_at = o.until
+        FROM turns AS o
+        WHERE d.ctid = ANY(ARRAY(
+                SELECT x.ctid FROM turns AS p CROSS JOIN LATERAL (
+                    SELECT ctid FROM deliveries
+                    WHERE client_key = p.client_key AND host = p.host AND next_attempt_at <= now()
+                    ORDER BY next_attempt_at LIMIT $1
+                    FOR UPDATE SKIP LOCKED
+                ) AS x
+                WHERE p.tripped AND p.quota = 0
+            ))
+            AND o.client_key = d.client_key AND o.host = d.host
+        RETURNING d.next_attempt_at
+    ), blocked AS (
+        SELECT o.client_key, o.host FROM turns AS o
+        WHERE NOT o.tripped AND o.quota <= (
+            SELECT count(*) FROM picked WHERE picked.client_key = o.client_key AND picked.host = o.host
+        )
+    ), summary AS (
+        SELECT
+            (SELECT array_agg(client_key ORDER BY client_key, host) FROM blocked) AS blocked_keys,
+            (SELECT array_agg(host ORDER BY client_key, host) FROM blocked) AS blocked_hosts,
+            (SELECT array_agg(client_key) FROM (
+                SELECT DISTINCT client_key FROM taken
+                LEFT JOIN unnest($11::bigint[], $12::integer[]) AS cq(client_key, quota) USING (client_key)
+                WHERE coalesce(cq.quota, $13)
+                    <= (SELECT count(*) FROM picked WHERE picked.client_key = taken.client_key)
+            ) AS full_clients) AS blocked_clients,
+            (SELECT count(*) FROM held) AS deferred,
+            (SELECT min(next_attempt_at) FROM held) AS wake_at
     )
-    SELECT c.*, t.task_id, now() AS now, tripped.hosts, tripped.untils, cl.webhook_secret,
+    -- One row even when nothing was claimed: it carries the summary.
+    SELECT c.*, t.task_id, cl.webhook_secret,
            CASE WHEN cl.previous_secret_until > now() THEN cl.previous_webhook_secret END
-               AS previous_webhook_secret
-    FROM claimed AS c JOIN tasks AS t ON t.id = c.task_pk CROSS JOIN tripped
-        LEFT JOIN clients AS cl ON cl.id = t.client_id
+               AS previous_webhook_secret,
+           s.*
+    FROM summary AS s LEFT JOIN (
+        claimed AS c JOIN tasks AS t ON t.id = c.task_pk LEFT JOIN clients AS cl ON cl.id = t.client_id
+    ) ON true
 """
 
-# Only one process wins the probe of a host whose pause is over: the row lock serialises the others,
-# which then see the new paused_until and defer.
-_TAKE_PROBES = """
-    UPDATE hook_hosts SET paused_until = now() + make_interval(secs => $2), updated_at = now()
-    WHERE host = ANY($1::text[]) AND (paused_until IS NULL OR paused_until <= now())
-    RETURNING host, paused_until
-"""
-
-_DEFER = """
-    UPDATE deliveries AS d SET next_attempt_at = v.until
-    FROM unnest($1::bigint[], $2::timestamptz[]) AS v(id, until)
-    WHERE d.id = v.id
-"""
+# The claim's connection plans it once: asyncpg prepares it, and Postgres would otherwise plan it anew
+# for each call (its custom plans look cheaper than the generic one), 1-2 ms a claim; the generic plan
+# is as good (docs/design.md, "Fair delivery claims").
+CLAIM_SESSION = {"plan_cache_mode": "force_generic_plan"}
 
 
 async def claim_due_deliveries(
@@ -130,54 +237,43 @@ async def claim_due_deliveries(
     lease_s: float,
     breaker_failures: int,
     probe_s: float,
+    quotas: Quotas | None = None,
     signs_admin: bool = True,
 ) -> DeliveryClaim:
-    """Lease up to `limit` due deliveries to this process, putting back those whose host is paused;
-    only clients' deliveries unless `signs_admin` (SUNOTRACK_WEBHOOK_SECRET is set).
+    """Lease up to `limit` due deliveries to this process, taken across clients and their hosts in
+    turns, each lane and client up to its quota (no quotas: up to `limit`); puts back the due rows of
+    hosts the circuit breaker paused. Only clients' deliveries unless `signs_admin`
+    (SUNOTRACK_WEBHOOK_SECRET is set).
 
     A host tripped by the circuit breaker gets one probe delivery once its pause is over; its other
     deliveries wait for the probe's outcome instead of each burning an attempt on a host that is down.
     """
-    rows = await driver.fetch(_CLAIM, limit, lease_s, breaker_failures, signs_admin)
-    if not rows:
-        return DeliveryClaim([], 0, None)
+    quotas = quotas or Quotas(limit, limit)
+    hosts, lanes, clients = list(quotas.by_host), list(quotas.by_lane), list(quotas.by_client)
+    rows = await driver.fetch(
+        _CLAIM,
+        limit,
+        lease_s,
+        breaker_failures,
+        probe_s,
+        quotas.lane_default,
+        hosts,
+        [quotas.by_host[host] for host in hosts],
+        [client for client, _ in lanes],
+        [host for _, host in lanes],
+        [quotas.by_lane[lane] for lane in lanes],
+        clients,
+        [quotas.by_client[client] for client in clients],
+        quotas.client_default,
+        signs_admin,
+    )
     first = rows[0]
-    now: datetime = first["now"]
-    claimed = rows_as(list(first.keys()), rows, ClaimedDelivery)
-    hosts = {delivery.host for delivery in claimed}
-    tripped: dict[str, datetime | None] = {
-        host: until
-        for host, until in zip(first["hosts"] or (), first["untils"] or (), strict=True)
-        if host in hosts
-    }
-    if not tripped:
-        return DeliveryClaim(claimed, 0, None)
-
-    probes: set[str] = set()
-    half_open = [host for host, until in tripped.items() if until is None or until <= now]
-    if half_open:
-        for probe in await driver.fetch(_TAKE_PROBES, half_open, probe_s):
-            probes.add(probe["host"])
-            tripped[probe["host"]] = probe["paused_until"]
-    sendable: list[ClaimedDelivery] = []
-    deferred_ids: list[int] = []
-    deferred_until: list[datetime] = []
-    for delivery in claimed:
-        if delivery.host not in tripped:
-            sendable.append(delivery)
-        elif delivery.host in probes:
-            probes.discard(delivery.host)
-            sendable.append(delivery)
-        else:
-            until = tripped[delivery.host]
-            # Lost the probe race to another process: its pause (the probe's lease) is moments old.
-            deferred_ids.append(delivery.id)
-            deferred_until.append(
-                until if until is not None and until > now else now + timedelta(seconds=probe_s)
-            )
-    if deferred_ids:
-        await driver.execute(_DEFER, deferred_ids, deferred_until)
-    return DeliveryClaim(sendable, len(deferred_ids), min(deferred_until) if deferred_until else None)
+    claimed = rows_as(list(first.keys()), rows, ClaimedDelivery) if first["id"] is not None else []
+    blocked = Blocked(
+        frozenset(zip(first["blocked_keys"] or (), first["blocked_hosts"] or (), strict=True)),
+        frozenset(first["blocked_clients"] or ()),
+    )
+    return DeliveryClaim(claimed, first["deferred"], first["wake_at"], blocked)
 
 
 def _outcome_column(name: str) -> str:
@@ -214,16 +310,19 @@ _SETTLE = f"""
     SELECT {_ATTEMPT_LOG} FROM v
 """  # noqa: S608
 
+# A pause lasts breaker_pause_s plus up to `jitter` of it, drawn per host: hosts tripped together (one
+# network outage) do not all come back, and send their backlogs, at the same instant.
 _HOSTS_FAILED = """
     INSERT INTO hook_hosts AS h (host, consecutive_failures, paused_until, updated_at)
     SELECT v.host, v.failures,
-        CASE WHEN v.failures >= $3 THEN now() + make_interval(secs => $4) END, now()
+        CASE WHEN v.failures >= $3 THEN now() + make_interval(secs => $4 * (1 + $5 * random())) END,
+        now()
     FROM unnest($1::text[], $2::integer[]) AS v(host, failures)
     ON CONFLICT (host) DO UPDATE SET
         consecutive_failures = h.consecutive_failures + excluded.consecutive_failures,
         paused_until = CASE
             WHEN h.consecutive_failures + excluded.consecutive_failures >= $3
-            THEN now() + make_interval(secs => $4)
+            THEN now() + make_interval(secs => $4 * (1 + $5 * random()))
             ELSE h.paused_until END,
         updated_at = now()
     RETURNING host, paused_until
@@ -236,6 +335,7 @@ async def record_attempts(
     *,
     breaker_failures: int,
     breaker_pause_s: float,
+    jitter: float,
 ) -> list[tuple[str, datetime]]:
     """Write a batch of attempts, each as (host, whether it says the host failed, outcome), in one
     statement (two if a host failed); returns the hosts it paused.
@@ -260,7 +360,7 @@ async def record_attempts(
         return []
     hosts = sorted(failures)
     paused = await driver.fetch(
-        _HOSTS_FAILED, hosts, [failures[host] for host in hosts], breaker_failures, breaker_pause_s
+        _HOSTS_FAILED, hosts, [failures[host] for host in hosts], breaker_failures, breaker_pause_s, jitter
     )
     return [(row["host"], row["paused_until"]) for row in paused if row["paused_until"] is not None]
 

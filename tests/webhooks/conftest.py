@@ -116,7 +116,12 @@ async def running_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
 
 
 async def add_task(
-    sessions: SessionMaker, task_id: str, hook: str, *, notify_format: str = "sunotrack"
+    sessions: SessionMaker,
+    task_id: str,
+    hook: str,
+    *,
+    notify_format: str = "sunotrack",
+    client_id: int | None = None,
 ) -> int:
     async with transaction(sessions) as session:
         pk: int = (
@@ -124,6 +129,7 @@ async def add_task(
                 insert(Task)
                 .values(
                     task_id=task_id,
+                    client_id=client_id,
                     kind="music",
                     status="submitted",
                     notify_hook=hook,

@@ -161,7 +161,7 @@ async def test_the_circuit_breaker_pauses_a_failing_host_then_probes_it(
 
     async def host() -> HookHost | None:
         async with transaction(sessions) as session:
-            return await session.get(HookHost, "127.0.0.1")
+            return await session.get(HookHost, f"http://127.0.0.1:{receiver.port}")
 
     async def paused() -> bool:
         row = await host()
@@ -207,8 +207,9 @@ async def test_a_paused_host_does_not_hold_up_other_hosts(
         await session.execute(
             text(
                 "INSERT INTO hook_hosts (host, consecutive_failures, paused_until)"
-                " VALUES ('localhost', 50, now() + interval '1 hour')"
-            )
+                " VALUES (:host, 50, now() + interval '1 hour')"
+            ),
+            {"host": f"http://localhost:{receiver.port}"},
         )
     paused_hook = f"http://localhost:{receiver.port}/paused"
     paused_pk = await add_task(sessions, "task-paused", paused_hook)

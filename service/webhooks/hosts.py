@@ -1,0 +1,147 @@
+"""Each lane's share of this process's webhook request slots, and how fast each host has been answering.
+
+Per process, like SUNOTRACK_WEBHOOK_CONCURRENCY: the claim asks for no more of a lane's rows than its
+free slots here (repository.Quotas). A lane is (client, host): a host gets SUNOTRACK_HOOK_HOST_CONCURRENCY
+requests from each client with work for it, and a client at most `client_concurrency` in all, so one
+client's hosts never hold the slots another client's deliveries need.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from service.webhooks.repository import Blocked, Lane, Quotas
+
+# A host is judged on its last SAMPLE_SIZE attempts, and only once it has MIN_SAMPLES of them: one
+# timeout in a host's first few attempts does not halve its share.
+SAMPLE_SIZE = 50
+MIN_SAMPLES = 10
+SLOW_PERCENTILE = 0.9
+# A host with nothing in flight and no attempt for this long is forgotten (its samples with it).
+FORGET_AFTER_S = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class HostView:
+    host: str
+    in_flight: int
+    share: int
+    slow: bool
+    recent_attempts: int
+    p50_ms: float | None
+    p90_ms: float | None
+    # Requests in flight by client key (0: the admin's tasks).
+    in_flight_by_client: dict[int, int]
+
+
+@dataclass(slots=True)
+class _Host:
+    durations: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLE_SIZE))
+    # How many of `durations` are over the slow threshold: p90 over it <=> more than 10% of them are.
+    over: int = 0
+    slow: bool = False
+    last_seen: float = 0.0
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest rank: the smallest value with at least `fraction` of the values at or below it."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+class HostBook:
+    """In-flight counts by lane and client, answer times by host; event loop only."""
+
+    def __init__(self, *, concurrency: int, client_concurrency: int, slow_s: float) -> None:
+        self.concurrency = concurrency
+        self.client_concurrency = client_concurrency
+        self._slow_s = slow_s
+        self._slow_share = max(1, concurrency // 2)
+        self._hosts: dict[str, _Host] = {}
+        self._lanes: Counter[Lane] = Counter()
+        self._clients: Counter[int] = Counter()
+
+    def share(self, host: str) -> int:
+        state = self._hosts.get(host)
+        return self._slow_share if state is not None and state.slow else self.concurrency
+
+    def free(self, lane: Lane) -> int:
+        return max(0, self.share(lane[1]) - self._lanes[lane])
+
+    def client_free(self, client: int) -> int:
+        return max(0, self.client_concurrency - self._clients[client])
+
+    def quotas(self) -> Quotas:
+        """What the next claim may take of each lane and client: their free slots."""
+        return Quotas(
+            lane_default=self.concurrency,
+            client_default=self.client_concurrency,
+            by_host={host: self._slow_share for host, state in self._hosts.items() if state.slow},
+            by_lane={lane: self.free(lane) for lane in self._lanes},
+            by_client={client: self.client_free(client) for client in self._clients},
+        )
+
+    def worth_a_claim(self, blocked: Blocked, lane: Lane) -> bool:
+        """Whether a send of `lane` finishing frees enough for a claim: half its share, or a quarter
+        of its client's, where the last claim left rows behind for want of them."""
+        return (lane in blocked.lanes and self.free(lane) >= max(1, self.share(lane[1]) // 2)) or (
+            lane[0] in blocked.clients and self.client_free(lane[0]) >= max(1, self.client_concurrency // 4)
+        )
+
+    def started(self, lane: Lane) -> None:
+        self._lanes[lane] += 1
+        self._clients[lane[0]] += 1
+
+    def finished(self, lane: Lane, duration_s: float) -> None:
+        """One attempt of `lane` is over, after `duration_s`; updates whether its host is slow."""
+        self._lanes[lane] -= 1
+        if not self._lanes[lane]:
+            del self._lanes[lane]
+        self._clients[lane[0]] -= 1
+        if not self._clients[lane[0]]:
+            del self._clients[lane[0]]
+        state = self._hosts.get(lane[1])
+        if state is None:
+            state = self._hosts[lane[1]] = _Host()
+        state.last_seen = time.monotonic()
+        samples = state.durations
+        if len(samples) == SAMPLE_SIZE and samples[0] > self._slow_s:
+            state.over -= 1
+        samples.append(duration_s)
+        if duration_s > self._slow_s:
+            state.over += 1
+        # Nearest-rank p90 of n samples is over the threshold when more than n - ceil(0.9 n) are.
+        state.slow = len(samples) >= MIN_SAMPLES and state.over > len(samples) - math.ceil(
+            SLOW_PERCENTILE * len(samples)
+        )
+
+    def forget_idle(self) -> None:
+        horizon = time.monotonic() - FORGET_AFTER_S
+        busy = {host for _, host in self._lanes}
+        for host in [h for h, s in self._hosts.items() if h not in busy and s.last_seen < horizon]:
+            del self._hosts[host]
+
+    def view(self) -> list[HostView]:
+        by_host: dict[str, dict[int, int]] = {host: {} for host in self._hosts}
+        for (client, host), count in self._lanes.items():
+            by_host.setdefault(host, {})[client] = count
+        views = []
+        for host, in_flight in sorted(by_host.items()):
+            state = self._hosts.get(host)
+            samples = list(state.durations) if state is not None else []
+            views.append(
+                HostView(
+                    host=host,
+                    in_flight=sum(in_flight.values()),
+                    share=self.share(host),
+                    slow=state is not None and state.slow,
+                    recent_attempts=len(samples),
+                    p50_ms=percentile(samples, 0.5) * 1000 if samples else None,
+                    p90_ms=percentile(samples, SLOW_PERCENTILE) * 1000 if samples else None,
+                    in_flight_by_client=in_flight,
+                )
+            )
+        return views

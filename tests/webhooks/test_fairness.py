@@ -1,0 +1,480 @@
+"""Fair delivery: per-host shares of the request slots, claims taken across hosts in turns, slow hosts
+on half a share, and failing hosts' retries spread out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+from aiohttp import web
+from sqlalchemy import select, text
+
+from service.config import Settings
+from service.db import SessionMaker, transaction
+from service.models import Delivery, HookHost
+from service.webhooks.hosts import MIN_SAMPLES
+from service.webhooks.repository import Blocked, Quotas, claim_due_deliveries
+from tests.conftest import TEST_WEBHOOK_SECRET, LiveServer, auth_headers
+from tests.webhooks.conftest import (
+    Receiver,
+    add_task,
+    attempts,
+    deliveries,
+    enqueue,
+    notice,
+    running_dispatcher,
+    settled,
+    wait_until,
+)
+
+
+class Gauge:
+    """How many requests a receiver is answering at once, and the most it ever was."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+        self.at_arrival: list[int] = []
+        self.answered = 0
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        self.at_arrival.append(self.now)
+        try:
+            yield
+        finally:
+            self.now -= 1
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def test_a_slow_receiver_does_not_delay_a_fast_one_and_loses_or_repeats_nothing(
+    make_settings: Callable[..., Settings], sessions: SessionMaker
+) -> None:
+    """300 deliveries to a receiver taking 5 s per answer, then 30 to a fast one, one commit each.
+
+    With the whole pool of request slots (64) open to the first host, the fast receiver would wait a
+    full 5 s round. Once the fast one has everything, the slow one answers its first round, then
+    speeds up so the test need not wait 190 s for the rest: every delivery must arrive exactly once,
+    each on its first attempt (waiting for a share burns none).
+    """
+    gauge = Gauge()
+    fast_again = asyncio.Event()
+
+    async def five_seconds(_: web.Request, __: int) -> web.StreamResponse:
+        with gauge.request():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fast_again.wait(), 5)
+            gauge.answered += 1
+            return web.Response(text="ok")
+
+    slow = await Receiver(five_seconds).start()
+    fast = await Receiver().start()
+    settings = make_settings(
+        SUNOTRACK_LEASE_S="30",
+        SUNOTRACK_WEBHOOK_TIMEOUT_S="15",
+        SUNOTRACK_WEBHOOK_CONCURRENCY="64",
+        SUNOTRACK_HOOK_HOST_CONCURRENCY="8",
+        SUNOTRACK_WEBHOOK_SWEEP_S="1",
+    )
+    slow_pks = [await add_task(sessions, f"slow-{n}", slow.url) for n in range(30)]
+    fast_pks = [await add_task(sessions, f"fast-{n}", fast.url) for n in range(30)]
+    committed: dict[str, float] = {}
+    try:
+        async with running_dispatcher(settings):
+            await enqueue(
+                sessions,
+                [
+                    notice(pk, slow.url, task_id=f"slow-{n}", seq=seq)
+                    for seq in range(2, 12)
+                    for n, pk in enumerate(slow_pks)
+                ],
+            )
+
+            async def slow_host_full() -> bool:
+                return gauge.now == 8
+
+            await wait_until(slow_host_full, what="the slow host's share in flight")
+            for n, pk in enumerate(fast_pks):
+                await enqueue(sessions, [notice(pk, fast.url, task_id=f"fast-{n}")])
+                committed[f"fast-{n}"] = time.time()
+                await asyncio.sleep(0.02)
+
+            async def fast_has_all() -> bool:
+                return len(fast.received) == 30
+
+            await wait_until(fast_has_all, timeout=10, what="the fast receiver's 30 webhooks")
+            assert gauge.answered == 0  # the slow host's first round was still out meanwhile
+
+            async def first_slow_round() -> bool:
+                return gauge.answered >= 8
+
+            await wait_until(first_slow_round, timeout=10, what="the slow host's first answers")
+            fast_again.set()
+            rows = await settled(sessions, 330, timeout=60)
+    finally:
+        await slow.stop()
+        await fast.stop()
+
+    receipts = {json.loads(r.body)["data"]["task_id"]: r.at for r in fast.received}
+    latencies = [receipts[task_id] - at for task_id, at in committed.items()]
+    assert percentile(latencies, 0.95) < 1.0, sorted(latencies)
+    assert gauge.peak == 8
+    by_host = {slow.url: slow, fast.url: fast}
+    for url, receiver in by_host.items():
+        sent = Counter(receiver.ids())
+        expected = {row.webhook_id for row in rows if row.url == url}
+        assert set(sent) == expected
+        assert set(sent.values()) == {1}
+    assert len(rows) == 330
+    assert {(row.status, row.attempts) for row in rows} == {("delivered", 1)}
+
+
+async def test_a_slow_host_gets_half_a_share_until_it_recovers(
+    make_settings: Callable[..., Settings],
+    sessions: SessionMaker,
+    live_server: Callable[..., LiveServer],
+) -> None:
+    gauge = Gauge()
+    recovered = asyncio.Event()
+
+    async def slowish(_: web.Request, __: int) -> web.StreamResponse:
+        with gauge.request():
+            if not recovered.is_set():
+                await asyncio.sleep(0.3)
+            return web.Response(text="ok")
+
+    receiver = await Receiver(slowish).start()
+    settings = make_settings(
+        SUNOTRACK_HOOK_HOST_CONCURRENCY="4",
+        SUNOTRACK_HOOK_SLOW_S="0.15",
+        SUNOTRACK_LEASE_S="30",
+        SUNOTRACK_WEBHOOK_TIMEOUT_S="5",
+    )
+    host = f"http://127.0.0.1:{receiver.port}"
+    pks = [await add_task(sessions, f"task-{n}", receiver.url) for n in range(10)]
+    server = live_server(settings, run_jobs=True)
+
+    async def view(client: httpx.AsyncClient) -> dict[str, Any]:
+        answer = (await client.get("/api/v1/hooks/hosts")).json()
+        assert answer["instance_id"] == server.runtime.instance_id
+        [item] = [item for item in answer["items"] if item["host"] == host]
+        return dict(item)
+
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, headers=auth_headers()) as client:
+            await enqueue(sessions, [notice(pk, receiver.url, seq=s) for s in range(2, 6) for pk in pks])
+
+            async def judged_slow() -> bool:
+                return bool((await view(client))["slow"])
+
+            await wait_until(judged_slow, what="the host to be judged slow")
+            item = await view(client)
+            assert (item["share"], item["slow"]) == (2, True)
+            assert item["in_flight"] <= 4
+            assert item["recent_attempts"] >= MIN_SAMPLES
+            assert item["p90_ms"] > 300
+            await settled(sessions, 40, timeout=20)
+            # Half a share in force from the MIN_SAMPLES-th answer on (give or take a claim already
+            # under way then): no more than 2 at once after that.
+            assert gauge.peak <= 4
+            assert max(gauge.at_arrival[20:]) <= 2
+            item = await view(client)
+            assert (item["in_flight"], item["share"], item["consecutive_failures"]) == (0, 2, 0)
+
+            recovered.set()
+            await enqueue(sessions, [notice(pk, receiver.url, seq=s) for s in range(6, 12) for pk in pks])
+            await settled(sessions, 100, timeout=20)
+            item = await view(client)
+            assert (item["share"], item["slow"]) == (4, False)
+            assert item["p90_ms"] < 150
+    finally:
+        await receiver.stop()
+
+
+async def test_failing_hosts_retry_apart_and_do_not_hold_up_a_healthy_one(
+    make_settings: Callable[..., Settings], sessions: SessionMaker
+) -> None:
+    """A host answering 500 and one answering 429 with one Retry-After for all: each attempt's retry
+    falls due at its own time, each host's pause ends at its own time, and a healthy host meanwhile
+    gets everything on its first attempt."""
+
+    async def broken(_: web.Request, __: int) -> web.StreamResponse:
+        return web.Response(status=500)
+
+    async def busy(_: web.Request, __: int) -> web.StreamResponse:
+        return web.Response(status=429, headers={"Retry-After": "2"})
+
+    failing = await Receiver(broken).start()
+    throttling = await Receiver(busy).start()
+    healthy = await Receiver().start()
+    settings = make_settings(
+        SUNOTRACK_WEBHOOK_RETRY_SCHEDULE="1,1,1",
+        SUNOTRACK_HOOK_BREAKER_FAILURES="10",
+        SUNOTRACK_HOOK_BREAKER_PAUSE_S="2",
+        SUNOTRACK_LEASE_S="30",
+    )
+    receivers = (failing, throttling, healthy)
+    pks = {r.url: [await add_task(sessions, f"{r.port}-{n}", r.url) for n in range(10)] for r in receivers}
+    try:
+        async with running_dispatcher(settings):
+            await enqueue(sessions, [notice(pk, url) for url, task_pks in pks.items() for pk in task_pks])
+
+            async def healthy_done_and_both_paused() -> bool:
+                rows = [row for row in await deliveries(sessions) if row.url == healthy.url]
+                async with transaction(sessions) as session:
+                    paused = (
+                        await session.execute(select(HookHost).where(HookHost.paused_until.is_not(None)))
+                    ).all()
+                return len(paused) == 2 and {row.status for row in rows} == {"delivered"}
+
+            await wait_until(healthy_done_and_both_paused, what="both failing hosts paused")
+    finally:
+        for receiver in receivers:
+            await receiver.stop()
+
+    assert len(healthy.received) == 10
+    async with transaction(sessions) as session:
+        pauses = [
+            (host.paused_until - host.updated_at).total_seconds()
+            for host in (await session.execute(select(HookHost))).scalars()
+        ]
+    assert all(2 <= pause <= 2 * 1.2 + 0.01 for pause in pauses)
+    assert pauses[0] != pauses[1]
+    for receiver, delay in ((failing, 1), (throttling, 2)):
+        waits = []
+        for row in await deliveries(sessions):
+            if row.url != receiver.url:
+                continue
+            first, *_ = await attempts(sessions, row.id)
+            assert first.next_attempt_at is not None
+            assert first.duration_ms is not None
+            finished = first.at + timedelta(milliseconds=first.duration_ms)
+            waits.append((first.next_attempt_at - finished).total_seconds())
+        assert len(waits) == 10
+        assert all(delay - 1e-3 <= wait <= delay * 1.2 + 1e-3 for wait in waits)
+        assert len(set(waits)) == 10
+        assert max(waits) - min(waits) > 0.02 * delay
+
+
+async def due_rows(database_url: str, rows: list[tuple[str, int]]) -> asyncpg.Connection:
+    """A connection to a database holding, for each (hook, count), that many due deliveries, the
+    first listed the oldest."""
+    connection = await asyncpg.connect(database_url.replace("+asyncpg", ""))
+    await connection.execute(
+        "INSERT INTO tasks (task_id, kind, status, next_poll_at) VALUES ('t', 'music', 'queued', 'infinity')"
+    )
+    age = 1000
+    for hook, count in rows:
+        await connection.execute(
+            """
+            INSERT INTO deliveries (task_pk, event_seq, webhook_id, url, body, next_attempt_at)
+            SELECT (SELECT id FROM tasks), $3::integer + g, $1::text || g, $1::text, '{}',
+                   now() - make_interval(secs => $2::float8 - g / 1000.0)
+            FROM generate_series(1, $4::integer) AS g
+            """,
+            hook,
+            age,
+            age * 10,
+            count,
+        )
+        age -= 100
+    return connection
+
+
+async def test_the_claim_takes_hosts_in_turns_up_to_each_quota(database_url: str) -> None:
+    connection = await due_rows(
+        database_url,
+        [("http://backlog.example/h", 1000), ("https://b.example/h", 3), ("http://C.example:8080/h", 2)],
+    )
+    try:
+
+        async def claim(limit: int, quotas: Quotas) -> tuple[Counter[str], Blocked]:
+            claimed = await claim_due_deliveries(
+                connection, limit=limit, lease_s=60, breaker_failures=5, probe_s=1, quotas=quotas
+            )
+            return Counter(d.host for d in claimed.deliveries), claimed.blocked
+
+        backlog, b, c = "http://backlog.example:80", "https://b.example:443", "http://c.example:8080"
+        # Oldest first would have been three rows of the backlog.
+        assert await claim(3, Quotas(10, 64)) == (Counter({backlog: 1, b: 1, c: 1}), Blocked())
+        assert await claim(10, Quotas(4, 64, by_lane={(0, b): 1})) == (
+            Counter({backlog: 4, b: 1, c: 1}), Blocked(frozenset({(0, backlog), (0, b)})),
+        )  # fmt: skip
+        # A host without free slots gets nothing, and is reported as waiting for them.
+        assert await claim(10, Quotas(4, 64, by_lane={(0, backlog): 0})) == (
+            Counter({b: 1}),
+            Blocked(frozenset({(0, backlog)})),
+        )
+        assert await claim(10, Quotas(4, 64, by_lane={(0, backlog): 0})) == (
+            Counter(),
+            Blocked(frozenset({(0, backlog)})),
+        )
+    finally:
+        await connection.close()
+
+
+async def test_the_claim_holds_a_paused_hosts_rows_until_its_pause_ends(database_url: str) -> None:
+    connection = await due_rows(database_url, [("http://down.example/h", 100), ("http://up.example/h", 2)])
+    try:
+        until = await connection.fetchval(
+            "INSERT INTO hook_hosts (host, consecutive_failures, paused_until)"
+            " VALUES ('http://down.example:80', 9, now() + interval '1 minute') RETURNING paused_until"
+        )
+        claim = await claim_due_deliveries(
+            connection, limit=64, lease_s=60, breaker_failures=5, probe_s=1, quotas=Quotas(8, 64)
+        )
+        assert [d.host for d in claim.deliveries] == ["http://up.example:80"] * 2
+        assert (claim.deferred, claim.wake_at) == (64, until)
+        held = await connection.fetchval(
+            "SELECT count(*) FROM deliveries WHERE host = 'http://down.example:80' AND next_attempt_at = $1",
+            until,
+        )
+        assert held == 64
+        assert await connection.fetchval("SELECT sum(attempts) FROM deliveries") == 0
+    finally:
+        await connection.close()
+
+
+async def test_the_host_key_is_scheme_host_and_port(sessions: SessionMaker) -> None:
+    urls = {
+        "https://Hooks.Example.com/a?b=c": "https://hooks.example.com:443",
+        "HTTP://hooks.example.com:80/x": "http://hooks.example.com:80",
+        "http://user:pw@hooks.example.com:8080": "http://hooks.example.com:8080",
+        "http://[::1]:9000/h": "http://[::1]:9000",
+        "https://[2001:db8::1]/h": "https://[2001:db8::1]:443",
+        "http://127.0.0.1:09/h#frag": "http://127.0.0.1:9",
+    }
+    async with transaction(sessions) as session:
+        keys = {
+            url: (await session.execute(text("SELECT hook_origin(:u)"), {"u": url})).scalar_one()
+            for url in urls
+        }
+    assert keys == urls
+
+
+async def test_deliveries_get_their_host_key_whoever_writes_them(
+    sessions: SessionMaker, receiver: Receiver
+) -> None:
+    pk = await add_task(sessions, "task-1", receiver.url)
+    await enqueue(sessions, [notice(pk, receiver.url)])
+    async with transaction(sessions) as session:
+        host = (await session.execute(select(Delivery.host))).scalar_one()
+    assert host == f"http://127.0.0.1:{receiver.port}"
+
+
+async def add_client(sessions: SessionMaker, name: str) -> int:
+    async with transaction(sessions) as session:
+        query = text(
+            "INSERT INTO clients (name, token_sha256, webhook_secret, relay)"
+            " VALUES (:name, :digest, :secret, 'default') RETURNING id"
+        )
+        values = {"name": name, "digest": name.encode(), "secret": TEST_WEBHOOK_SECRET}
+        client_id: int = (await session.execute(query, values)).scalar_one()
+    return client_id
+
+
+async def test_one_clients_slow_hosts_never_take_another_clients_share(
+    make_settings: Callable[..., Settings], sessions: SessionMaker
+) -> None:
+    """A client with three slow receivers could fill 8 slots (8 per host); it gets 6, three quarters,
+    and the admin's fast receiver is served at once meanwhile."""
+    gauge = Gauge()
+    release = asyncio.Event()
+
+    async def slow(_: web.Request, __: int) -> web.StreamResponse:
+        with gauge.request():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(release.wait(), 5)
+            return web.Response(text="ok")
+
+    slow_receivers = [await Receiver(slow).start() for _ in range(3)]
+    fast = await Receiver().start()
+    acme = await add_client(sessions, "acme")
+    settings = make_settings(
+        SUNOTRACK_WEBHOOK_CONCURRENCY="8", SUNOTRACK_HOOK_HOST_CONCURRENCY="8", SUNOTRACK_LEASE_S="30"
+    )
+    slow_pks = [
+        (await add_task(sessions, f"acme-{r.port}-{n}", r.url, client_id=acme), r.url)
+        for r in slow_receivers
+        for n in range(10)
+    ]
+    fast_pks = [await add_task(sessions, f"fast-{n}", fast.url) for n in range(10)]
+    committed: dict[str, float] = {}
+    try:
+        async with running_dispatcher(settings):
+            await enqueue(sessions, [notice(pk, url) for pk, url in slow_pks])
+
+            async def acme_at_its_share() -> bool:
+                return gauge.now == 6
+
+            await wait_until(acme_at_its_share, what="the client's share in flight")
+            for n, pk in enumerate(fast_pks):
+                await enqueue(sessions, [notice(pk, fast.url, task_id=f"fast-{n}")])
+                committed[f"fast-{n}"] = time.time()
+
+            async def fast_has_all() -> bool:
+                return len(fast.received) == 10
+
+            await wait_until(fast_has_all, timeout=10, what="the fast receiver's webhooks")
+            release.set()
+            rows = await settled(sessions, 40, timeout=30)
+    finally:
+        for receiver in [*slow_receivers, fast]:
+            await receiver.stop()
+
+    receipts = {json.loads(r.body)["data"]["task_id"]: r.at for r in fast.received}
+    assert max(receipts[task_id] - at for task_id, at in committed.items()) < 1.0
+    assert gauge.peak == 6
+    assert {(row.status, row.attempts) for row in rows} == {("delivered", 1)}
+    sent = Counter(
+        r.headers["webhook-id"] for r in [*fast.received, *(x for s in slow_receivers for x in s.received)]
+    )
+    assert set(sent) == {row.webhook_id for row in rows}
+    assert set(sent.values()) == {1}
+
+
+async def test_the_claim_takes_clients_in_turns_then_their_hosts(
+    database_url: str, sessions: SessionMaker
+) -> None:
+    acme = await add_client(sessions, "acme")
+    connection = await due_rows(
+        database_url, [("http://a.example/h", 10), ("http://b.example/h", 10), ("http://c.example/h", 10)]
+    )
+    try:
+        await connection.execute("UPDATE deliveries SET client_key = $1", acme)
+        await connection.execute(
+            "INSERT INTO deliveries (task_pk, event_seq, webhook_id, url, body, next_attempt_at)"
+            " SELECT (SELECT min(id) FROM tasks), 100000 + g, 'admin' || g, 'http://a.example/h', '{}',"
+            " now() - interval '1 second' FROM generate_series(1, 10) AS g"
+        )
+        claim = await claim_due_deliveries(
+            connection, limit=4, lease_s=60, breaker_failures=5, probe_s=1, quotas=Quotas(8, 64)
+        )
+        # Turns by lane alone would have given acme three (one per host) and the admin one.
+        assert Counter(d.client_key for d in claim.deliveries) == Counter({acme: 2, 0: 2})
+        assert {d.host for d in claim.deliveries if d.client_key == acme} == {
+            "http://a.example:80", "http://b.example:80",
+        }  # fmt: skip
+        # A client at its own quota gets nothing more, and is reported as waiting for slots.
+        claim = await claim_due_deliveries(
+            connection, limit=64, lease_s=60, breaker_failures=5, probe_s=1,
+            quotas=Quotas(8, 64, by_client={acme: 0}),
+        )  # fmt: skip
+        assert {d.client_key for d in claim.deliveries} == {0}
+        assert acme in claim.blocked.clients
+    finally:
+        await connection.close()
