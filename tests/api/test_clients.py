@@ -161,6 +161,8 @@ async def test_an_unknown_token_is_401_before_the_body_is_read(api: httpx.AsyncC
 PARTIES = ("a", "b", "admin")
 # Each party's hooks go to a host of its own, so the hook-host listing can tell them apart.
 HOSTS = {"a": "127.0.0.11", "b": "127.0.0.12", "admin": "127.0.0.13"}
+# The dispatcher's host keys (scheme://host:port) of those hooks.
+HOST_KEYS = {name: f"http://{host}:9" for name, host in HOSTS.items()}
 
 
 @dataclass
@@ -207,7 +209,7 @@ def _as_admin(name: str) -> dict[str, str]:
 
 
 async def _paused_hosts(database_url: str) -> None:
-    values = ", ".join(f"('{host}', 25, now() + interval '1 hour')" for host in HOSTS.values())
+    values = ", ".join(f"('{host}', 25, now() + interval '1 hour')" for host in HOST_KEYS.values())
     await db_rows(
         database_url,
         f"INSERT INTO hook_hosts (host, consecutive_failures, paused_until) VALUES {values}",
@@ -226,11 +228,11 @@ async def _walk(party: Party, others: set[str], delivery_ids: dict[str, int]) ->
     if party.name == "admin":  # sees everyone's without ?client
         assert listed == {"shared", "own-a", "own-b", "own-admin"}
         assert sorted(item["id"] for item in deliveries) == sorted(delivery_ids.values())
-        assert hosts == set(HOSTS.values())
+        assert hosts == set(HOST_KEYS.values())
     else:
         assert listed == {"shared", own}
         assert [item["id"] for item in deliveries] == [delivery_ids[party.name]]
-        assert hosts == {HOSTS[party.name]}
+        assert hosts == {HOST_KEYS[party.name]}
     assert (await http.get(f"/api/v1/tasks/{own}/events")).status_code == 200
     assert len((await http.get(f"/api/v1/tasks/{own}/deliveries")).json()["items"]) == 1
 
@@ -288,7 +290,7 @@ async def _the_admin_addresses_each_clients_tasks(
         hosts = {
             item["host"] for item in (await api.get("/api/v1/hooks/hosts", params=client)).json()["items"]
         }
-        assert hosts == {HOSTS[name]}
+        assert hosts == {HOST_KEYS[name]}
     mine = (await api.get("/api/v1/tasks/own-a")).json()  # the admin's own record of that id
     assert (mine["client"], mine["notify_hook"]) == (None, None)
     assert (await api.get("/api/v1/tasks", params={"client": "nobody"})).status_code == 404
