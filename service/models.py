@@ -214,7 +214,7 @@ class Delivery(Base):
     event_seq: Mapped[int] = mapped_column(Integer)
     webhook_id: Mapped[str] = mapped_column(Text, unique=True)
     url: Mapped[str] = mapped_column(Text)
-    # The dispatcher's host key, `scheme://host:port` (SQL function hook_origin, migration 0005): the
+    # The dispatcher's host key, `scheme://host:port` (SQL function hook_origin, migration 0007): the
     # unit of per-host concurrency, fair claims and the circuit breaker. Derived in the database, so
     # every writer of a delivery gets the same key.
     host: Mapped[str] = mapped_column(Text, Computed("hook_origin(url)", persisted=True))

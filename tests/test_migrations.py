@@ -136,7 +136,7 @@ async def test_clients_migration_keeps_every_task_and_its_history_as_the_admins(
 
 
 async def test_fair_delivery_migration_gives_each_delivery_its_lane(empty_database_url: str) -> None:
-    """From 0005: each delivery gets its host key and its task's client; the breaker's streaks, counted
+    """From 0006: each delivery gets its host key and its task's client; the breaker's streaks, counted
     by host name alone before, start over."""
     engine = create_engine(empty_database_url, pool_size=1)
 
@@ -147,7 +147,7 @@ async def test_fair_delivery_migration_gives_each_delivery_its_lane(empty_databa
 
     try:
         async with engine.begin() as connection:
-            await connection.run_sync(run, "upgrade", "0005")
+            await connection.run_sync(run, "upgrade", "0006")
             for statement in (
                 "INSERT INTO clients (name, token_sha256, webhook_secret, relay)"
                 " VALUES ('acme', 'x', 'whsec_x', 'default')",
