@@ -102,7 +102,7 @@ async def drain(driver: Driver) -> int:
         for delivery in claim.deliveries:
             result = AttemptResult(at=now, duration_ms=1.0, status_code=204, response_body="")
             batch.append((delivery.host, False, outcome(delivery, result, settle(delivery, result, (5.0,)))))
-        await record_attempts(driver, batch, breaker_failures=20, breaker_pause_s=60)
+        await record_attempts(driver, batch, breaker_failures=20, breaker_pause_s=60, jitter=0.2)
         settled += len(batch)
 
 
