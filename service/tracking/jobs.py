@@ -205,7 +205,11 @@ class Poller:
                     return 0
                 after = self._sweep_after
                 claim = await claim_polls(
-                    session, after=after, limit=self._page_size, settings=self._settings
+                    session,
+                    relay=self._relay.name,
+                    after=after,
+                    limit=self._page_size,
+                    settings=self._settings,
                 )
                 full = len(claim.tasks) == self._page_size
                 self._sweep_after = max(task.id for task in claim.tasks) if full else 0
@@ -224,14 +228,16 @@ class Poller:
 
     async def _fetch(self, claim: PollClaim, claimed_at: float) -> list[PollResult]:
         batches: defaultdict[str, list[ClaimedTask]] = defaultdict(list)
-        singles: list[ClaimedTask] = []
+        # Several clients' records of one relay task are claimed together: one request for them all
+        # (a batch request asks for each id once).
+        singles: defaultdict[tuple[str, str], list[ClaimedTask]] = defaultdict(list)
         for task in claim.tasks:
             if self._relay.batches(task.kind) and not polls_singly(task.last_error):
                 batches[task.kind].append(task)
             else:
-                singles.append(task)
+                singles[task.kind, task.task_id].append(task)
         requests = [self._poll_batch(kind, tasks) for kind, tasks in batches.items()]
-        requests += [self._poll_single(task, claimed_at) for task in singles]
+        requests += [self._poll_single(tasks, claimed_at) for tasks in singles.values()]
         results: list[PollResult] = []
         for answer in await asyncio.gather(*requests):
             results.extend(answer)
@@ -252,7 +258,9 @@ class Poller:
             results.append(PollResult(task.id, True, snapshot, error))
         return results
 
-    async def _poll_single(self, task: ClaimedTask, claimed_at: float) -> list[PollResult]:
+    async def _poll_single(self, tasks: list[ClaimedTask], claimed_at: float) -> list[PollResult]:
+        """One request about one relay task, for each client's record of it in `tasks`."""
+        task = tasks[0]
         async with self._single_slots:
             # A request started late in the lease could outlive it (Postgres would end the session and
             # the whole page with it): hand such tasks back unpolled instead.
@@ -267,7 +275,7 @@ class Poller:
                 _count_error(exc, tasks=1, task_id=task.task_id)
             else:
                 POLLS.labels(self._relay.endpoint(task.kind, batched=False)).inc()
-        return [PollResult(task.id, False, snapshot, error)]
+        return [PollResult(each.id, False, snapshot, error) for each in tasks]
 
 
 class _Crew:

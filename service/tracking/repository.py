@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from service.db import database_now, recordset, recordset_value, rows_as
 from service.models import LIVE, Client, Clip, Task, TaskEvent
 from service.upstream.schemas import ClipContent, ClipView, Lyrics
-from service.vocabulary import TaskStatus
+from service.vocabulary import DEFAULT_RELAY, TaskStatus
 
 
 def owned_by(client_id: int | None) -> ColumnElement[bool]:
@@ -288,11 +288,21 @@ async def lock_task_states(
 _CLAIM = text(
     f"""
     WITH due AS MATERIALIZED (
-        SELECT ctid, id, next_poll_at, poll_interval_s
+        SELECT ctid, id, task_id, shared, next_poll_at, poll_interval_s
         FROM tasks
-        WHERE {LIVE} AND id > :after AND next_poll_at <= now()
+        WHERE {LIVE} AND relay = :relay AND id > :after AND next_poll_at <= now()
         ORDER BY id
         LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    ),
+    -- The other clients' records of a shared relay task among them, due or not: polled with it, so the
+    -- relay is asked once per turn. Registration marks a new record shared when another client's
+    -- exists; the claim marks the others. Rarely any: an empty array costs nothing.
+    siblings AS MATERIALIZED (
+        SELECT ctid, id, next_poll_at, poll_interval_s
+        FROM tasks
+        WHERE task_id = ANY(ARRAY(SELECT task_id FROM due WHERE shared)) AND relay = :relay AND {LIVE}
+            AND NOT id = ANY(ARRAY(SELECT id FROM due))
         FOR UPDATE SKIP LOCKED
     ),
     claimed AS (
@@ -306,18 +316,23 @@ _CLAIM = text(
                 greatest(t.created_at + make_interval(secs => :deadline_s), now())
             ),
             last_polled_at = now(),
-            poll_count = t.poll_count + 1
+            poll_count = t.poll_count + 1,
+            shared = t.shared OR t.task_id = ANY(ARRAY(SELECT task_id FROM due WHERE shared))
         -- The locked rows by their addresses, as one array: a TID scan whatever the table's size.
-        WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM due))
+        WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM due) || ARRAY(SELECT ctid FROM siblings))
         RETURNING t.id, t.task_id, t.kind, t.last_error, t.snapshot_digest,
                   t.last_error IS NULL AND t.consecutive_errors = 0 AND t.missing_count = 0
                       AND now() < t.created_at + make_interval(secs => :deadline_s) AS quiet
+    ),
+    locked AS (
+        SELECT id, next_poll_at, poll_interval_s FROM due
+        UNION ALL SELECT id, next_poll_at, poll_interval_s FROM siblings
     )
     -- One row even when nothing was due: it carries the clock.
     SELECT extract(epoch FROM now())::float8 AS now_epoch,
-           greatest(0, extract(epoch FROM now() - due.next_poll_at))::float8 AS lag_s,
-           claimed.*, due.poll_interval_s
-    FROM (VALUES (1)) AS one LEFT JOIN (claimed JOIN due USING (id)) ON true
+           greatest(0, extract(epoch FROM now() - locked.next_poll_at))::float8 AS lag_s,
+           claimed.*, locked.poll_interval_s
+    FROM (VALUES (1)) AS one LEFT JOIN (claimed JOIN locked USING (id)) ON true
     """  # noqa: S608
 )
 
@@ -335,13 +350,20 @@ class UnchangedSchedule:
 
 
 async def claim_due_tasks(
-    db: AsyncSession | AsyncConnection, *, after: int, limit: int, schedule: UnchangedSchedule
+    db: AsyncSession | AsyncConnection,
+    *,
+    relay: str = DEFAULT_RELAY,
+    after: int,
+    limit: int,
+    schedule: UnchangedSchedule,
 ) -> PollClaim:
-    """Lock up to `limit` due tasks with ids above `after` (skipping rows others hold, never waiting on
-    them) and schedule their next poll as if nothing will change; see _CLAIM."""
+    """Lock up to `limit` due tasks of `relay` with ids above `after` (skipping rows others hold,
+    never waiting on them), with the other clients' records of the same relay tasks, and schedule
+    their next poll as if nothing will change; see _CLAIM."""
     result = await db.execute(
         _CLAIM,
         {
+            "relay": relay,
             "after": after,
             "limit": limit,
             "min_s": schedule.min_s,

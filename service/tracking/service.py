@@ -543,11 +543,18 @@ def _upstream_detail(raw_status: str | None) -> dict[str, Any] | None:
 # -- entry points -----------------------------------------------------------------------------------
 
 
-async def claim_polls(session: AsyncSession, *, after: int = 0, limit: int, settings: Settings) -> PollClaim:
-    """Lock up to `limit` due tasks with ids above `after` for polling, in the session's transaction: the
-    caller keeps it open until record_polls() has recorded the answers. Each row is already scheduled
-    as if its answer will change nothing (see repository._CLAIM): the backoff of _Recorder._schedule()
-    for that case."""
+async def claim_polls(
+    session: AsyncSession,
+    *,
+    relay: str = DEFAULT_RELAY,
+    after: int = 0,
+    limit: int,
+    settings: Settings,
+) -> PollClaim:
+    """Lock up to `limit` due tasks of `relay` with ids above `after` for polling (and the other
+    clients' records of the same relay tasks), in the session's transaction: the caller keeps it open
+    until record_polls() has recorded the answers. Each row is already scheduled as if its answer will
+    change nothing (see repository._CLAIM): the backoff of _Recorder._schedule() for that case."""
     schedule = UnchangedSchedule(
         min_s=settings.poll_min_interval_s,
         max_s=settings.poll_max_interval_s,
@@ -555,7 +562,7 @@ async def claim_polls(session: AsyncSession, *, after: int = 0, limit: int, sett
         jitter=POLL_JITTER,
         deadline_s=settings.task_deadline_s,
     )
-    return await repository.claim_due_tasks(session, after=after, limit=limit, schedule=schedule)
+    return await repository.claim_due_tasks(session, relay=relay, after=after, limit=limit, schedule=schedule)
 
 
 async def record_polls(

@@ -33,7 +33,7 @@ from service.upstream.schemas import (
     TransientUpstreamError,
     UpstreamError,
 )
-from service.vocabulary import TaskKind
+from service.vocabulary import DEFAULT_RELAY, TaskKind
 
 __all__ = ["BatchResult", "RelayAnswer", "RelayClient"]
 
@@ -82,6 +82,7 @@ class RelayClient:
         timeout_s: float = 10.0,
         batch_path: str = "/suno/fetch",
         dialect: Dialect = Dialect.FETCH,
+        name: str = DEFAULT_RELAY,
     ) -> None:
         if batch_size < 1 or max_in_flight < 1 or not timeout_s > 0:
             raise ValueError("batch_size, max_in_flight and timeout_s must be positive")
@@ -94,9 +95,12 @@ class RelayClient:
         self._semaphore = asyncio.Semaphore(max_in_flight)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._dialect = dialect
+        # The relay's name in this deployment (SUNOTRACK_RELAYS): its tasks are polled by its own poller.
+        self.name = name
+        self.max_in_flight = max_in_flight
 
     def __repr__(self) -> str:
-        return f"RelayClient(base_url={self._base!r})"
+        return f"RelayClient(name={self.name!r}, base_url={self._base!r})"
 
     # -- tasks of a kind, whatever the dialect ------------------------------------------------------
 

@@ -63,10 +63,18 @@ class Tracking:
     fake: FakeRelay
     poller: Poller
 
-    async def register(self, task_id: str, kind: str = "music", *, notify_hook: str | None = None) -> None:
+    async def register(
+        self,
+        task_id: str,
+        kind: str = "music",
+        *,
+        notify_hook: str | None = None,
+        client_id: int | None = None,
+    ) -> None:
         async with transaction(self.sessions) as session:
             await register_task(
                 session,
+                client_id=client_id,
                 task_id=task_id,
                 kind=kind,
                 notify_hook=notify_hook,
