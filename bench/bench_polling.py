@@ -7,7 +7,7 @@ Uses DATABASE_URL when set (a fresh database is created on that server and dropp
 embedded PostgreSQL (pgserver) in a temporary directory. The fake relay runs in its own process on
 127.0.0.1 (its own event loop, though on a small box it shares the cores with the poller and Postgres);
 both measurements fetch from it through one RelayClient built the way the app builds it. The poller
-is the production one (start_poller on an APScheduler tick), with both poll intervals at 1 ms so every
+is the production one (start_pollers: one on an APScheduler tick), with both poll intervals at 1 ms so every
 task is always due.
 """
 
@@ -34,7 +34,7 @@ from service.cli import configure_logging, tune_gc
 from service.config import Settings
 from service.db import SessionMaker, transaction
 from service.runtime import Runtime, open_runtime
-from service.tracking.jobs import start_poller
+from service.tracking.jobs import start_pollers
 from service.upstream.client import RelayClient
 from service.upstream.fake import Advance, FakeRelay, Lifecycle
 
@@ -220,7 +220,7 @@ async def first_poller_pass(runtime: Runtime, steady: list[str]) -> float:
     """Register the steady tasks and poll each once (a change: its first answer); returns tasks/s."""
     sessions = runtime.sessions
     await register_all(sessions, steady)
-    poller = await start_poller(runtime)
+    [poller] = await start_pollers(runtime)
     started = time.perf_counter()
     await wait_until(lambda: _all_polled(sessions), TIME_LIMIT_S / 4)
     first_pass = len(steady) / (time.perf_counter() - started)
@@ -231,7 +231,7 @@ async def first_poller_pass(runtime: Runtime, steady: list[str]) -> float:
 async def poller_window(runtime: Runtime, seconds: float) -> float:
     """Task polls/s over tasks that never change, from the poller's first tick for `seconds`."""
     sessions = runtime.sessions
-    poller = await start_poller(runtime)
+    [poller] = await start_pollers(runtime)
     count = "SELECT sum(poll_count) FROM tasks"
     start = await scalar(sessions, count)
     await wait_until(lambda: _more_than(sessions, count, start), TIME_LIMIT_S / 4)
@@ -259,7 +259,7 @@ async def measure_transitions(runtime: Runtime, changing: list[str]) -> tuple[fl
         # The steady ones rest (live, so they keep a next_poll_at).
         await session.execute(text("UPDATE tasks SET next_poll_at = 'infinity'"))
     await register_all(sessions, changing)
-    poller = await start_poller(runtime)
+    [poller] = await start_pollers(runtime)
     started = time.perf_counter()
     await wait_until(lambda: _all_finished(sessions), TIME_LIMIT_S / 4)
     elapsed = time.perf_counter() - started

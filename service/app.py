@@ -29,7 +29,8 @@ from service.db import transaction
 from service.errors import ServiceError
 from service.redact import mask_credentials, mask_json
 from service.runtime import Runtime, open_runtime
-from service.tracking.jobs import Poller, start_poller
+from service.tracking.jobs import Poller, start_pollers
+from service.vocabulary import DEFAULT_RELAY
 from service.webhooks.jobs import Dispatcher, start_dispatcher
 
 log = structlog.get_logger()
@@ -107,9 +108,8 @@ def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
             try:
                 if run_jobs:
                     if runtime.relay is None:
-                        log.warning("poll.disabled", reason="SUNO_BASE_URL is not set")
-                    else:
-                        stoppables.append(await start_poller(runtime))
+                        log.warning("poll.disabled", relay=DEFAULT_RELAY, reason="SUNO_BASE_URL is not set")
+                    stoppables.extend(await start_pollers(runtime))
                     app.state.dispatcher = await start_dispatcher(runtime)
                     stoppables.append(app.state.dispatcher)
                 log.info("app.started", instance_id=runtime.instance_id, jobs=run_jobs)

@@ -6,7 +6,9 @@ import base64
 import binascii
 import functools
 import ipaddress
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -50,6 +52,7 @@ _DATABASE_URL_PARAMETERS = {
 
 # Relay names become parts of variable names (SUNOTRACK_RELAY_<NAME>_BASE_URL) and of callback paths.
 RELAY_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_RELAY_VARIABLE = re.compile(r"SUNOTRACK_RELAY_(.+)_(BASE_URL|API_KEY|DIALECT|CONCURRENCY)")
 MAX_CONCURRENCY = 1024
 
 
@@ -83,7 +86,59 @@ class RelayConfig(BaseModel, frozen=True):
     base_url: str | None  # None: SUNO_BASE_URL is unset, nothing is polled on `default`
     api_key: SecretStr | None
     dialect: Dialect
-    concurrency: int  # requests in flight to this relay, per process
+    # Requests in flight to this relay, per process (None: SUNOTRACK_UPSTREAM_CONCURRENCY).
+    concurrency: int | None
+
+
+def _named_relays(raw: str, env: Mapping[str, str]) -> list[RelayConfig]:
+    """The relays SUNOTRACK_RELAYS names, each from its own variables; every problem names its variable."""
+    names = [name.strip() for name in raw.split(",") if name.strip()]
+    problems: list[str] = []
+    for name in names:
+        if not RELAY_NAME.fullmatch(name):
+            problems.append(f"SUNOTRACK_RELAYS: {name!r} is not a relay name (a-z, then a-z, 0-9, _)")
+        elif name == DEFAULT_RELAY:
+            problems.append("SUNOTRACK_RELAYS: 'default' is the relay SUNO_BASE_URL configures")
+    if len(set(names)) != len(names):
+        problems.append("SUNOTRACK_RELAYS: a relay is named twice")
+    for variable in env:
+        match = _RELAY_VARIABLE.fullmatch(variable)
+        if match and match[1].lower() not in names:
+            problems.append(f"{variable}: relay {match[1].lower()!r} is not in SUNOTRACK_RELAYS")
+    relays = [] if problems else [_named_relay(name, env, problems) for name in names]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return relays
+
+
+def _named_relay(name: str, env: Mapping[str, str], problems: list[str]) -> RelayConfig:
+    """One relay from its SUNOTRACK_RELAY_<NAME>_* variables; what is wrong goes into `problems`."""
+    prefix = f"SUNOTRACK_RELAY_{name.upper()}_"
+    base_url, key, dialect, concurrency = (
+        env.get(prefix + suffix) for suffix in ("BASE_URL", "API_KEY", "DIALECT", "CONCURRENCY")
+    )
+    if not base_url:
+        problems.append(f"{prefix}BASE_URL: must be set for each relay SUNOTRACK_RELAYS names")
+    else:
+        try:
+            base_url = http_url(base_url)
+        except ValueError as exc:
+            problems.append(f"{prefix}BASE_URL: {exc}")
+    if dialect is not None and dialect not in set(Dialect):
+        problems.append(f"{prefix}DIALECT: must be one of {', '.join(Dialect)}")
+        dialect = None
+    if concurrency is not None and not (
+        concurrency.isascii() and concurrency.isdigit() and 1 <= int(concurrency) <= MAX_CONCURRENCY
+    ):
+        problems.append(f"{prefix}CONCURRENCY: must be an integer from 1 to {MAX_CONCURRENCY}")
+        concurrency = None
+    return RelayConfig(
+        name=name,
+        base_url=base_url,
+        api_key=SecretStr(key) if key else None,
+        dialect=Dialect(dialect or Dialect.FETCH),
+        concurrency=None if concurrency is None else int(concurrency),
+    )
 
 
 class Settings(BaseSettings):
@@ -102,6 +157,10 @@ class Settings(BaseSettings):
     )
     upstream_concurrency: int = Field(
         default=16, ge=1, le=MAX_CONCURRENCY, validation_alias="SUNOTRACK_UPSTREAM_CONCURRENCY"
+    )
+    # The relays besides `default`, each with its own SUNOTRACK_RELAY_<NAME>_* variables.
+    named_relays: Annotated[tuple[RelayConfig, ...], NoDecode] = Field(
+        default=(), validation_alias="SUNOTRACK_RELAYS"
     )
     poll_batch_size: int = Field(default=50, ge=1, le=500, validation_alias="SUNOTRACK_POLL_BATCH_SIZE")
 
@@ -177,6 +236,21 @@ class Settings(BaseSettings):
         if not pattern.fullmatch(token):
             raise ValueError(f"may only hold {allowed}")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_named_relays(cls, data: object) -> object:
+        """SUNOTRACK_RELAYS names relays whose variables are not fields: read them here, from the
+        keywords given (tests) over the environment."""
+        if not isinstance(data, dict):
+            return data
+        given = {str(key).upper(): key for key in data}
+        raw = data.pop(given.get("SUNOTRACK_RELAYS", "SUNOTRACK_RELAYS"), None)
+        if isinstance(raw, tuple | list):  # already parsed
+            return {**data, "SUNOTRACK_RELAYS": tuple(raw)}
+        env = {key.upper(): value for key, value in os.environ.items()}
+        env.update({upper: str(data[key]) for upper, key in given.items() if isinstance(data.get(key), str)})
+        return {**data, "SUNOTRACK_RELAYS": tuple(_named_relays(str(raw or ""), env))}
 
     @field_validator("database_url")
     @classmethod
@@ -269,7 +343,13 @@ class Settings(BaseSettings):
             dialect=self.suno_api_dialect,
             concurrency=self.upstream_concurrency,
         )
-        return {relay.name: relay for relay in (default,)}
+        named = (
+            relay
+            if relay.concurrency
+            else relay.model_copy(update={"concurrency": self.upstream_concurrency})
+            for relay in self.named_relays
+        )
+        return {relay.name: relay for relay in (default, *named)}
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

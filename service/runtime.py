@@ -37,7 +37,6 @@ class Runtime:
     settings: Settings
     engine: AsyncEngine
     sessions: SessionMaker
-    http: aiohttp.ClientSession
     # The relays this process polls, by name (`default` is missing when SUNO_BASE_URL is unset).
     relays: dict[str, RelayClient]
     scheduler: AsyncIOScheduler
@@ -61,39 +60,46 @@ async def open_runtime(settings: Settings, *, pool_size: int = 10) -> AsyncItera
     if database_url is None:
         database_url, embedded = start_embedded_postgres(settings.data_dir)
     engine = create_engine(database_url, pool_size=pool_size)
-    http = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=settings.upstream_concurrency * 2, ttl_dns_cache=60),
-        raise_for_status=False,
-    )
+    # A connection pool of its own for each relay: a slow one cannot hold another's connections.
+    https: list[aiohttp.ClientSession] = []
     scheduler = AsyncIOScheduler(timezone="UTC")
     try:
         await check_connection(engine, "DATABASE_URL" if embedded is None else "SUNOTRACK_DATA_DIR")
         await migrate(engine)
-        relay = None
-        if settings.suno_base_url is not None:
-            relay = RelayClient(
+        relays = {}
+        for relay in settings.relays.values():
+            if relay.base_url is None:
+                continue
+            concurrency = relay.concurrency or settings.upstream_concurrency
+            http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=concurrency * 2, ttl_dns_cache=60),
+                raise_for_status=False,
+            )
+            https.append(http)
+            relays[relay.name] = RelayClient(
                 http,
-                base_url=settings.suno_base_url,
-                api_key=settings.suno_api_key.get_secret_value() if settings.suno_api_key else None,
+                base_url=relay.base_url,
+                api_key=relay.api_key.get_secret_value() if relay.api_key else None,
                 batch_size=settings.poll_batch_size,
-                max_in_flight=settings.upstream_concurrency,
+                max_in_flight=concurrency,
                 timeout_s=settings.upstream_timeout_s,
-                dialect=settings.suno_api_dialect,
+                dialect=relay.dialect,
+                name=relay.name,
             )
         scheduler.start()
         yield Runtime(
             settings=settings,
             engine=engine,
             sessions=create_session_maker(engine),
-            http=http,
-            relays={} if relay is None else {DEFAULT_RELAY: relay},
+            relays=relays,
             scheduler=scheduler,
             instance_id=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
         )
     finally:
         if scheduler.running:
             scheduler.shutdown(wait=False)
-        await http.close()
+        for http in https:
+            await http.close()
         await engine.dispose()
         if embedded is not None:
             embedded.cleanup()

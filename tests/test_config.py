@@ -182,3 +182,57 @@ def test_a_public_url_needs_the_callback_token() -> None:
         SUNOTRACK_PUBLIC_URL="https://track.example/", SUNOTRACK_CALLBACK_TOKEN="cb-token-0123456789"
     )
     assert settings.public_url == "https://track.example"
+
+
+def test_named_relays_are_read_from_their_own_variables() -> None:
+    settings = Settings.from_env(
+        SUNO_BASE_URL="https://relay.example", SUNO_API_KEY="sk-default",
+        SUNOTRACK_UPSTREAM_CONCURRENCY="7", SUNOTRACK_RELAYS="eu, us_2",
+        SUNOTRACK_RELAY_EU_BASE_URL="https://eu.relay.example/", SUNOTRACK_RELAY_EU_API_KEY="sk-eu",
+        SUNOTRACK_RELAY_US_2_BASE_URL="http://us.relay.example", SUNOTRACK_RELAY_US_2_DIALECT="v1",
+        SUNOTRACK_RELAY_US_2_CONCURRENCY="3",
+    )  # fmt: skip
+
+    relays = settings.relays
+    assert list(relays) == ["default", "eu", "us_2"]
+    assert [(r.base_url, r.dialect, r.concurrency) for r in relays.values()] == [
+        ("https://relay.example", "fetch", 7),
+        ("https://eu.relay.example", "fetch", 7),
+        ("http://us.relay.example", "v1", 3),
+    ]
+    keys = [r.api_key.get_secret_value() if r.api_key else None for r in relays.values()]
+    assert keys == ["sk-default", "sk-eu", None]
+    assert "sk-eu" not in repr(settings)
+    assert list(Settings.from_env().relays) == ["default"]
+
+
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [
+        ({"SUNOTRACK_RELAYS": "eu"}, "SUNOTRACK_RELAY_EU_BASE_URL"),
+        (
+            {"SUNOTRACK_RELAYS": "eu", "SUNOTRACK_RELAY_EU_BASE_URL": "eu.example"},
+            "SUNOTRACK_RELAY_EU_BASE_URL",
+        ),
+        ({"SUNOTRACK_RELAYS": "Eu"}, "SUNOTRACK_RELAYS"),
+        ({"SUNOTRACK_RELAYS": "default"}, "SUNOTRACK_RELAYS"),
+        (
+            {"SUNOTRACK_RELAYS": "eu,eu", "SUNOTRACK_RELAY_EU_BASE_URL": "https://e.example"},
+            "SUNOTRACK_RELAYS",
+        ),
+        (
+            {"SUNOTRACK_RELAYS": "eu", "SUNOTRACK_RELAY_EU_BASE_URL": "https://e.example",
+             "SUNOTRACK_RELAY_EU_DIALECT": "v2"},
+            "SUNOTRACK_RELAY_EU_DIALECT",
+        ),
+        (
+            {"SUNOTRACK_RELAYS": "eu", "SUNOTRACK_RELAY_EU_BASE_URL": "https://e.example",
+             "SUNOTRACK_RELAY_EU_CONCURRENCY": "0"},
+            "SUNOTRACK_RELAY_EU_CONCURRENCY",
+        ),
+        ({"SUNOTRACK_RELAY_US_BASE_URL": "https://us.example"}, "SUNOTRACK_RELAY_US_BASE_URL"),
+    ],
+)  # fmt: skip
+def test_a_bad_relay_is_refused_naming_the_variable(variables: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        Settings.from_env(**variables)

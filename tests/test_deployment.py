@@ -85,7 +85,8 @@ def test_compose_leaves_optional_variables_unset_and_reads_an_env_file() -> None
     environment = compose_environment()
 
     assert {name for name, value in environment.items() if value is None} == {
-        "SUNO_BASE_URL", "SUNO_API_KEY", "SUNOTRACK_CALLBACK_TOKEN", "SUNOTRACK_PUBLIC_URL",
+        "SUNO_BASE_URL", "SUNO_API_KEY", "SUNOTRACK_RELAYS", "SUNOTRACK_CALLBACK_TOKEN",
+        "SUNOTRACK_PUBLIC_URL",
     }  # fmt: skip
     assert not [value for value in environment.values() if value and re.search(r":-\}", value)]
     assert (environment["SUNOTRACK_ADMIN_TOKEN"] or "").startswith("${SUNOTRACK_ADMIN_TOKEN:?")

@@ -80,6 +80,8 @@ class Owner:
     caller: Caller
     client_id: int | None
     every_client: bool
+    # Where client_id's tasks are polled unless a registration names another relay.
+    relay: str
 
     @property
     def shows_client(self) -> bool:
@@ -101,7 +103,8 @@ async def provide_owner(
     caller: NamedDependency[Caller], session: NamedDependency[AsyncSession], client: ClientQuery = None
 ) -> Owner:
     if client is None or client == caller.name:
-        return Owner(caller, caller.client_id, every_client=caller.is_admin)
+        return Owner(caller, caller.client_id, every_client=caller.is_admin, relay=caller.relay)
     if not caller.is_admin:
         raise InvalidInput("client: only the admin token addresses another client's tasks")
-    return Owner(caller, (await get_client(session, client)).id, every_client=False)
+    found = await get_client(session, client)
+    return Owner(caller, found.id, every_client=False, relay=found.relay)

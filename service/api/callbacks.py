@@ -16,6 +16,7 @@ import structlog
 from litestar import Request, Response, post
 from litestar.exceptions import NotAuthorizedException
 from litestar.params import FromPath
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api import AppRuntime, DbSession
 from service.api.schemas import decode_json, is_task_id
@@ -23,11 +24,11 @@ from service.config import Settings
 from service.errors import InvalidInput, NotFound, UpstreamUnavailable
 from service.metrics import CALLBACKS
 from service.redact import mask_json
-from service.runtime import CALLBACK_POLLS
+from service.runtime import CALLBACK_POLLS, Runtime
 from service.tracking.service import poll_task
 from service.upstream.dialects import parse_callback
 from service.upstream.schemas import UpstreamError
-from service.vocabulary import EventSource
+from service.vocabulary import DEFAULT_RELAY, EventSource
 
 log = structlog.get_logger()
 
@@ -45,11 +46,35 @@ def _hint(body: bytes, value: Any, token: str) -> dict[str, Any]:
 @post(
     "/api/v1/callbacks/suno/{token:str}",
     status_code=200,
-    summary="The relay's notify_hook call for a tracked task: polls that task now",
+    summary="The `default` relay's notify_hook call for a tracked task: polls that task now",
     security=[],
 )
 async def relay_callback(
     token: FromPath[str], request: Request[Any, Any, Any], session: DbSession, runtime: AppRuntime
+) -> Response[dict[str, str]]:
+    return await _callback(DEFAULT_RELAY, token, request, session, runtime)
+
+
+@post(
+    "/api/v1/callbacks/suno/{relay:str}/{token:str}",
+    status_code=200,
+    summary="A named relay's notify_hook call for a tracked task: polls that task now",
+    security=[],
+)
+async def named_relay_callback(
+    relay: FromPath[str],
+    token: FromPath[str],
+    request: Request[Any, Any, Any],
+    session: DbSession,
+    runtime: AppRuntime,
+) -> Response[dict[str, str]]:
+    if relay not in runtime.settings.relays:
+        raise NotFound(f"no relay is named {relay!r}")
+    return await _callback(relay, token, request, session, runtime)
+
+
+async def _callback(
+    relay: str, token: str, request: Request[Any, Any, Any], session: AsyncSession, runtime: Runtime
 ) -> Response[dict[str, str]]:
     expected = runtime.settings.callback_token
     if expected is None:
@@ -79,27 +104,29 @@ async def relay_callback(
                 task_id,
                 source=EventSource.CALLBACK,
                 settings=runtime.settings,
+                relay=relay,
                 hint=_hint(body, value, expected.get_secret_value()),
             )
     except NotFound:
         # Acknowledged so the relay does not retry a task nobody asked us to track.
         outcome = "ignored"
     except UpstreamUnavailable as exc:
-        log.warning("callback.poll_failed", task_id=task_id, error=exc.detail)
+        log.warning("callback.poll_failed", relay=relay, task_id=task_id, error=exc.detail)
         outcome = "deferred"
         answer["reason"] = exc.detail
     CALLBACKS.labels(outcome).inc()
-    log.info("callback.received", task_id=task_id, outcome=outcome, reported=snapshot.raw_status)
+    log.info("callback.received", relay=relay, task_id=task_id, outcome=outcome, reported=snapshot.raw_status)
     status_code = 200 if outcome in ("polled", "finished") else 202
     return Response({"status": outcome, **answer}, status_code=status_code)
 
 
-CALLBACK_ROUTES = [relay_callback]
+CALLBACK_ROUTES = [relay_callback, named_relay_callback]
 
 
-def callback_url(settings: Settings) -> str | None:
-    """Where the relay reaches relay_callback (None without SUNOTRACK_PUBLIC_URL). It holds the
+def callback_url(settings: Settings, relay: str = DEFAULT_RELAY) -> str | None:
+    """Where `relay` reaches its callback route (None without SUNOTRACK_PUBLIC_URL). It holds the
     callback token: it goes to the relay only, never to a client."""
     if settings.public_url is None or settings.callback_token is None:
         return None
-    return f"{settings.public_url}/api/v1/callbacks/suno/{settings.callback_token.get_secret_value()}"
+    named = "" if relay == DEFAULT_RELAY else f"{relay}/"
+    return f"{settings.public_url}/api/v1/callbacks/suno/{named}{settings.callback_token.get_secret_value()}"

@@ -91,7 +91,7 @@ async def submit(
     if not isinstance(payload, dict):
         raise InvalidInput("body: must be a JSON object, as the relay takes it")
     hook = await _take_hook(payload, runtime)
-    public_hook = callback_url(runtime.settings)
+    public_hook = callback_url(runtime.settings, relay.name)
     if public_hook is not None:
         payload["notify_hook"] = public_hook
     forwarded = msgspec.json.encode(payload) if hook is not None or public_hook is not None else body

@@ -58,12 +58,12 @@ async def require_task(session: AsyncSession, owner: Owner, task_id: str) -> Tas
     return task
 
 
-async def check_registration(runtime: Runtime, data: RegisterTask) -> None:
+async def check_registration(runtime: Runtime, data: RegisterTask, owner: Owner) -> None:
     """What the struct cannot say about a registration: 400s naming the field."""
     if data.metadata is not None and len(msgspec.json.encode(data.metadata)) > METADATA_MAX_BYTES:
         raise InvalidInput(f"metadata: must encode to at most {METADATA_MAX_BYTES} bytes of JSON")
-    if data.relay is not None:
-        known_relay(runtime.settings, data.relay)
+    # The client's own relay too: it may have left the configuration since the client was made.
+    known_relay(runtime.settings, data.relay or owner.relay)
     if data.notify_hook is not None:
         await check_hook_url(data.notify_hook, allow_private=runtime.settings.allow_private_hooks)
 
@@ -77,14 +77,14 @@ async def check_registration(runtime: Runtime, data: RegisterTask) -> None:
 async def create_task(
     data: JSONBody[RegisterTask], session: DbSession, runtime: AppRuntime, owner: TaskOwner
 ) -> Response[TaskOut]:
-    await check_registration(runtime, data)
+    await check_registration(runtime, data, owner)
     task, created = await register_task(
         session,
         client_id=owner.client_id,
         task_id=data.task_id,
         kind=data.kind,
         relay=data.relay,
-        default_relay=owner.caller.relay,
+        default_relay=owner.relay,
         notify_hook=data.notify_hook,
         notify_format=data.notify_format,
         metadata=data.metadata,
@@ -105,7 +105,7 @@ async def register_batch(
     for index, raw in enumerate(data.tasks):
         try:
             registration = msgspec.convert(raw, RegisterTask)
-            await check_registration(runtime, registration)
+            await check_registration(runtime, registration, owner)
         except (msgspec.ValidationError, ServiceError) as refused:
             given = raw.get("task_id") if isinstance(raw, dict) else None
             status = refused.status_code if isinstance(refused, ServiceError) else 400
@@ -134,7 +134,7 @@ async def register_batch(
             for _index, r in registering
         ],
         client_id=owner.client_id,
-        default_relay=owner.caller.relay,
+        default_relay=owner.relay,
         settings=runtime.settings,
     )
     answered = [result for result in results if not isinstance(result, Conflict)]

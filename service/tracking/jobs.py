@@ -102,30 +102,34 @@ class Poller:
         relay: RelayClient,
         *,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        connections: int | None = None,
     ) -> None:
+        """Polls `relay`'s tasks (one Poller per relay), its workers holding at most `connections`
+        of the engine's pool (default: the pool's steady size)."""
         self._settings = settings
         self._drain_timeout_s = drain_timeout_s
         self._relay = relay
-        # A page is several batch requests' worth of tasks; the workers' pages fill the request slots
-        # with two pages more (docs/design.md, "Pages, not rows"), within poll_claim_size.
-        requests_per_page = min(PAGE_REQUESTS, settings.upstream_concurrency)
+        # A page is several batch requests' worth of tasks; the workers' pages fill the relay's request
+        # slots with two pages more (docs/design.md, "Pages, not rows"), within poll_claim_size.
+        concurrency = relay.max_in_flight
+        requests_per_page = min(PAGE_REQUESTS, concurrency)
         self._page_size = min(settings.poll_batch_size * requests_per_page, settings.poll_claim_size)
         # Each worker keeps a connection for the whole drain: at most the pool's steady size, leaving
         # its overflow to the API.
         self.workers = max(
             1,
             min(
-                settings.upstream_concurrency // requests_per_page + 2,
+                concurrency // requests_per_page + 2,
                 settings.poll_claim_size // self._page_size,
-                engine.pool.size(),  # type: ignore[attr-defined]
+                connections or engine.pool.size(),  # type: ignore[attr-defined]
             ),
         )
-        self._single_slots = asyncio.Semaphore(settings.upstream_concurrency)
+        self._single_slots = asyncio.Semaphore(concurrency)
         # A page's transaction sits idle while the relay answers. Single requests start within half a
         # lease of the claim (_poll_single); a page's batch requests may queue behind the other pages'
         # for a slot (a round per page ahead), and none takes longer than the upstream timeout once it
         # has one.
-        rounds = math.ceil(self.workers * requests_per_page / settings.upstream_concurrency)
+        rounds = math.ceil(self.workers * requests_per_page / concurrency)
         self.idle_limit_s = settings.lease_s + settings.upstream_timeout_s * rounds
         self._connections = _Connections(engine, idle_s=self.idle_limit_s)
         # Claims sweep the live tasks by id: each page starts after the last id the previous one took,
@@ -314,23 +318,29 @@ def _count_error(error: UpstreamError, *, tasks: int, task_id: str | None = None
     )
 
 
-async def start_poller(runtime: Runtime) -> Poller:
-    """Add the poller's tick to the lifespan's (started) scheduler; the returned object's stop() ends it."""
-    if runtime.relay is None:
-        raise RuntimeError("the poller needs a relay (SUNO_BASE_URL)")
-    poller = Poller(runtime.settings, runtime.engine, runtime.relay)
+async def start_poller(runtime: Runtime, relay: RelayClient, *, connections: int | None = None) -> Poller:
+    """Add a poller of `relay`'s tasks to the lifespan's (started) scheduler; its stop() ends it."""
+    poller = Poller(runtime.settings, runtime.engine, relay, connections=connections)
     poller.job = runtime.scheduler.add_job(
         poller.tick,
         "interval",
         seconds=runtime.settings.poll_tick_s,
-        id=f"poll-tick:{runtime.instance_id}",
+        id=f"poll-tick:{relay.name}:{runtime.instance_id}",
         max_instances=1,
         coalesce=True,
     )
     log.info(
         "poll.started",
         instance_id=runtime.instance_id,
+        relay=relay.name,
         workers=poller.workers,
         tick_s=runtime.settings.poll_tick_s,
     )
     return poller
+
+
+async def start_pollers(runtime: Runtime) -> list[Poller]:
+    """A poller per configured relay, each with its own drain, request slots and share of the pool's
+    connections: a slow or failing relay never holds up another's polling."""
+    share = max(1, runtime.engine.pool.size() // max(1, len(runtime.relays)))  # type: ignore[attr-defined]
+    return [await start_poller(runtime, relay, connections=share) for relay in runtime.relays.values()]
