@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import secrets
 import socket
@@ -40,6 +41,9 @@ SAMPLES: tuple[tuple[str, str, dict[str, Any]], ...] = (
 # service adopts the hook the relay's answers name (README, Webhooks).
 HOOKED_SAMPLE = {"title": "Harbor Echo", "fake_lifecycle": "music_success"}
 DEMO_RELAY_KEY = "demo-relay-key"
+# The API client the demo makes, as an operator would for each order backend (README, Connecting a
+# backend).
+DEMO_CLIENT = "demo-shop"
 
 
 def demo_settings(token: str, relay_url: str, data_dir: Path) -> Settings:
@@ -90,12 +94,13 @@ async def run_demo(sock: socket.socket, stage_s: float, stop: asyncio.Event) -> 
             host, port = sock.getsockname()[:2]
             base = f"http://{host}:{port}"
             shown_key = "$SUNO_API_KEY" if "SUNO_API_KEY" in os.environ else relay_key
-            introduce(settings, base, relay_url, shown_key, token)
             secret = settings.webhook_secrets[0].get_secret_value() if settings.webhook_secrets else None
             async with (
                 webhook_receiver(secret) as hook,
                 aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http,
             ):
+                shop = await demo_client(http, base, data_dir)
+                introduce(settings, base, relay_url, shown_key, token, shop=shop)
                 show = asyncio.create_task(show_samples(http, relay, relay_url, relay_key, base, hook=hook))
                 stopping = asyncio.create_task(stop.wait())
                 await asyncio.wait({show, stopping, served}, return_when=asyncio.FIRST_COMPLETED)
@@ -108,28 +113,67 @@ async def run_demo(sock: socket.socket, stage_s: float, stop: asyncio.Event) -> 
         await relay.stop()
 
 
-def introduce(settings: Settings, base: str, relay_url: str, relay_key: str, token: str) -> None:
+async def demo_client(http: aiohttp.ClientSession, base: str, data_dir: Path) -> dict[str, str]:
+    """The demo's API client, made through the admin API on the first run. Its token and webhook
+    secret are shown only by the answer that makes them: the demo keeps them in the data directory,
+    so they stay the same across runs (a lost file, or a token revoked or rotated since: both are
+    rotated)."""
+    path = data_dir / "demo-client.json"
+    async with http.post(f"{base}/api/v1/clients", json={"name": DEMO_CLIENT}) as response:
+        if response.status == 409 and path.exists():
+            kept: dict[str, str] = json.loads(path.read_text())
+            headers = {"Authorization": f"Bearer {kept['token']}"}
+            async with http.get(f"{base}/api/v1/tasks", params={"limit": 1}, headers=headers) as check:
+                if check.status == 200:
+                    return kept
+        if response.status == 409:
+            made = await rotated_client(http, f"{base}/api/v1/clients/{DEMO_CLIENT}")
+        else:
+            response.raise_for_status()
+            made = await response.json()
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(made) + "\n")
+    return made
+
+
+async def rotated_client(http: aiohttp.ClientSession, url: str) -> dict[str, str]:
+    async with http.post(f"{url}/rotate-token") as response:
+        response.raise_for_status()
+        token = (await response.json())["token"]
+    async with http.post(f"{url}/rotate-secret", params={"grace_s": 0}) as response:
+        response.raise_for_status()
+        secret = (await response.json())["webhook_secret"]
+    return {"name": DEMO_CLIENT, "token": token, "webhook_secret": secret}
+
+
+def introduce(
+    settings: Settings, base: str, relay_url: str, relay_key: str, token: str, *, shop: dict[str, str]
+) -> None:
     database = "DATABASE_URL" if settings.database_url else f"embedded, in {settings.data_dir}"
     secrets_in_use = [key.get_secret_value() for key in settings.webhook_secrets]
     private = "allowed" if settings.allow_private_hooks else "refused (SUNOTRACK_ALLOW_PRIVATE_HOOKS)"
-    auth = f"-H 'Authorization: Bearer {token}' -H 'Content-Type: application/json'"
+    auth = f"-H 'Authorization: Bearer {shop['token']}' -H 'Content-Type: application/json'"
     print(
         f"\nsunotrack demo on {base}\n"
         f"database: {database}\n"
         f"fake relay: {relay_url} (API key: {relay_key})\n"
-        f"admin token: {token}\n"
-        f"webhook signing secret: {' '.join(secrets_in_use) or 'none: webhooks wait unsent'}\n"
+        f"admin token: {token}  (sees every client's tasks; the samples below are the admin's)\n"
+        f"client {shop['name']}: token {shop['token']}  webhook secret {shop['webhook_secret']}\n"
+        "  (an order backend's own: it sees only the tasks it registers; README, Connecting a backend)\n"
+        f"admin webhook signing secret: {' '.join(secrets_in_use) or 'none: webhooks wait unsent'}\n"
         f"notify_hooks on loopback and private addresses: {private} in the demo\n\n"
         'Try it: submit a song to the fake relay; it answers {"code": "success", "data": TASK_ID}.\n'
         f"  curl -s -H \"Authorization: Bearer {relay_key}\" -H 'Content-Type: application/json' \\\n"
         f'       -d \'{{"title": "My song"}}\' {relay_url}/suno/submit/music\n'
-        'Then track that TASK_ID (add "notify_hook": "http://127.0.0.1:9000/hook" for webhooks):\n'
+        f'Then track that TASK_ID as {shop["name"]} (add "notify_hook": "http://127.0.0.1:9000/hook" for '
+        "webhooks):\n"
         f"  curl -s {auth} \\\n"
         f'       -d \'{{"task_id": "TASK_ID", "kind": "music"}}\' {base}/api/v1/tasks\n'
-        f"  curl -s -H 'Authorization: Bearer {token}' {base}/api/v1/tasks/TASK_ID/events\n"
-        "A receiver checks each webhook's signature (pip install standardwebhooks):\n"
+        f"  curl -s -H 'Authorization: Bearer {shop['token']}' {base}/api/v1/tasks/TASK_ID/events\n"
+        f"A receiver checks each webhook's signature with {shop['name']}'s secret (pip install "
+        "standardwebhooks):\n"
         "  from standardwebhooks import Webhook\n"
-        f'  webhook = Webhook("{secrets_in_use[0] if secrets_in_use else "whsec_..."}")\n'
+        f'  webhook = Webhook("{shop["webhook_secret"]}")\n'
         "  event = webhook.verify(body, headers)  # raises unless sunotrack signed this body\n"
         f"OpenAPI: {base}/schema\n",
         flush=True,

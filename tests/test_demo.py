@@ -127,6 +127,7 @@ def test_demo_moves_sample_tasks_to_the_end_and_keeps_them_across_a_restart(data
     first = DemoProcess(data_dir, port)
     try:
         token = first.wait_for(r"admin token: (\S+)").group(1)
+        client_token = first.wait_for(r"client demo-shop: token (\S+)  webhook secret whsec_").group(1)
         first.wait_for(r"demo: all sample tasks finished")
         hooked = re.search(
             r"demo: registered music\s+(\S+)\s+\(submitted to the relay with notify_hook", first.transcript
@@ -138,12 +139,14 @@ def test_demo_moves_sample_tasks_to_the_end_and_keeps_them_across_a_restart(data
         if not re.search(told_complete, first.transcript):
             first.wait_for(told_complete)
         before = list_tasks(port, token)
+        clients_own = list_tasks(port, client_token)
     finally:
         first.stop()
     transcript = "".join(first.output)
 
     assert first.process.returncode == 0, transcript
     assert {task["status"] for task in before} == {"complete"}
+    assert clients_own == []  # the samples are the admin's: a client sees only its own tasks
     assert {task["kind"] for task in before} == {"music", "lyrics", "stems"}
     assert re.search(r"music .* transition .* -> complete", transcript)
     # The one sample registered without a hook: delivered to the one its relay answers name, and only it.
@@ -153,6 +156,7 @@ def test_demo_moves_sample_tasks_to_the_end_and_keeps_them_across_a_restart(data
     second = DemoProcess(data_dir, port)
     try:
         token = second.wait_for(r"admin token: (\S+)").group(1)
+        assert second.wait_for(r"client demo-shop: token (\S+)").group(1) == client_token
         second.wait_for(r"demo: registered stems")
         after = {str(task["task_id"]): task["status"] for task in list_tasks(port, token)}
     finally:

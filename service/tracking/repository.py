@@ -302,7 +302,7 @@ _CLAIM = text(
         SELECT ctid, id, next_poll_at, poll_interval_s
         FROM tasks
         WHERE task_id = ANY(ARRAY(SELECT task_id FROM due WHERE shared)) AND relay = :relay AND {LIVE}
-            AND NOT id = ANY(ARRAY(SELECT id FROM due))
+            AND id NOT IN (SELECT id FROM due)
         FOR UPDATE SKIP LOCKED
     ),
     claimed AS (
@@ -317,7 +317,7 @@ _CLAIM = text(
             ),
             last_polled_at = now(),
             poll_count = t.poll_count + 1,
-            shared = t.shared OR t.task_id = ANY(ARRAY(SELECT task_id FROM due WHERE shared))
+            shared = t.shared OR t.task_id IN (SELECT task_id FROM due WHERE shared)
         -- The locked rows by their addresses, as one array: a TID scan whatever the table's size.
         WHERE t.ctid = ANY(ARRAY(SELECT ctid FROM due) || ARRAY(SELECT ctid FROM siblings))
         RETURNING t.id, t.task_id, t.kind, t.last_error, t.snapshot_digest,
