@@ -32,7 +32,7 @@ NEW_HOOK = "https://fresh.example/hook"
 BARE = """
     UPDATE deliveries AS d SET next_attempt_at = now() + make_interval(secs => $2)
     WHERE d.ctid = ANY(ARRAY(
-        SELECT ctid FROM deliveries WHERE host = $3 AND next_attempt_at <= now()
+        SELECT ctid FROM deliveries WHERE client_key = 0 AND host = $3 AND next_attempt_at <= now()
         ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED))
     RETURNING d.id, d.task_pk, d.webhook_id, d.url, d.host, d.body, d.attempts, d.next_attempt_at
 """
