@@ -14,7 +14,7 @@ import pytest
 
 from service.config import Settings
 from tests.api.test_tasks import db_rows
-from tests.conftest import LiveServer, auth_headers
+from tests.conftest import LiveServer, auth_headers, wait_until
 
 ISSUED_KEYS = {"name", "token", "webhook_secret", "relay"}
 LISTED_KEYS = {"name", "relay", "rate", "relay_hooks", "created_at", "revoked_at", "task_count"}
@@ -345,3 +345,39 @@ async def test_the_rate_holds_across_replicas(
     assert max(refused) > max(granted) - 1 / rate
     expected = 2 * rate + rate * (max(granted) - started)
     assert abs(len(granted) - expected) <= 0.2 * expected, (len(granted), expected)
+
+
+async def test_no_token_or_secret_is_logged(
+    make_settings: Callable[..., Settings],
+    live_server: Callable[..., LiveServer],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Everything the service prints while a client is made, used (over its rate, too), rotated and
+    revoked, and while its webhooks are attempted (to a port nobody listens on, so failures are
+    logged): none of its tokens or secrets."""
+    server = live_server(make_settings(), run_jobs=True)
+    shown: list[str] = []
+    async with httpx.AsyncClient(base_url=server.base_url, headers=auth_headers(), timeout=30) as api:
+        issued = await create(api, "shop-a", rate=0.5)
+        shown += [issued["token"], issued["webhook_secret"]]
+        async with as_token(api, issued["token"]) as shop:
+            for n in range(3):
+                await shop.post(
+                    "/api/v1/tasks", json={"task_id": f"t-{n}", "notify_hook": "http://127.0.0.1:9/h"}
+                )
+            await shop.delete("/api/v1/tasks/t-0")
+        shown.append((await api.post("/api/v1/clients/shop-a/rotate-secret")).json()["webhook_secret"])
+        shown.append((await api.post("/api/v1/clients/shop-a/rotate-token")).json()["token"])
+        await api.post("/api/v1/clients/shop-a/revoke")
+        async with as_token(api, shown[-1]) as revoked:
+            assert (await revoked.get("/api/v1/tasks")).status_code == 401
+
+        async def attempted() -> bool:
+            items = (await api.get("/api/v1/deliveries", params={"client": "shop-a"})).json()["items"]
+            return bool(items) and items[0]["attempts"] > 0
+
+        await wait_until(attempted, timeout=15, what="a webhook attempt")
+    printed = "".join(capfd.readouterr())
+
+    assert "webhooks.attempt_failed" in printed  # the logs were captured
+    assert [secret for secret in shown if secret in printed] == []
