@@ -4,21 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import msgspec
 from litestar import get, post
 from litestar.params import JSONBody, PathParameter, QueryParameter
 
 from service.api import AppCaller, AppRuntime, DbSession
 from service.api.auth import require_admin
-from service.api.schemas import (
-    ClientIssued,
-    ClientList,
-    ClientOut,
-    CreateClient,
-    SecretRotated,
-    TokenRotated,
-    client_out,
-)
+from service.api.schemas import ClientList, ClientOut, CreateClient, client_out
 from service.clients import service
+from service.clients.service import ClientIssued, SecretRotated, TokenRotated
 
 ClientNamePath = Annotated[str, PathParameter(description="The client's name", max_length=64)]
 
@@ -28,17 +22,7 @@ async def create_client(
     data: JSONBody[CreateClient], session: DbSession, runtime: AppRuntime, caller: AppCaller
 ) -> ClientIssued:
     require_admin(caller)
-    issued = await service.create_client(
-        session,
-        name=data.name,
-        relay=data.relay,
-        rate=data.rate,
-        relay_hooks=data.relay_hooks,
-        settings=runtime.settings,
-    )
-    return ClientIssued(
-        name=issued.name, token=issued.token, webhook_secret=issued.webhook_secret, relay=issued.relay
-    )
+    return await service.create_client(session, **msgspec.structs.asdict(data), settings=runtime.settings)
 
 
 @get("/api/v1/clients", summary="Every client, by name (never a token or secret)")
@@ -74,7 +58,7 @@ async def revoke_client(name: ClientNamePath, session: DbSession, caller: AppCal
 )
 async def rotate_token(name: ClientNamePath, session: DbSession, caller: AppCaller) -> TokenRotated:
     require_admin(caller)
-    return TokenRotated(name=name, token=await service.rotate_token(session, name))
+    return await service.rotate_token(session, name)
 
 
 @post(
@@ -94,8 +78,7 @@ async def rotate_secret(
     ] = service.DEFAULT_SECRET_GRACE_S,
 ) -> SecretRotated:
     require_admin(caller)
-    secret, until = await service.rotate_secret(session, name, grace_s=grace_s)
-    return SecretRotated(name=name, webhook_secret=secret, previous_secret_until=until)
+    return await service.rotate_secret(session, name, grace_s=grace_s)
 
 
 CLIENT_ROUTES = [create_client, list_clients, read_client, revoke_client, rotate_token, rotate_secret]

@@ -329,15 +329,6 @@ class CreateClient(msgspec.Struct, forbid_unknown_fields=True):
     relay_hooks: RelayHooks | None = None
 
 
-class ClientIssued(msgspec.Struct):
-    """A new client's credentials: shown once, never again."""
-
-    name: str
-    token: str
-    webhook_secret: str
-    relay: str
-
-
 class ClientOut(msgspec.Struct):
     """A client as listed: never its token or secrets."""
 
@@ -353,18 +344,6 @@ class ClientOut(msgspec.Struct):
 
 class ClientList(msgspec.Struct):
     items: list[ClientOut]
-
-
-class TokenRotated(msgspec.Struct):
-    name: str
-    token: str
-
-
-class SecretRotated(msgspec.Struct):
-    name: str
-    webhook_secret: str
-    # Until when the previous secret signs too (None: it stopped at once).
-    previous_secret_until: datetime | None
 
 
 def client_out(client: Client, task_count: int) -> ClientOut:

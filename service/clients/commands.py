@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.api.schemas import ClientIssued, CreateClient, SecretRotated, TokenRotated, client_out
+from service.api.schemas import CreateClient, client_out
 from service.clients import service
 from service.config import Settings
 from service.db import create_session_maker, transaction
@@ -45,29 +45,16 @@ async def _act(session: Any, args: argparse.Namespace, settings: Settings) -> li
             )
         except msgspec.ValidationError as exc:
             raise InvalidInput(str(exc).replace("$.", "")) from None
-        issued = await service.create_client(
-            session,
-            name=data.name,
-            relay=data.relay,
-            rate=data.rate,
-            relay_hooks=data.relay_hooks,
-            settings=settings,
-        )
-        return [
-            ClientIssued(
-                name=issued.name, token=issued.token, webhook_secret=issued.webhook_secret, relay=issued.relay
-            )
-        ]
+        return [await service.create_client(session, **msgspec.structs.asdict(data), settings=settings)]
     if args.action == "list":
         return [client_out(client, count) for client, count in await service.list_clients(session)]
     if args.action == "revoke":
         client = await service.revoke_client(session, args.name)
         return [client_out(client, await service.task_count(session, client))]
     if args.action == "rotate-token":
-        return [TokenRotated(name=args.name, token=await service.rotate_token(session, args.name))]
+        return [await service.rotate_token(session, args.name)]
     if args.action == "rotate-secret":
         if not 0 <= args.grace_s <= service.MAX_SECRET_GRACE_S:
             raise InvalidInput(f"--grace-s: must be from 0 to {service.MAX_SECRET_GRACE_S:g} seconds")
-        secret, until = await service.rotate_secret(session, args.name, grace_s=args.grace_s)
-        return [SecretRotated(name=args.name, webhook_secret=secret, previous_secret_until=until)]
+        return [await service.rotate_secret(session, args.name, grace_s=args.grace_s)]
     raise AssertionError(args.action)

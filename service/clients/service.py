@@ -14,11 +14,13 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import msgspec
 from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.config import Settings
+from service.db import database_now
 from service.errors import Conflict, InvalidInput, NotFound
 from service.models import Client, Task
 from service.vocabulary import DEFAULT_RELAY
@@ -49,14 +51,25 @@ class Caller:
 ADMIN = Caller(client_id=None, name=None, relay=DEFAULT_RELAY)
 
 
-@dataclass(frozen=True, slots=True)
-class Issued:
-    """A new client's credentials: the only time its token is seen."""
+class ClientIssued(msgspec.Struct):
+    """A new client's credentials, as `create` answers (API and CLI): the only time its token is seen."""
 
     name: str
     token: str
     webhook_secret: str
     relay: str
+
+
+class TokenRotated(msgspec.Struct):
+    name: str
+    token: str
+
+
+class SecretRotated(msgspec.Struct):
+    name: str
+    webhook_secret: str
+    # Until when the previous secret signs too (None: it stopped at once).
+    previous_secret_until: datetime | None
 
 
 def new_token() -> str:
@@ -86,7 +99,7 @@ async def create_client(
     rate: float | None,
     relay_hooks: str | None,
     settings: Settings,
-) -> Issued:
+) -> ClientIssued:
     relay = known_relay(settings, relay or DEFAULT_RELAY)
     token, secret = new_token(), new_webhook_secret()
     created = (
@@ -106,7 +119,7 @@ async def create_client(
     ).scalar_one_or_none()
     if created is None:
         raise Conflict(f"client {name!r} already exists", extra={"client": name})
-    return Issued(name=name, token=token, webhook_secret=secret, relay=relay)
+    return ClientIssued(name=name, token=token, webhook_secret=secret, relay=relay)
 
 
 async def get_client(session: AsyncSession, name: str, *, for_update: bool = False) -> Client:
@@ -135,33 +148,33 @@ async def revoke_client(session: AsyncSession, name: str) -> Client:
     """Its token stops working when this commits; its tasks keep being tracked and delivered."""
     client = await get_client(session, name, for_update=True)
     if client.revoked_at is None:
-        client.revoked_at = await _now(session)
+        client.revoked_at = await database_now(session)
         await session.flush()
     return client
 
 
-async def rotate_token(session: AsyncSession, name: str) -> str:
+async def rotate_token(session: AsyncSession, name: str) -> TokenRotated:
     """A new token; the old one stops working when this commits."""
     client = await _active(session, name)
     token = new_token()
     client.token_sha256 = token_digest(token)
     await session.flush()
-    return token
+    return TokenRotated(name=name, token=token)
 
 
 async def rotate_secret(
     session: AsyncSession, name: str, *, grace_s: float = DEFAULT_SECRET_GRACE_S
-) -> tuple[str, datetime | None]:
+) -> SecretRotated:
     """A new webhook secret; the current one keeps signing too for `grace_s` (webhooks carry one
-    signature per secret). Returns the new secret and when the old one stops signing."""
+    signature per secret), until the answer's previous_secret_until."""
     client = await _active(session, name)
     secret = new_webhook_secret()
-    until = await _now(session) + timedelta(seconds=grace_s) if grace_s > 0 else None
+    until = await database_now(session) + timedelta(seconds=grace_s) if grace_s > 0 else None
     client.previous_webhook_secret = client.webhook_secret if until is not None else None
     client.previous_secret_until = until
     client.webhook_secret = secret
     await session.flush()
-    return secret, until
+    return SecretRotated(name=name, webhook_secret=secret, previous_secret_until=until)
 
 
 async def _active(session: AsyncSession, name: str) -> Client:
@@ -169,11 +182,6 @@ async def _active(session: AsyncSession, name: str) -> Client:
     if client.revoked_at is not None:
         raise Conflict(f"client {name!r} is revoked", extra={"client": name})
     return client
-
-
-async def _now(session: AsyncSession) -> datetime:
-    now: datetime = (await session.execute(select(func.now()))).scalar_one()
-    return now
 
 
 _CLIENT = "id, name, relay, token_sha256"
