@@ -20,18 +20,22 @@ from service.api.auth import provide_caller, provide_owner, require_token
 from service.api.callbacks import CALLBACK_ROUTES
 from service.api.clients import CLIENT_ROUTES
 from service.api.deliveries import DELIVERY_ROUTES
+from service.api.events import EVENT_ROUTES
 from service.api.health import HEALTH_ROUTES
 from service.api.relay_front import RELAY_FRONT_ROUTES
 from service.api.schemas import check_json, too_deep
+from service.api.stats import STATS_ROUTES
 from service.api.tasks import TASK_ROUTES
 from service.config import Settings
 from service.db import transaction
 from service.errors import ServiceError
+from service.feed.sequencer import Sequencer
+from service.feed.watcher import FeedWatcher
 from service.redact import mask_credentials, mask_json
 from service.runtime import Runtime, open_runtime
 from service.tracking.jobs import Poller, start_pollers
 from service.vocabulary import DEFAULT_RELAY
-from service.webhooks.jobs import Dispatcher, start_dispatcher
+from service.webhooks.jobs import Dispatcher, driver_dsn, start_dispatcher
 
 log = structlog.get_logger()
 
@@ -104,7 +108,12 @@ def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
         async with open_runtime(settings) as runtime:
             app.state.runtime = runtime
             app.state.dispatcher = None
-            stoppables: list[Poller | Dispatcher] = []
+            # The feed is part of serving the API (GET /events), not a job: it runs with or without them.
+            sequencer = Sequencer(runtime.engine, tick_s=settings.feed_tick_s)
+            app.state.feed_watcher = watcher = FeedWatcher(driver_dsn(runtime.engine))
+            stoppables: list[Poller | Dispatcher | Sequencer | FeedWatcher] = [watcher, sequencer]
+            sequencer.start()
+            watcher.start()
             try:
                 if run_jobs:
                     if runtime.relay is None:
@@ -127,7 +136,14 @@ def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
             *CALLBACK_ROUTES,
             Router(
                 path="/",
-                route_handlers=[*TASK_ROUTES, *DELIVERY_ROUTES, *CLIENT_ROUTES, *RELAY_FRONT_ROUTES],
+                route_handlers=[
+                    *TASK_ROUTES,
+                    *EVENT_ROUTES,
+                    *DELIVERY_ROUTES,
+                    *STATS_ROUTES,
+                    *CLIENT_ROUTES,
+                    *RELAY_FRONT_ROUTES,
+                ],
                 guards=[require_token],
                 dependencies={
                     "caller": Provide(provide_caller, sync_to_thread=False),

@@ -202,6 +202,7 @@ class Settings(BaseSettings):
     webhook_sweep_s: PositiveSeconds = Field(
         default=1.0, le=HOUR, validation_alias="SUNOTRACK_WEBHOOK_SWEEP_S"
     )
+    feed_tick_s: PositiveSeconds = Field(default=0.2, le=MINUTE, validation_alias="SUNOTRACK_FEED_TICK_S")
     allow_private_hooks: bool = Field(default=False, validation_alias="SUNOTRACK_ALLOW_PRIVATE_HOOKS")
     # The default of clients that set none (`sunotrack clients create --relay-hooks`).
     relay_hooks: RelayHooks = Field(default=RelayHooks.ADOPT, validation_alias="SUNOTRACK_RELAY_HOOKS")

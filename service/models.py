@@ -56,6 +56,9 @@ LIVE = f"NOT ({_one_of('status', _TERMINAL)})"
 
 Timestamp = TIMESTAMP(timezone=True)
 
+# A task-level status change (not a clip's, not an anomaly): what webhooks announce and charts count.
+TASK_TRANSITION = f"type = '{EventType.TRANSITION.value}' AND clip_id IS NULL"
+
 
 class Client(Base):
     """An order backend with its own bearer token, webhook secret(s), relay and registration rate."""
@@ -154,6 +157,17 @@ class Task(Base):
         Index("ix_tasks_status_id", "status", "id"),
         Index("ix_tasks_kind_id", "kind", "id"),
         Index("ix_tasks_client_id_id", "client_id", "id"),
+        # GET /tasks?metadata.<key>=<value> as `metadata @> '{"key": "value"}'` (docs/design.md, "Search").
+        Index(
+            "ix_tasks_metadata",
+            "metadata",
+            postgresql_using="gin",
+            postgresql_ops={"metadata": "jsonb_path_ops"},
+        ),
+        # task_id_prefix as `LIKE 'prefix%'`, whatever the database's collation.
+        Index("ix_tasks_task_id_pattern", "task_id", postgresql_ops={"task_id": "text_pattern_ops"}),
+        # /stats: what finished in the last hour or day. Written once, when the task becomes terminal.
+        Index("ix_tasks_finished_at", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
         # Room on each page for a polled row's next versions (docs/design.md, "The poller's claim").
         {"postgresql_with": {"fillfactor": 50}},
     )
@@ -196,9 +210,22 @@ class TaskEvent(Base):
     source: Mapped[str] = mapped_column(Text)
     clip_id: Mapped[str | None] = mapped_column(Text)
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # Position in the global feed (GET /events), handed out after commit, in the order events become
+    # visible (service.feed.sequencer); NULL until then.
+    feed_id: Mapped[int | None] = mapped_column(BigInteger)
+    # The task's client, copied when the event is numbered: a client's feed reads its own index range.
+    client_id: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (
         UniqueConstraint("task_pk", "seq"),
+        Index("ix_task_events_feed_id", "feed_id", unique=True, postgresql_where=text("feed_id IS NOT NULL")),
+        Index(
+            "ix_task_events_client_feed", "client_id", "feed_id", postgresql_where=text("feed_id IS NOT NULL")
+        ),
+        # What the sequencer has yet to number: small, as rows leave it once numbered.
+        Index("ix_task_events_unsequenced", "id", postgresql_where=text("feed_id IS NULL")),
+        # /stats/series: task-level transitions per minute.
+        Index("ix_task_events_transitions_at", "at", postgresql_where=text(TASK_TRANSITION)),
         CheckConstraint(_one_of("type", EventType), name="type"),
         CheckConstraint(_one_of("source", EventSource), name="source"),
     )
@@ -261,6 +288,9 @@ class DeliveryAttempt(Base):
     error: Mapped[str | None] = mapped_column(Text)
     response_body: Mapped[str | None] = mapped_column(Text)
     next_attempt_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+    # /stats: the success rate of the last hour's attempts.
+    __table_args__ = (Index("ix_delivery_attempts_at", "at"),)
 
 
 class HookHost(Base):

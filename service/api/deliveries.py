@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from litestar import get, post
-from litestar.params import FromQuery, PathParameter, QueryParameter
+from litestar.params import FromQuery, JSONBody, PathParameter, QueryParameter
 
-from service.api import AppDispatcher, AppRuntime, DbSession, TaskIdPath, TaskOwner
+from service.api import AppDispatcher, AppRuntime, DbSession, TaskIdPath, TaskOwner, task_scope
 from service.api.schemas import (
     INT64_MAX,
     DeliveryList,
@@ -15,11 +15,14 @@ from service.api.schemas import (
     DeliveryPage,
     HookHostList,
     HookHostOut,
+    ReplayDeliveries,
+    ReplayResult,
     decode_cursor,
     delivery_out,
     encode_cursor,
 )
 from service.db import database_now
+from service.errors import InvalidInput
 from service.vocabulary import DeliveryStatus
 from service.webhooks import reads
 
@@ -97,6 +100,39 @@ async def retry_delivery(delivery_id: DeliveryIdPath, session: DbSession, owner:
     return delivery_out(delivery, task_id)
 
 
+@post(
+    "/api/v1/deliveries/replay",
+    status_code=202,
+    summary="Re-queue every matching delivery (not one page of them); answers how many",
+    description=(
+        "Deliveries created in [since, until) (until: now by default) with one of `status` (failed and dead "
+        "by default), of the given tasks if `task_ids`. Delivered ones only with `include_delivered: true`."
+    ),
+)
+async def replay_deliveries(
+    data: JSONBody[ReplayDeliveries], session: DbSession, owner: TaskOwner
+) -> ReplayResult:
+    statuses = set(data.status)
+    if DeliveryStatus.PENDING in statuses:
+        raise InvalidInput(
+            "status: pending deliveries are queued already; replay takes failed, dead, delivered"
+        )
+    if DeliveryStatus.DELIVERED in statuses and not data.include_delivered:
+        raise InvalidInput('status: replaying delivered ones needs "include_delivered": true')
+    until = data.until or await database_now(session)
+    if until <= data.since:
+        raise InvalidInput("until: must be later than since")
+    count = await reads.replay(
+        session,
+        task_scope(owner),
+        since=data.since,
+        until=until,
+        statuses=sorted(statuses),
+        task_ids=data.task_ids,
+    )
+    return ReplayResult(requeued=count)
+
+
 @get(
     "/api/v1/hooks/hosts",
     summary="Webhook hosts: this process's sends in flight, shares and answer times; the circuit breaker",
@@ -146,4 +182,11 @@ async def list_hook_hosts(
     )
 
 
-DELIVERY_ROUTES = [list_task_deliveries, list_deliveries, redeliver_task, retry_delivery, list_hook_hosts]
+DELIVERY_ROUTES = [
+    list_task_deliveries,
+    list_deliveries,
+    replay_deliveries,
+    redeliver_task,
+    retry_delivery,
+    list_hook_hosts,
+]

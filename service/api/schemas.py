@@ -16,7 +16,7 @@ from service.models import Client, Clip, Delivery, DeliveryAttempt, Task, TaskEv
 from service.redact import mask_credentials, mask_json
 from service.tracking.repository import clip_view
 from service.upstream.schemas import ClipView, Lyrics
-from service.vocabulary import NotifyFormat, RelayHooks, TaskKind
+from service.vocabulary import DeliveryStatus, NotifyFormat, RelayHooks, TaskKind
 from service.webhooks.bodies import delivery_format
 from service.webhooks.ssrf import HOOK_MAX_LENGTH
 
@@ -53,6 +53,7 @@ class RegisterTask(msgspec.Struct, forbid_unknown_fields=True):
     relay: RelayName | None = None
 
 
+<<<<<<< HEAD
 BATCH_MAX = 500
 
 
@@ -72,6 +73,25 @@ class BatchItem(msgspec.Struct, omit_defaults=True):
 
 class BatchOut(msgspec.Struct):
     items: list[BatchItem]
+=======
+AwareTime = Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with its UTC offset")]
+REPLAY_TASK_IDS_MAX = 1000
+
+
+class ReplayDeliveries(msgspec.Struct, forbid_unknown_fields=True):
+    since: AwareTime
+    # Unset: now.
+    until: AwareTime | None = None
+    status: Annotated[list[DeliveryStatus], msgspec.Meta(min_length=1, max_length=len(DeliveryStatus))] = (
+        msgspec.field(default_factory=lambda: [DeliveryStatus.FAILED, DeliveryStatus.DEAD])
+    )
+    task_ids: Annotated[list[TaskIdStr], msgspec.Meta(max_length=REPLAY_TASK_IDS_MAX)] | None = None
+    include_delivered: bool = False
+
+
+class ReplayResult(msgspec.Struct):
+    requeued: int
+>>>>>>> 27788ab (Global event feed numbered in commit order (a sequencer after commit), GET /events and /events/stream (SSE, Last-Event-ID, keep-alive, LISTEN/NOTIFY across replicas); GET /tasks search filters (status repeatable, kind, times, task_id_prefix, metadata.<key>=<value> on a GIN jsonb_path_ops index); timeline; GET /stats and /stats/series; POST /deliveries/replay)
 
 
 class TaskOut(msgspec.Struct):
@@ -99,6 +119,8 @@ class TaskOut(msgspec.Struct):
     relay: str
     # Only in the admin's view: the client that registered the task (None: the admin).
     client: str | msgspec.UnsetType | None = msgspec.UNSET
+    # Only on GET /tasks/{task_id}: seconds spent in each status so far.
+    timeline: dict[str, float] | msgspec.UnsetType = msgspec.UNSET
 
 
 class TaskPage(msgspec.Struct):
@@ -132,6 +154,21 @@ def _filled(shape: type[_Out], row: Any, **values: Any) -> _Out:
     return shape(**values)
 
 
+class FeedEventOut(EventOut, kw_only=True):
+    """An event of the global feed: its position (`id`) and whose it is."""
+
+    id: int
+    task_id: str
+    kind: str
+    client: str | None
+
+
+class FeedPage(msgspec.Struct):
+    items: list[FeedEventOut]
+    # Pass as `after` to read on; the same `after` when nothing new was there yet.
+    next_after: int
+
+
 def task_out(task: Task, clips: list[Clip], client_names: dict[int, str] | None = None) -> TaskOut:
     """`client_names` (by client id) for the admin's view, which names each task's client."""
     return _filled(
@@ -145,11 +182,25 @@ def task_out(task: Task, clips: list[Clip], client_names: dict[int, str] | None 
         client=msgspec.UNSET
         if client_names is None
         else (None if task.client_id is None else client_names[task.client_id]),
+        timeline=msgspec.UNSET,  # GET /tasks/{task_id} fills it in
     )
 
 
 def event_out(event: TaskEvent) -> EventOut:
     return _filled(EventOut, event, detail=mask_json(event.detail))
+
+
+def feed_event_out(event: TaskEvent, task_id: str, kind: str, client: str | None) -> FeedEventOut:
+    assert event.feed_id is not None  # the feed reads numbered events only
+    return _filled(
+        FeedEventOut,
+        event,
+        detail=mask_json(event.detail),
+        id=event.feed_id,
+        task_id=task_id,
+        kind=kind,
+        client=client,
+    )
 
 
 class AttemptOut(msgspec.Struct):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Any
 
 import msgspec
-from litestar import Response, delete, get, post
+from litestar import Request, Response, delete, get, post
 from litestar.params import FromQuery, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
+<<<<<<< HEAD
 from service.api import AppRuntime, DbSession, TaskIdPath, TaskOwner
 from service.api.auth import REGISTERS, Owner, rate_limited
 from service.api.schemas import (
@@ -16,6 +18,15 @@ from service.api.schemas import (
     METADATA_MAX_BYTES,
     BatchItem,
     BatchOut,
+=======
+from service.api import AppRuntime, DbSession, TaskIdPath, TaskOwner, task_scope
+from service.api.auth import REGISTERS, Owner
+from service.api.schemas import (
+    INT32_MAX,
+    METADATA_MAX_BYTES,
+    TASK_ID_MAX_LENGTH,
+    TASK_ID_PATTERN,
+>>>>>>> 27788ab (Global event feed numbered in commit order (a sequencer after commit), GET /events and /events/stream (SSE, Last-Event-ID, keep-alive, LISTEN/NOTIFY across replicas); GET /tasks search filters (status repeatable, kind, times, task_id_prefix, metadata.<key>=<value> on a GIN jsonb_path_ops index); timeline; GET /stats and /stats/series; POST /deliveries/replay)
     EventList,
     RegisterBatch,
     RegisterTask,
@@ -152,27 +163,86 @@ async def register_batch(
     return BatchOut(items=[item for item in items if item is not None])
 
 
-@get("/api/v1/tasks/{task_id:str}", summary="One task with its clips")
+@get("/api/v1/tasks/{task_id:str}", summary="One task with its clips and the time it spent in each status")
 async def read_task(task_id: TaskIdPath, session: DbSession, owner: TaskOwner) -> TaskOut:
-    return await load_task_out(session, owner, await require_task(session, owner, task_id))
+    task = await require_task(session, owner, task_id)
+    out = await load_task_out(session, owner, task)
+    out.timeline = await repository.time_in_status(session, task)
+    return out
 
 
-@get("/api/v1/tasks", summary="Tasks, newest first, with keyset pagination")
+TimeQuery = Annotated[datetime | None, QueryParameter(description="RFC 3339 time with its UTC offset")]
+METADATA_PREFIX = "metadata."
+METADATA_FILTERS_MAX = 8
+METADATA_KEY_MAX = 128
+METADATA_VALUE_MAX = 1024
+
+
+def metadata_filters(request: Request[Any, Any, Any]) -> dict[str, str] | None:
+    """`metadata.<key>=<value>` query parameters: string equality on top-level keys."""
+    wanted: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        if not name.startswith(METADATA_PREFIX):
+            continue
+        key = name.removeprefix(METADATA_PREFIX)
+        if not 1 <= len(key) <= METADATA_KEY_MAX or len(value) > METADATA_VALUE_MAX:
+            raise InvalidInput(
+                f"{name}: the key takes 1-{METADATA_KEY_MAX} characters, "
+                f"the value at most {METADATA_VALUE_MAX}"
+            )
+        if "\x00" in key or "\x00" in value:
+            raise InvalidInput(f"{name}: may not contain NUL")
+        if key in wanted:
+            raise InvalidInput(f"{name}: given twice")
+        wanted[key] = value
+    if len(wanted) > METADATA_FILTERS_MAX:
+        raise InvalidInput(f"metadata: at most {METADATA_FILTERS_MAX} metadata.<key> filters")
+    return wanted or None
+
+
+def aware(name: str, value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        raise InvalidInput(f"{name}: give the UTC offset (RFC 3339), e.g. 2026-11-29T10:00:00Z")
+    return value
+
+
+@get(
+    "/api/v1/tasks",
+    summary="Tasks, newest first, with keyset pagination",
+    description=(
+        "Filters combine (AND). `status` may repeat. `metadata.<key>=<value>` (up to 8) matches tasks whose "
+        "metadata has that top-level key with that string value, e.g. `metadata.order_id=A-1001`."
+    ),
+)
 async def list_tasks(
     *,
+    request: Request[Any, Any, Any],
     session: DbSession,
     owner: TaskOwner,
-    status: FromQuery[TaskStatus | None] = None,
+    status: Annotated[list[TaskStatus] | None, QueryParameter(max_items=len(TaskStatus))] = None,
     kind: FromQuery[TaskKind | None] = None,
+    created_after: TimeQuery = None,
+    created_before: TimeQuery = None,
+    updated_after: TimeQuery = None,
+    task_id_prefix: Annotated[
+        str | None, QueryParameter(min_length=1, max_length=TASK_ID_MAX_LENGTH, pattern=TASK_ID_PATTERN)
+    ] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, QueryParameter(max_length=64)] = None,
 ) -> TaskPage:
+    search = repository.TaskSearch(
+        statuses=status or (),
+        kind=kind,
+        created_after=aware("created_after", created_after),
+        created_before=aware("created_before", created_before),
+        updated_after=aware("updated_after", updated_after),
+        task_id_prefix=task_id_prefix,
+        metadata=metadata_filters(request),
+    )
     tasks = await repository.list_tasks(
         session,
-        client_id=owner.client_id,
-        every_client=owner.every_client,
-        status=status,
-        kind=kind,
+        task_scope(owner),
+        search,
         limit=limit + 1,
         before_pk=decode_cursor("t", cursor) if cursor else None,
     )

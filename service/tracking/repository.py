@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import msgspec
-from sqlalchemy import ColumnElement, Row, Table, select, text
+from sqlalchemy import ColumnElement, Row, Select, Table, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.db import database_now, recordset, recordset_value, rows_as
-from service.models import LIVE, Client, Clip, Task, TaskEvent
+from service.models import LIVE, TASK_TRANSITION, Client, Clip, Task, TaskEvent
 from service.upstream.schemas import ClipContent, ClipView, Lyrics
 from service.vocabulary import DEFAULT_RELAY, TaskStatus
 
@@ -73,28 +73,74 @@ async def clips_by_task(session: AsyncSession, task_pks: Sequence[int]) -> dict[
     return grouped
 
 
+@dataclass(frozen=True, slots=True)
+class TaskSearch:
+    """GET /tasks filters; each None (or empty) filters nothing."""
+
+    statuses: Sequence[str] = ()
+    kind: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    updated_after: datetime | None = None
+    task_id_prefix: str | None = None
+    # Top-level keys whose values must be these strings: `metadata @> {...}`, served by ix_tasks_metadata.
+    metadata: dict[str, str] | None = None
+
+
+def _search(query: Select[Any], search: TaskSearch) -> Select[Any]:
+    if search.statuses:
+        query = query.where(Task.status.in_(search.statuses))
+    if search.kind is not None:
+        query = query.where(Task.kind == search.kind)
+    if search.created_after is not None:
+        query = query.where(Task.created_at > search.created_after)
+    if search.created_before is not None:
+        query = query.where(Task.created_at < search.created_before)
+    if search.updated_after is not None:
+        query = query.where(Task.updated_at > search.updated_after)
+    if search.task_id_prefix is not None:
+        # The prefix holds only [A-Za-z0-9_-]: `_` is the one LIKE wildcard to escape.
+        query = query.where(Task.task_id.like(search.task_id_prefix.replace("_", "\\_") + "%", escape="\\"))
+    if search.metadata:
+        query = query.where(Task.client_metadata.contains(search.metadata))
+    return query
+
+
 async def list_tasks(
     session: AsyncSession,
+    scope: ColumnElement[bool],
+    search: TaskSearch,
     *,
-    client_id: int | None,
-    every_client: bool,
-    status: str | None,
-    kind: str | None,
     limit: int,
     before_pk: int | None,
 ) -> list[Task]:
     """Newest first by the identity key: a cursor of the last pk seen is stable while rows are added.
-    Only client_id's tasks (None: the admin's) unless every_client."""
-    query = select(Task).order_by(Task.id.desc()).limit(limit)
-    if not every_client:
-        query = query.where(owned_by(client_id))
+    `scope`: whose tasks the caller may see."""
+    query = select(Task).where(scope).order_by(Task.id.desc()).limit(limit)
     if before_pk is not None:
         query = query.where(Task.id < before_pk)
-    if kind is not None:
-        query = query.where(Task.kind == kind)
-    if status is not None:
-        query = query.where(Task.status == status)
-    return list((await session.execute(query)).scalars())
+    return list((await session.execute(_search(query, search))).scalars())
+
+
+_TIMELINE = text(
+    f"""
+    SELECT to_status, sum(seconds)::float8 AS seconds FROM (
+        SELECT to_status,
+               extract(epoch FROM coalesce(lead(at) OVER (ORDER BY seq), CASE WHEN :live THEN now() END) - at)
+                   AS seconds
+        FROM task_events WHERE task_pk = :task_pk AND {TASK_TRANSITION}
+    ) AS spans
+    WHERE seconds IS NOT NULL
+    GROUP BY to_status
+    """  # noqa: S608
+)
+
+
+async def time_in_status(session: AsyncSession, task: Task) -> dict[str, float]:
+    """Seconds the task spent in each status it went through, the current one up to now (a terminal
+    status accrues nothing)."""
+    rows = await session.execute(_TIMELINE, {"task_pk": task.id, "live": task.next_poll_at is not None})
+    return {row.to_status: round(row.seconds, 3) for row in rows}
 
 
 async def list_events(session: AsyncSession, task_pk: int, *, after_seq: int = 0) -> list[TaskEvent]:

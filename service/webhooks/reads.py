@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 from sqlalchemy import ColumnElement, func, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -102,6 +103,37 @@ async def requeue(
     if requeued:
         await notify_dispatchers(session)
     return sorted(requeued, key=lambda delivery: delivery.id)
+
+
+async def replay(
+    session: AsyncSession,
+    scope: ColumnElement[bool],
+    *,
+    since: datetime,
+    until: datetime,
+    statuses: Sequence[str],
+    task_ids: Sequence[str] | None,
+) -> int:
+    """Re-queue every delivery of the tasks in scope created in [since, until) with one of `statuses`
+    (as requeue does); returns how many. Wakes the dispatchers on commit."""
+    tasks = select(Task.id).where(scope)
+    if task_ids is not None:
+        tasks = tasks.where(Task.task_id.in_(task_ids))
+    query = (
+        update(Delivery)
+        .where(
+            Delivery.status.in_(statuses),
+            Delivery.created_at >= since,
+            Delivery.created_at < until,
+            Delivery.task_pk.in_(tasks),
+        )
+        .values(status=DeliveryStatus.PENDING, attempts=0, next_attempt_at=func.now())
+        .execution_options(synchronize_session=False)
+    )
+    count = (await session.execute(query)).rowcount  # type: ignore[attr-defined]
+    if count:
+        await notify_dispatchers(session)
+    return int(count)
 
 
 async def get_delivery(

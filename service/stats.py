@@ -1,0 +1,146 @@
+"""Read-only figures over tasks, events and deliveries for GET /stats and the dashboard's charts.
+
+Every query takes `scope`, a condition on tasks: whose tasks the caller may see.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Float, and_, cast, func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.models import LIVE, TASK_TRANSITION, Delivery, DeliveryAttempt, Task, TaskEvent
+from service.vocabulary import DeliveryStatus, TaskKind, TaskStatus
+
+FINISHED = (TaskStatus.COMPLETE, TaskStatus.FAILED, TaskStatus.TIMED_OUT)
+_HOUR = text("now() - interval '1 hour'")
+_DAY = text("now() - interval '1 day'")
+
+
+def _seconds(interval: Any) -> Any:
+    return cast(func.extract("epoch", interval), Float)
+
+
+async def _counts(
+    session: AsyncSession, column: Any, where: ColumnElement[bool], keys: Any
+) -> dict[str, int]:
+    rows = await session.execute(select(column, func.count()).where(where).group_by(column))
+    found: dict[str, int] = {key: count for key, count in rows}
+    return {str(key): int(found.get(str(key), 0)) for key in keys}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+async def stats(session: AsyncSession, scope: ColumnElement[bool]) -> dict[str, Any]:
+    """The GET /stats document (README, "Stats")."""
+    ttc = _seconds(Task.finished_at - Task.created_at)
+    p50, p95 = (
+        await session.execute(
+            select(
+                func.percentile_cont(0.5).within_group(ttc), func.percentile_cont(0.95).within_group(ttc)
+            ).where(scope, Task.status == TaskStatus.COMPLETE, Task.finished_at > _DAY)
+        )
+    ).one()
+    lag = func.greatest(0, _seconds(func.now() - Task.next_poll_at))
+    lag50, lag99 = (
+        await session.execute(
+            select(
+                func.percentile_cont(0.5).within_group(lag), func.percentile_cont(0.99).within_group(lag)
+            ).where(scope, text(LIVE))
+        )
+    ).one()
+    of_scope = Delivery.task_pk.in_(select(Task.id).where(scope))
+    attempts = (
+        await session.execute(
+            select(
+                func.count(),
+                func.count().filter(DeliveryAttempt.status_code.between(200, 299)),
+            )
+            .select_from(DeliveryAttempt)
+            .join(Delivery, Delivery.id == DeliveryAttempt.delivery_id)
+            .where(DeliveryAttempt.at > _HOUR, of_scope)
+        )
+    ).one()
+    oldest_pending = await session.scalar(
+        select(func.min(Delivery.created_at)).where(Delivery.status == DeliveryStatus.PENDING, of_scope)
+    )
+    return {
+        "tasks": {
+            "by_status": await _counts(session, Task.status, scope, TaskStatus),
+            "by_kind": await _counts(session, Task.kind, scope, TaskKind),
+        },
+        "finished_last_hour": await _counts(
+            session, Task.status, and_(scope, Task.finished_at > _HOUR, Task.status.in_(FINISHED)), FINISHED
+        ),
+        "time_to_complete_s": {"p50": _round(p50), "p95": _round(p95)},
+        "deliveries": {
+            "by_status": await _counts(session, Delivery.status, of_scope, DeliveryStatus),
+            "success_rate_last_hour": _round(attempts[1] / attempts[0]) if attempts[0] else None,
+            "oldest_pending_at": oldest_pending,
+        },
+        "poll_lag_s": {"p50": _round(lag50), "p99": _round(lag99)},
+    }
+
+
+async def transitions_per_minute(
+    session: AsyncSession, scope: ColumnElement[bool]
+) -> list[tuple[datetime, int]]:
+    """Task-level transitions in each of the last 60 minutes (the current one last), zeros included."""
+    minute = func.date_trunc("minute", TaskEvent.at).label("minute")
+    counted = (
+        select(minute, func.count().label("n"))
+        .join(Task, Task.id == TaskEvent.task_pk)
+        .where(text(TASK_TRANSITION))  # as written, so that ix_task_events_transitions_at serves it
+        .where(TaskEvent.at > func.date_trunc("minute", func.now()) - text("interval '59 minutes'"), scope)
+        .group_by(minute)
+        .subquery()
+    )
+    slots = select(
+        func.generate_series(
+            func.date_trunc("minute", func.now()) - text("interval '59 minutes'"),
+            func.date_trunc("minute", func.now()),
+            text("interval '1 minute'"),
+        ).label("at")
+    ).subquery()
+    rows = await session.execute(
+        select(slots.c.at, func.coalesce(counted.c.n, 0))
+        .select_from(slots.outerjoin(counted, counted.c.minute == slots.c.at))
+        .order_by(slots.c.at)
+    )
+    return [(at, int(n)) for at, n in rows]
+
+
+async def time_to_complete_by_hour(
+    session: AsyncSession, scope: ColumnElement[bool]
+) -> list[tuple[datetime, int, float | None, float | None]]:
+    """Per hour of the last 24 (the current one last): tasks completed, and their p50/p95 seconds from
+    registration to complete."""
+    hour = func.date_trunc("hour", Task.finished_at).label("hour")
+    ttc = _seconds(Task.finished_at - Task.created_at)
+    since = func.date_trunc("hour", func.now()) - text("interval '23 hours'")
+    counted = (
+        select(
+            hour,
+            func.count().label("n"),
+            func.percentile_cont(0.5).within_group(ttc).label("p50"),
+            func.percentile_cont(0.95).within_group(ttc).label("p95"),
+        )
+        .where(scope, Task.status == TaskStatus.COMPLETE, Task.finished_at >= since)
+        .group_by(hour)
+        .subquery()
+    )
+    slots = select(
+        func.generate_series(since, func.date_trunc("hour", func.now()), text("interval '1 hour'")).label(
+            "at"
+        )
+    ).subquery()
+    rows = await session.execute(
+        select(slots.c.at, func.coalesce(counted.c.n, 0), counted.c.p50, counted.c.p95)
+        .select_from(slots.outerjoin(counted, counted.c.hour == slots.c.at))
+        .order_by(slots.c.at)
+    )
+    return [(at, int(n), _round(p50), _round(p95)) for at, n, p50, p95 in rows]
