@@ -19,6 +19,7 @@ from service.api import AppRuntime
 from service.api.auth import provide_caller, provide_owner, require_token
 from service.api.callbacks import CALLBACK_ROUTES
 from service.api.clients import CLIENT_ROUTES
+from service.api.dashboard import DASHBOARD_ROUTES
 from service.api.deliveries import DELIVERY_ROUTES
 from service.api.events import EVENT_ROUTES
 from service.api.health import HEALTH_ROUTES
@@ -134,6 +135,7 @@ def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
         route_handlers=[
             *HEALTH_ROUTES,
             *CALLBACK_ROUTES,
+            *DASHBOARD_ROUTES,
             Router(
                 path="/",
                 route_handlers=[
