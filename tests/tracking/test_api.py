@@ -201,7 +201,10 @@ async def test_a_callback_while_the_relay_is_down_leaves_the_task_as_it_was(
     assert response.status_code == 202
     assert response.json()["status"] == "deferred"
     assert "503" in response.json()["reason"]
-    assert (await api.get(f"/api/v1/tasks/{task_id}")).json() == before
+    after = (await api.get(f"/api/v1/tasks/{task_id}")).json()
+    # The timeline's current status counts up to now: only its keys stay the same.
+    assert set(after.pop("timeline")) == set(before.pop("timeline"))
+    assert after == before
     assert await history(api, task_id) == [(1, "transition", None, "submitted", "register", None)]
 
 
