@@ -60,7 +60,8 @@ async def test_events_stats_and_replay_are_scoped_to_the_caller(
         pending = await db_rows(
             database_url,
             "SELECT t.task_id, c.name FROM deliveries d JOIN tasks t ON t.id = d.task_pk "
-            "LEFT JOIN clients c ON c.id = t.client_id WHERE d.status = 'pending' AND d.webhook_id LIKE 'w-%'",
+            "LEFT JOIN clients c ON c.id = t.client_id "
+            "WHERE d.status = 'pending' AND d.webhook_id LIKE 'w-%'",
         )
         replay_b_named = await b.post(
             "/api/v1/deliveries/replay", json={"since": since, "task_ids": ["a-only", "same-id"]}
