@@ -19,6 +19,7 @@ from service.api import AppRuntime
 from service.api.auth import provide_caller, provide_owner, require_token
 from service.api.callbacks import CALLBACK_ROUTES
 from service.api.clients import CLIENT_ROUTES
+from service.api.contract import allow_every_method, document_contract
 from service.api.dashboard import DASHBOARD_ROUTES
 from service.api.deliveries import DELIVERY_ROUTES
 from service.api.events import EVENT_ROUTES
@@ -131,7 +132,7 @@ def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
                 log.info("app.stopped")
 
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             *HEALTH_ROUTES,
             *CALLBACK_ROUTES,
@@ -161,6 +162,7 @@ def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
         },
         exception_handlers={Exception: error_response},
         request_class=CheckedRequest,
+        before_send=[allow_every_method],
         request_max_body_size=REQUEST_MAX_BODY_BYTES,
         # Logging is configured once by the CLI (structlog); Litestar's own config would override it.
         logging_config=None,
@@ -172,3 +174,5 @@ def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
             security=[{"bearer": []}],
         ),
     )
+    document_contract(app, relays=list(settings.relays))
+    return app

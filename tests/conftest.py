@@ -129,7 +129,10 @@ class LiveServer:
 
         self._uvicorn = uvicorn
         self.app = create_app(settings, run_jobs=run_jobs)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
+        # As `serve` does: an open event stream does not hold the shutdown for ever.
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=0, log_config=None, lifespan="on", timeout_graceful_shutdown=5
+        )
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 

@@ -93,7 +93,9 @@ ClientQuery = Annotated[
     str | None,
     QueryParameter(
         name="client",
+        min_length=1,
         max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
         description="Admin token only: the client whose task this is (lists: filter by client)",
     ),
 ]

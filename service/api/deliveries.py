@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from litestar import get, post
+from litestar import Request, get, post
 from litestar.params import FromQuery, JSONBody, PathParameter, QueryParameter
 
 from service.api import AppDispatcher, AppRuntime, DbSession, TaskIdPath, TaskOwner, task_scope
@@ -20,9 +20,9 @@ from service.api.schemas import (
     decode_cursor,
     delivery_out,
     encode_cursor,
+    strict_body,
 )
 from service.db import database_now
-from service.errors import InvalidInput
 from service.vocabulary import DeliveryStatus
 from service.webhooks import reads
 
@@ -106,22 +106,20 @@ async def retry_delivery(delivery_id: DeliveryIdPath, session: DbSession, owner:
     summary="Re-queue every matching delivery (not one page of them); answers how many",
     description=(
         "Deliveries created in [since, until) (until: now by default) with one of `status` (failed and dead "
-        "by default), of the given tasks if `task_ids`. Delivered ones only with `include_delivered: true`."
+        "by default), of the given tasks if `task_ids`. Delivered ones only with `include_delivered: true` "
+        "(which adds them); an empty window matches nothing."
     ),
 )
 async def replay_deliveries(
-    data: JSONBody[ReplayDeliveries], session: DbSession, owner: TaskOwner
+    data: JSONBody[ReplayDeliveries], request: Request[Any, Any, Any], session: DbSession, owner: TaskOwner
 ) -> ReplayResult:
-    statuses = set(data.status)
-    if DeliveryStatus.PENDING in statuses:
-        raise InvalidInput(
-            "status: pending deliveries are queued already; replay takes failed, dead, delivered"
-        )
-    if DeliveryStatus.DELIVERED in statuses and not data.include_delivered:
-        raise InvalidInput('status: replaying delivered ones needs "include_delivered": true')
+    data = await strict_body(request, ReplayDeliveries)
+    statuses = {DeliveryStatus(status) for status in data.status}
+    if data.include_delivered:
+        statuses.add(DeliveryStatus.DELIVERED)
+    else:
+        statuses.discard(DeliveryStatus.DELIVERED)
     until = data.until or await database_now(session)
-    if until <= data.since:
-        raise InvalidInput("until: must be later than since")
     count = await reads.replay(
         session,
         task_scope(owner),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from litestar import Response, get
+from litestar import MediaType, Response, get
 from litestar.exceptions import ServiceUnavailableException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
@@ -27,7 +27,7 @@ async def readyz(runtime: AppRuntime) -> dict[str, str]:
     return {"status": "ok", "database": "ok"}
 
 
-@get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+@get("/metrics", summary="Prometheus metrics (text exposition format)", media_type=MediaType.TEXT)
 async def metrics() -> Response[bytes]:
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import re
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
 import msgspec
+from litestar import Request
 
 from service.config import RELAY_NAME
 from service.errors import InvalidInput
@@ -43,10 +45,30 @@ ClientName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"
 RelayName = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=f"^{RELAY_NAME.pattern}$")]
 
 
+# An absolute http(s) URL (webhooks.ssrf checks it: length, host, addresses). Spelled out so the
+# OpenAPI document says what is accepted: an IPv6 literal or a name of letters, digits, dots and
+# hyphens, a port 1-65535, optional user info, no spaces or control characters.
+_PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+_H16 = "[0-9A-Fa-f]{1,4}"
+_IPV6 = (
+    f"(({_H16}:){{7}}{_H16}|({_H16}:){{1,7}}:|({_H16}:){{1,6}}:{_H16}|({_H16}:){{1,5}}(:{_H16}){{1,2}}"
+    f"|({_H16}:){{1,4}}(:{_H16}){{1,3}}|({_H16}:){{1,3}}(:{_H16}){{1,4}}|({_H16}:){{1,2}}(:{_H16}){{1,5}}"
+    f"|{_H16}:(:{_H16}){{1,6}}|:((:{_H16}){{1,7}}|:))"
+)
+HOOK_PATTERN = (
+    r"^[Hh][Tt][Tt][Pp][Ss]?://([A-Za-z0-9._~!$&'()*+,;=-]+(:[A-Za-z0-9._~!$&'()*+,;=-]*)?@)?"
+    r"([A-Za-z0-9.-]+|\[" + _IPV6 + r"\])(:" + _PORT + r")?([/?#][^\s\x00-\x1f\x7f]*)?$"
+)
+# Documented, not enforced here: an internationalised host name is accepted too (IDNA-encoded by the check).
+HookUrl = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=HOOK_MAX_LENGTH, extra_json_schema={"pattern": HOOK_PATTERN})
+]
+
+
 class RegisterTask(msgspec.Struct, forbid_unknown_fields=True):
     task_id: TaskIdStr
     kind: TaskKind = TaskKind.MUSIC
-    notify_hook: Annotated[str, msgspec.Meta(min_length=1, max_length=HOOK_MAX_LENGTH)] | None = None
+    notify_hook: HookUrl | None = None
     notify_format: NotifyFormat | None = None
     metadata: dict[str, Any] | None = None
     # Where the task is polled: the client's relay unless given (the admin's: `default`).
@@ -75,15 +97,43 @@ class BatchOut(msgspec.Struct):
     items: list[BatchItem]
 =======
 AwareTime = Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with its UTC offset")]
+_RFC3339 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)", re.ASCII)
+
+
+def parse_time(name: str, value: str) -> datetime:
+    """An RFC 3339 time with its offset (a leap second reads as :59); InvalidInput naming `name`."""
+    match = _RFC3339.fullmatch(value)
+    try:
+        if match is None:
+            raise ValueError
+        year, month, day, hour, minute, second = (int(part) for part in match.groups()[:6])
+        fraction, offset = match.group(7) or "", match.group(8).upper()
+        clean = (
+            f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{min(second, 59):02d}{fraction[:7]}"
+        )
+        return datetime.fromisoformat(clean + ("+00:00" if offset == "Z" else offset))
+    except ValueError:
+        raise InvalidInput(
+            f"{name}: not an RFC 3339 time with its UTC offset, e.g. 2026-11-29T10:00:00Z"
+        ) from None
+
+
 REPLAY_TASK_IDS_MAX = 1000
+
+
+# A pending delivery is queued already: replay takes the others.
+Replayable = enum.StrEnum(  # type: ignore[misc]
+    "Replayable", {status.name: status.value for status in DeliveryStatus if status != DeliveryStatus.PENDING}
+)
 
 
 class ReplayDeliveries(msgspec.Struct, forbid_unknown_fields=True):
     since: AwareTime
     # Unset: now.
     until: AwareTime | None = None
-    status: Annotated[list[DeliveryStatus], msgspec.Meta(min_length=1, max_length=len(DeliveryStatus))] = (
-        msgspec.field(default_factory=lambda: [DeliveryStatus.FAILED, DeliveryStatus.DEAD])
+    # `delivered` counts only with include_delivered.
+    status: Annotated[list[Replayable], msgspec.Meta(min_length=1, max_length=len(Replayable))] = (
+        msgspec.field(default_factory=lambda: [Replayable("failed"), Replayable("dead")])
     )
     task_ids: Annotated[list[TaskIdStr], msgspec.Meta(max_length=REPLAY_TASK_IDS_MAX)] | None = None
     include_delivered: bool = False
@@ -356,6 +406,16 @@ def check_json(value: Any) -> None:
                 del path[2:]  # the path is as deep as the limit: its start says where
             where = ".".join(path) or "body"
             raise InvalidInput(f"{where}: {problem}", extra={"field": where})
+
+
+async def strict_body(request: Request[Any, Any, Any], struct: type[_Out]) -> _Out:
+    """The body decoded again without the lax conversions Litestar applies (a 0 or "true" for a
+    boolean), so that it takes exactly what the OpenAPI document says."""
+    try:
+        return msgspec.json.decode(await request.body(), type=struct)
+    except msgspec.ValidationError as exc:
+        where = str(exc).rpartition("at `$.")[2].rstrip("`") or "body"
+        raise InvalidInput(f"{where}: {str(exc).partition(' - at ')[0]}", extra={"field": where}) from None
 
 
 def decode_json(body: bytes) -> Any:

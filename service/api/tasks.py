@@ -35,6 +35,7 @@ from service.api.schemas import (
     decode_cursor,
     encode_cursor,
     event_out,
+    parse_time,
     task_out,
 )
 from service.clients.service import known_relay, take_up_to
@@ -171,7 +172,12 @@ async def read_task(task_id: TaskIdPath, session: DbSession, owner: TaskOwner) -
     return out
 
 
-TimeQuery = Annotated[datetime | None, QueryParameter(description="RFC 3339 time with its UTC offset")]
+TimeQuery = Annotated[
+    str | None,
+    QueryParameter(
+        description="RFC 3339 time with its UTC offset", max_length=64, schema_extra={"format": "date-time"}
+    ),
+]
 METADATA_PREFIX = "metadata."
 METADATA_FILTERS_MAX = 8
 METADATA_KEY_MAX = 128
@@ -200,10 +206,8 @@ def metadata_filters(request: Request[Any, Any, Any]) -> dict[str, str] | None:
     return wanted or None
 
 
-def aware(name: str, value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        raise InvalidInput(f"{name}: give the UTC offset (RFC 3339), e.g. 2026-11-29T10:00:00Z")
-    return value
+def aware(name: str, value: str | None) -> datetime | None:
+    return None if value is None else parse_time(name, value)
 
 
 @get(

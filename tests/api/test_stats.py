@@ -86,20 +86,26 @@ async def test_replay_requeues_every_match_and_answers_the_count(edge: Edge, dat
     since = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
     await db_rows(database_url, "UPDATE deliveries SET status = 'dead', next_attempt_at = NULL")
 
-    delivered_refused = await api.post(
+    delivered_only = await api.post(
         "/api/v1/deliveries/replay", json={"since": since, "status": ["delivered"]}
     )
     other_task = await api.post(
         "/api/v1/deliveries/replay", json={"since": since, "task_ids": [edge.task_ids[1]]}
     )
+    empty_window = await api.post("/api/v1/deliveries/replay", json={"since": since, "until": since})
     replayed = await api.post("/api/v1/deliveries/replay", json={"since": since})
     again = await api.post("/api/v1/deliveries/replay", json={"since": since})
+    await db_rows(database_url, "UPDATE deliveries SET status = 'delivered', next_attempt_at = NULL")
+    without_flag = await api.post("/api/v1/deliveries/replay", json={"since": since, "status": ["delivered"]})
+    with_flag = await api.post(
+        "/api/v1/deliveries/replay", json={"since": since, "status": ["failed"], "include_delivered": True}
+    )
 
-    assert delivered_refused.status_code == 400
-    assert "include_delivered" in delivered_refused.json()["detail"]
-    assert (other_task.status_code, other_task.json()) == (202, {"requeued": 0})
+    # `delivered` counts only with include_delivered, which adds it to the statuses.
+    assert [r.json() for r in (delivered_only, other_task, empty_window)] == [{"requeued": 0}] * 3
     assert (replayed.status_code, replayed.json()) == (202, {"requeued": 1})
     assert again.json() == {"requeued": 0}  # pending now
+    assert (without_flag.json(), with_flag.json()) == ({"requeued": 0}, {"requeued": 1})
     rows = await db_rows(database_url, "SELECT status, attempts, next_attempt_at FROM deliveries")
     assert [(r["status"], r["attempts"], r["next_attempt_at"] is not None) for r in rows] == [
         ("pending", 0, True)
@@ -111,7 +117,8 @@ async def test_replay_bad_bodies_are_400s(api: httpx.AsyncClient) -> None:
     cases = [
         {},
         {"since": "2026-11-29T10:00:00"},  # no offset
-        {"since": now, "until": "2020-01-01T00:00:00Z"},
+        {"since": now, "include_delivered": 1},  # a boolean, not a number
+        {"since": now, "status": ["delivered", "delivered", "dead", "failed"]},
         {"since": now, "status": ["pending"]},
         {"since": now, "status": []},
         {"since": now, "extra": 1},
