@@ -75,7 +75,6 @@ class RegisterTask(msgspec.Struct, forbid_unknown_fields=True):
     relay: RelayName | None = None
 
 
-<<<<<<< HEAD
 BATCH_MAX = 500
 
 
@@ -95,7 +94,8 @@ class BatchItem(msgspec.Struct, omit_defaults=True):
 
 class BatchOut(msgspec.Struct):
     items: list[BatchItem]
-=======
+
+
 AwareTime = Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 with its UTC offset")]
 _RFC3339 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)", re.ASCII)
 
@@ -141,7 +141,6 @@ class ReplayDeliveries(msgspec.Struct, forbid_unknown_fields=True):
 
 class ReplayResult(msgspec.Struct):
     requeued: int
->>>>>>> 27788ab (Global event feed numbered in commit order (a sequencer after commit), GET /events and /events/stream (SSE, Last-Event-ID, keep-alive, LISTEN/NOTIFY across replicas); GET /tasks search filters (status repeatable, kind, times, task_id_prefix, metadata.<key>=<value> on a GIN jsonb_path_ops index); timeline; GET /stats and /stats/series; POST /deliveries/replay)
 
 
 class TaskOut(msgspec.Struct):

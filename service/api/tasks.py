@@ -10,23 +10,15 @@ from litestar import Request, Response, delete, get, post
 from litestar.params import FromQuery, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-<<<<<<< HEAD
-from service.api import AppRuntime, DbSession, TaskIdPath, TaskOwner
-from service.api.auth import REGISTERS, Owner, rate_limited
-from service.api.schemas import (
-    INT32_MAX,
-    METADATA_MAX_BYTES,
-    BatchItem,
-    BatchOut,
-=======
 from service.api import AppRuntime, DbSession, TaskIdPath, TaskOwner, task_scope
-from service.api.auth import REGISTERS, Owner
+from service.api.auth import REGISTERS, Owner, rate_limited
 from service.api.schemas import (
     INT32_MAX,
     METADATA_MAX_BYTES,
     TASK_ID_MAX_LENGTH,
     TASK_ID_PATTERN,
->>>>>>> 27788ab (Global event feed numbered in commit order (a sequencer after commit), GET /events and /events/stream (SSE, Last-Event-ID, keep-alive, LISTEN/NOTIFY across replicas); GET /tasks search filters (status repeatable, kind, times, task_id_prefix, metadata.<key>=<value> on a GIN jsonb_path_ops index); timeline; GET /stats and /stats/series; POST /deliveries/replay)
+    BatchItem,
+    BatchOut,
     EventList,
     RegisterBatch,
     RegisterTask,
