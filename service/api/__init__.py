@@ -14,8 +14,8 @@ from service.api.schemas import TASK_ID_MAX_LENGTH, TASK_ID_PATTERN
 from service.clients.service import Caller
 from service.models import TaskEvent
 from service.runtime import Runtime
-from service.webhooks.jobs import Dispatcher
 from service.tracking.repository import owned_by
+from service.webhooks.jobs import Dispatcher
 
 # The request's unit of work: committed after the handler returns, rolled back if it raises.
 DbSession = NamedDependency[AsyncSession]
