@@ -61,15 +61,17 @@ EXTRA: dict[tuple[str, str], tuple[int, ...]] = {
     ("DELETE", "/api/v1/tasks/{task_id}"): (409,),
     ("POST", "/api/v1/tasks/{task_id}/refresh"): (502,),
     ("GET", "/readyz"): (503,),
-    ("POST", "/api/v1/callbacks/suno/{token}"): (401, 404),
 }
 # Answers other than errors that a route gives besides its own status code.
 OTHER_SUCCESS: dict[tuple[str, str], dict[int, str]] = {
     ("POST", "/api/v1/tasks"): {200: "Registered before: the existing task (hook, format, metadata updated)"},
-    ("POST", "/api/v1/callbacks/suno/{token}"): {
-        202: "Acknowledged without a poll: a task nobody tracks (`ignored`) or the relay failing (`deferred`)"
-    },
 }
+# The relay's callbacks: the path's secret token (401), a relay or route that is not there (404), and
+# 202 for what is acknowledged without a poll (a task nobody tracks, the relay failing).
+CALLBACKS = "/api/v1/callbacks/"
+CALLBACK_ACKNOWLEDGED = (
+    "Acknowledged without a poll: a task nobody tracks (`ignored`) or the relay failing (`deferred`)"
+)
 # Routes whose handlers refuse client tokens (service.api.auth.require_admin).
 ADMIN_ONLY = "/api/v1/clients"
 _TASK_ROUTES = (
@@ -149,20 +151,9 @@ def document_contract(app: Litestar, relays: Sequence[str]) -> None:
             handler = handlers[key]
             secured = bool(handler.resolve_guards())
             operation.security = None if secured else []
-            codes = set(EXTRA.get(key, ()))
-            if secured:
-                codes.add(401)
-            if operation.parameters or operation.request_body:
-                codes.add(400)
-            if operation.request_body:
-                codes.add(413)
-            names = {parameter.name for parameter in operation.parameters or () if hasattr(parameter, "name")}
-            if names & {"task_id", "delivery_id", "name", "client"}:
-                codes.add(404)
-            if path.startswith(ADMIN_ONLY):
-                codes.add(403)
+            codes, other_success = _answers(key, operation, secured=secured)
             responses = operation.responses if operation.responses is not None else {}
-            for status, description in OTHER_SUCCESS.get(key, {}).items():
+            for status, description in other_success.items():
                 main = next(iter(responses.values()))
                 assert isinstance(main, OpenAPIResponse)
                 responses[str(status)] = OpenAPIResponse(description=description, content=main.content)
@@ -173,6 +164,28 @@ def document_contract(app: Litestar, relays: Sequence[str]) -> None:
                 if struct.__name__ in components:
                     _exact_body(components, struct, relays)
     _link_registration(operations)
+
+
+def _answers(key: tuple[str, str], operation: Operation, *, secured: bool) -> tuple[set[int], dict[int, str]]:
+    """The error codes an operation can answer, and its other success codes with their descriptions."""
+    path = key[1]
+    codes = set(EXTRA.get(key, ()))
+    other_success = dict(OTHER_SUCCESS.get(key, {}))
+    if path.startswith(CALLBACKS):
+        codes |= {401, 404}
+        other_success[202] = CALLBACK_ACKNOWLEDGED
+    if secured:
+        codes.add(401)
+    if operation.parameters or operation.request_body:
+        codes.add(400)
+    if operation.request_body:
+        codes.add(413)
+    names = {parameter.name for parameter in operation.parameters or () if hasattr(parameter, "name")}
+    if names & {"task_id", "delivery_id", "name", "client"}:
+        codes.add(404)
+    if path.startswith(ADMIN_ONLY):
+        codes.add(403)
+    return codes, other_success
 
 
 def _exact_body(components: dict[str, Any], struct: type[msgspec.Struct], relays: Sequence[str]) -> None:
