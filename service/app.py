@@ -28,13 +28,13 @@ from service.api.relay_front import RELAY_FRONT_ROUTES
 from service.api.schemas import check_json, too_deep
 from service.api.stats import STATS_ROUTES
 from service.api.tasks import TASK_ROUTES
-from service.config import Settings
+from service.config import Role, Settings
 from service.db import transaction
 from service.errors import ServiceError
 from service.feed.sequencer import Sequencer
 from service.feed.watcher import FeedWatcher
 from service.redact import mask_credentials, mask_json
-from service.runtime import Runtime, open_runtime
+from service.runtime import JOB_ROLES, Runtime, check_role, open_runtime
 from service.tracking.jobs import Poller, start_pollers
 from service.vocabulary import DEFAULT_RELAY
 from service.webhooks.jobs import Dispatcher, driver_dsn, start_dispatcher
@@ -104,10 +104,15 @@ def provide_dispatcher(request: Request[Any, Any, Any]) -> Dispatcher | None:
     return dispatcher
 
 
-def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
+def create_app(settings: Settings, *, role: Role = "all") -> Litestar:
+    """The `api` role answers every route and runs no jobs; `worker` runs the jobs and answers only
+    the health routes; `all` does both. Raises ConfigError for a role the settings cannot run."""
+    check_role(settings, role)
+    run_jobs = role in JOB_ROLES
+
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with open_runtime(settings) as runtime:
+        async with open_runtime(settings, role=role) as runtime:
             app.state.runtime = runtime
             app.state.dispatcher = None
             # The feed is part of serving the API (GET /events), not a job: it runs with or without them.
@@ -115,7 +120,11 @@ def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
             app.state.feed_watcher = watcher = FeedWatcher(driver_dsn(runtime.engine))
             stoppables: list[Poller | Dispatcher | Sequencer | FeedWatcher] = [watcher, sequencer]
             sequencer.start()
-            watcher.start()
+            if settings.db_transaction_pooler:
+                # A transaction pooler cannot carry LISTEN: streams wake on their keep-alive reads.
+                log.warning("feed.listen_off", reason="SUNOTRACK_DB_TRANSACTION_POOLER is set")
+            else:
+                watcher.start()
             try:
                 if run_jobs:
                     if runtime.relay is None:
@@ -123,7 +132,7 @@ def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
                     stoppables.extend(await start_pollers(runtime))
                     app.state.dispatcher = await start_dispatcher(runtime)
                     stoppables.append(app.state.dispatcher)
-                log.info("app.started", instance_id=runtime.instance_id, jobs=run_jobs)
+                log.info("app.started", instance_id=runtime.instance_id, role=role)
                 yield
             finally:
                 # Jobs stop claiming and drain before the scheduler that ticks them and what they use go.
@@ -132,9 +141,9 @@ def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
                 log.info("app.stopped")
 
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    app = Litestar(
-        route_handlers=[
-            *HEALTH_ROUTES,
+    routes: list[Any] = [*HEALTH_ROUTES]
+    if role != "worker":
+        routes += [
             *CALLBACK_ROUTES,
             *DASHBOARD_ROUTES,
             Router(
@@ -153,7 +162,9 @@ def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
                     "owner": Provide(provide_owner),
                 },
             ),
-        ],
+        ]
+    app = Litestar(
+        route_handlers=routes,
         lifespan=[lifespan],
         dependencies={
             "runtime": Provide(provide_runtime, sync_to_thread=False),
@@ -166,7 +177,9 @@ def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
         request_max_body_size=REQUEST_MAX_BODY_BYTES,
         # Logging is configured once by the CLI (structlog); Litestar's own config would override it.
         logging_config=None,
-        openapi_config=OpenAPIConfig(
+        openapi_config=None
+        if role == "worker"
+        else OpenAPIConfig(
             title="sunotrack",
             version="0.1.0",
             path="/schema",
@@ -174,5 +187,6 @@ def create_app(settings: Settings, *, run_jobs: bool = True) -> Litestar:
             security=[{"bearer": []}],
         ),
     )
-    document_contract(app, relays=list(settings.relays))
+    if role != "worker":  # a worker serves no API, so no OpenAPI document
+        document_contract(app, relays=list(settings.relays))
     return app

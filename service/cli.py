@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from service.clients.service import DEFAULT_SECRET_GRACE_S
-from service.config import ConfigError, Settings
+from service.config import ROLES, ConfigError, Settings
 from service.redact import mask_log_credentials
 from service.vocabulary import RelayHooks
 
@@ -75,11 +75,11 @@ def command_serve(args: argparse.Namespace) -> None:
     from service.serving import bind, run, serving  # noqa: PLC0415
 
     settings = Settings.from_env()
-    if settings.admin_token is None:
+    if settings.admin_token is None and args.role != "worker":
         raise ConfigError("SUNOTRACK_ADMIN_TOKEN: must be set to serve the API")
+    app = create_app(settings, role=args.role)
     configure_logging(settings.log_level)
     sock = bind(args.host, args.port)
-    app = create_app(settings)
     tune_gc()
 
     async def main(stop: asyncio.Event) -> None:
@@ -160,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve_command.add_argument("--port", type=int, default=8000)
     serve_command.add_argument(
         "--access-log", action="store_true", help="log every request (halves throughput)"
+    )
+    serve_command.add_argument(
+        "--role",
+        choices=ROLES,
+        default="all",
+        help="all: API and jobs; api: HTTP only, no jobs; worker: polls and delivers, answers only "
+        "/healthz, /readyz and /metrics",
     )
     serve_command.set_defaults(handler=command_serve)
 

@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -36,6 +36,10 @@ MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
 RETRY_DELAY_MAX_S = 7 * DAY
 RETRY_SCHEDULE_MAX_LENGTH = 50
 TOKEN_MIN_LENGTH = 16
+
+# `all` serves the API and runs the jobs; `api` only answers HTTP; `worker` only polls and delivers.
+Role = Literal["all", "api", "worker"]
+ROLES: tuple[Role, ...] = get_args(Role)
 
 PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
@@ -147,6 +151,8 @@ class Settings(BaseSettings):
     )
 
     database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
+    db_pool_size: int = Field(default=20, ge=1, le=10_000, validation_alias="SUNOTRACK_DB_POOL_SIZE")
+    db_transaction_pooler: bool = Field(default=False, validation_alias="SUNOTRACK_DB_TRANSACTION_POOLER")
     data_dir: Path = Field(default=Path(".sunotrack"), validation_alias="SUNOTRACK_DATA_DIR")
 
     suno_base_url: str | None = Field(default=None, validation_alias="SUNO_BASE_URL")

@@ -42,14 +42,34 @@ class Base(DeclarativeBase):
 SessionMaker = async_sessionmaker[AsyncSession]
 
 
-def create_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
+def _unnamed_statement() -> str:
+    return ""
+
+
+def create_engine(database_url: str, *, pool_size: int, transaction_pooler: bool = False) -> AsyncEngine:
+    """At most `pool_size` connections, never more (no overflow): the process's share of the server's
+    max_connections is what its configuration says."""
+    server_settings = {"application_name": "sunotrack"}
+    connect_args: dict[str, Any] = {"server_settings": server_settings}
+    if transaction_pooler:
+        # PgBouncer in transaction mode hands each transaction to whichever server connection is free:
+        # a named prepared statement may be missing there, or taken by another client's. Unnamed ones
+        # live from Parse to Execute, inside one transaction. It also refuses startup parameters it
+        # does not know (jit), so only the application name goes along.
+        connect_args |= {
+            "statement_cache_size": 0,
+            "prepared_statement_cache_size": 0,
+            "prepared_statement_name_func": _unnamed_statement,
+        }
+    else:
+        # JIT planning costs more than it saves on the short statements this service runs.
+        server_settings["jit"] = "off"
     return create_async_engine(
         database_url,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=0,
         pool_pre_ping=True,
-        # JIT planning costs more than it saves on the short statements this service runs.
-        connect_args={"server_settings": {"jit": "off", "application_name": "sunotrack"}},
+        connect_args=connect_args,
     )
 
 

@@ -15,7 +15,7 @@ import aiohttp
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.config import Settings
+from service.config import ConfigError, Role, Settings
 from service.db import (
     SessionMaker,
     check_connection,
@@ -27,9 +27,53 @@ from service.db import (
 from service.upstream.client import RelayClient
 from service.vocabulary import DEFAULT_RELAY
 
-# A callback's poll holds a connection of the pool (10 + 10 overflow by default, shared with the
-# poller and the API) while it asks the relay: a burst of callbacks may take this many.
+# A callback's poll holds a connection of the pool (shared with the poller and the API) while it asks
+# the relay: a burst of callbacks may take this many.
 CALLBACK_POLLS = 4
+
+JOB_ROLES = frozenset({"all", "worker"})
+# Connections of their own, outside the engine's pool: the webhook dispatcher's (claims, results,
+# LISTEN), in the roles that run jobs; the event feed's LISTEN, in every role (not through a
+# transaction pooler, which cannot carry it).
+DISPATCHER_CONNECTIONS = 3
+FEED_CONNECTIONS = 1
+
+
+def own_connections(settings: Settings, role: Role) -> int:
+    feed = 0 if settings.db_transaction_pooler else FEED_CONNECTIONS
+    return feed + (DISPATCHER_CONNECTIONS if role in JOB_ROLES else 0)
+
+
+def engine_pool_size(settings: Settings, role: Role) -> int:
+    """The engine's share of SUNOTRACK_DB_POOL_SIZE: what the connections of their own leave."""
+    return settings.db_pool_size - own_connections(settings, role)
+
+
+def check_role(settings: Settings, role: Role) -> None:
+    """Refuse, naming the variable, what this role cannot run with."""
+    jobs = role in JOB_ROLES
+    if jobs and settings.db_transaction_pooler:
+        raise ConfigError(
+            f"SUNOTRACK_DB_TRANSACTION_POOLER=true needs --role api (not {role}): the poller holds row "
+            "locks across a page and the dispatcher LISTENs, which a transaction pooler cannot carry; "
+            "point the workers' DATABASE_URL at Postgres itself"
+        )
+    # Of the engine's pool, one connection for each relay's poller and one for the rest (requests,
+    # the feed's numbering, the dispatcher's sweep, /readyz).
+    pollers = max(1, sum(relay.base_url is not None for relay in settings.relays.values())) if jobs else 0
+    own = own_connections(settings, role)
+    needed = own + pollers + 1
+    if settings.db_pool_size < needed:
+        parts = [f"{DISPATCHER_CONNECTIONS} for the webhook dispatcher"] if jobs else []
+        if not settings.db_transaction_pooler:
+            parts.append("one for the event feed's LISTEN")
+        if pollers:
+            parts.append("one for each relay's poller" if pollers > 1 else "one for the poller")
+        parts.append("one for the rest")
+        raise ConfigError(
+            f"SUNOTRACK_DB_POOL_SIZE={settings.db_pool_size} is too small for --role {role}: it needs at "
+            f"least {needed} ({', '.join(parts)})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,14 +96,18 @@ class Runtime:
 
 
 @asynccontextmanager
-async def open_runtime(settings: Settings, *, pool_size: int = 10) -> AsyncIterator[Runtime]:
+async def open_runtime(settings: Settings, *, role: Role = "all") -> AsyncIterator[Runtime]:
     """Connect (starting the embedded database when DATABASE_URL is unset), migrate, and build the
     shared HTTP session, relay client and started scheduler; dispose of all of it on exit."""
     embedded = None
     database_url = settings.database_url
     if database_url is None:
         database_url, embedded = start_embedded_postgres(settings.data_dir)
-    engine = create_engine(database_url, pool_size=pool_size)
+    engine = create_engine(
+        database_url,
+        pool_size=engine_pool_size(settings, role),
+        transaction_pooler=settings.db_transaction_pooler,
+    )
     # A connection pool of its own for each relay: a slow one cannot hold another's connections.
     https: list[aiohttp.ClientSession] = []
     scheduler = AsyncIOScheduler(timezone="UTC")

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import shutil
+import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -24,7 +27,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from service.config import Settings
+from service.config import Role, Settings
 from service.db import create_engine, migrate, start_embedded_postgres
 
 TEST_ADMIN_TOKEN = "test-admin-token"
@@ -119,16 +122,93 @@ def make_settings(database_url: str, tmp_path: Path) -> Callable[..., Settings]:
     return build
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+PGBOUNCER_INI = """\
+[databases]
+* = {target}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = any
+pool_mode = transaction
+max_client_conn = 1000
+default_pool_size = 10
+"""
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(postgres_server_url: str) -> Iterator[str]:
+    """Debian's pgbouncer on a loopback port in transaction pooling mode, in front of the test server:
+    yields its URL (postgresql://, database `postgres`); any database name is passed through."""
+    executable = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    if executable is None:
+        pytest.fail("pgbouncer is not installed (apt-get install -y pgbouncer; .ci/run does it)")
+    server = make_url(postgres_server_url)
+    host = str(server.query.get("host") or server.host or "127.0.0.1")
+    target = f"host={host} port={server.port or 5432} user={server.username or 'postgres'}"
+    if server.password:
+        target += f" password={server.password}"
+    port = free_port()
+    root = Path(tempfile.mkdtemp(prefix="st-pgb-", dir="/tmp"))
+    root.chmod(0o755)
+    config = root / "pgbouncer.ini"
+    config.write_text(PGBOUNCER_INI.format(target=target, port=port))
+    config.chmod(0o644)
+    command = [executable, "--quiet", str(config)]
+    if os.geteuid() == 0:
+        # It refuses to run as root: run it as the owner of the server's socket directory (pgserver's
+        # own user), who can reach the socket; for a TCP server anyone will do.
+        owner = pwd.getpwuid(Path(host).stat().st_uid).pw_name if host.startswith("/") else "nobody"
+        command[1:1] = ["--user", owner]
+    log = (root / "pgbouncer.log").open("wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"pgbouncer exited: {(root / 'pgbouncer.log').read_text()}")
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("pgbouncer did not start listening within 10 s")
+            time.sleep(0.05)
+        user = server.username or "postgres"
+        yield f"postgresql://{user}@127.0.0.1:{port}/postgres"
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def db_access(request: pytest.FixtureRequest) -> str:
+    """How `api`-role live servers reach the database: `direct`, or `pgbouncer` (transaction pooling).
+    The API test modules run every test both ways (ALSO_THROUGH_PGBOUNCER)."""
+    return str(getattr(request, "param", "direct"))
+
+
+ALSO_THROUGH_PGBOUNCER = pytest.mark.parametrize("db_access", ["direct", "pgbouncer"], indirect=True)
+
+
 class LiveServer:
     """The real app under uvicorn on a loopback port, in a thread with its own event loop."""
 
-    def __init__(self, settings: Settings, *, run_jobs: bool) -> None:
+    def __init__(self, settings: Settings, *, role: Role) -> None:
         import uvicorn  # noqa: PLC0415
 
         from service.app import create_app  # noqa: PLC0415
 
         self._uvicorn = uvicorn
-        self.app = create_app(settings, run_jobs=run_jobs)
+        self.app = create_app(settings, role=role)
         # As `serve` does: an open event stream does not hold the shutdown for ever.
         config = uvicorn.Config(
             self.app, host="127.0.0.1", port=0, log_config=None, lifespan="on", timeout_graceful_shutdown=5
@@ -161,12 +241,19 @@ class LiveServer:
 
 
 @pytest.fixture
-def live_server() -> Iterator[Callable[..., LiveServer]]:
-    """Start the real app: `base = live_server(settings).base_url`. Stopped at test end."""
+def live_server(db_access: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., LiveServer]]:
+    """Start the real app: `base = live_server(settings).base_url` (role `api` unless told). Stopped at
+    test end. With db_access `pgbouncer`, an `api` server reaches the same database through PgBouncer."""
     started: list[LiveServer] = []
 
-    def start(settings: Settings, *, run_jobs: bool = False) -> LiveServer:
-        server = LiveServer(settings, run_jobs=run_jobs)
+    def start(settings: Settings, *, role: Role = "api") -> LiveServer:
+        if role == "api" and db_access == "pgbouncer":
+            assert settings.database_url is not None
+            database = make_url(settings.database_url).database
+            bouncer = make_url(request.getfixturevalue("pgbouncer")).set(database=database)
+            url = _async_url(bouncer.render_as_string(hide_password=False))
+            settings = settings.model_copy(update={"database_url": url, "db_transaction_pooler": True})
+        server = LiveServer(settings, role=role)
         server.start()
         started.append(server)
         return server

@@ -42,7 +42,7 @@ async def run_to_the_end(
     """Run one task to its end; return (its task-level transition events, the verified webhook bodies,
     the task as the API shows it then)."""
     task_id = relay.add_task(lifecycle=lifecycle)
-    server = live_server(make_settings(SUNO_BASE_URL=relay.base_url, SUNO_API_KEY=RELAY_KEY), run_jobs=True)
+    server = live_server(make_settings(SUNO_BASE_URL=relay.base_url, SUNO_API_KEY=RELAY_KEY), role="all")
     async with httpx.AsyncClient(base_url=server.base_url, headers=auth_headers()) as api:
         registered = await api.post(
             "/api/v1/tasks",

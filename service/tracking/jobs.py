@@ -114,14 +114,14 @@ class Poller:
         concurrency = relay.max_in_flight
         requests_per_page = min(PAGE_REQUESTS, concurrency)
         self._page_size = min(settings.poll_batch_size * requests_per_page, settings.poll_claim_size)
-        # Each worker keeps a connection for the whole drain: at most the pool's steady size, leaving
-        # its overflow to the API.
+        # Each worker keeps a connection until stop(): one of the pool's is always left for the rest
+        # of the process (the dispatcher's sweep, /readyz, the API), which would otherwise wait for it.
         self.workers = max(
             1,
             min(
                 concurrency // requests_per_page + 2,
                 settings.poll_claim_size // self._page_size,
-                connections or engine.pool.size(),  # type: ignore[attr-defined]
+                connections or engine.pool.size() - 1,  # type: ignore[attr-defined]
             ),
         )
         self._single_slots = asyncio.Semaphore(concurrency)
@@ -341,6 +341,8 @@ async def start_poller(runtime: Runtime, relay: RelayClient, *, connections: int
 
 async def start_pollers(runtime: Runtime) -> list[Poller]:
     """A poller per configured relay, each with its own drain, request slots and share of the pool's
-    connections: a slow or failing relay never holds up another's polling."""
-    share = max(1, runtime.engine.pool.size() // max(1, len(runtime.relays)))  # type: ignore[attr-defined]
+    connections (one of which is left for the rest of the process): a slow or failing relay never
+    holds up another's polling."""
+    pollable = runtime.engine.pool.size() - 1  # type: ignore[attr-defined]
+    share = max(1, pollable // max(1, len(runtime.relays)))
     return [await start_poller(runtime, relay, connections=share) for relay in runtime.relays.values()]

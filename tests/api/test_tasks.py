@@ -7,6 +7,10 @@ import asyncpg
 import httpx
 import pytest
 
+from tests.conftest import ALSO_THROUGH_PGBOUNCER
+
+pytestmark = ALSO_THROUGH_PGBOUNCER
+
 TASK_KEYS = {
     "task_id", "kind", "status", "upstream_status", "progress", "fail_reason", "notify_hook",
     "notify_format", "metadata", "clips", "created_at", "updated_at", "finished_at",

@@ -11,14 +11,16 @@ import msgspec
 import pytest
 from sqlalchemy import text
 
-from service.config import Settings
+from service.config import Role, Settings
 from service.db import create_engine, create_session_maker, transaction
 from service.tracking.service import claim_polls
 from service.upstream.fake import Advance, FakeRelay, FaultKind, Lifecycle
 from tests.api.test_tasks import db_rows
-from tests.conftest import LiveServer, auth_headers, wait_until
+from tests.conftest import ALSO_THROUGH_PGBOUNCER, LiveServer, auth_headers, wait_until
 from tests.tracking.conftest import RELAY_KEY
 from tests.tracking.test_lifecycles import clip_steps, music_history
+
+pytestmark = ALSO_THROUGH_PGBOUNCER
 
 CALLBACK_TOKEN = "cb-token-0123456789"
 
@@ -27,9 +29,9 @@ CALLBACK_TOKEN = "cb-token-0123456789"
 def app_factory(
     make_settings: Callable[..., Settings], live_server: Callable[..., LiveServer], fake_relay: FakeRelay
 ) -> Callable[..., LiveServer]:
-    def start(*, run_jobs: bool = False, **overrides: Any) -> LiveServer:
+    def start(*, role: Role = "api", **overrides: Any) -> LiveServer:
         settings = make_settings(SUNO_BASE_URL=fake_relay.base_url, SUNO_API_KEY=RELAY_KEY, **overrides)
-        return live_server(settings, run_jobs=run_jobs)
+        return live_server(settings, role=role)
 
     return start
 
@@ -320,7 +322,7 @@ async def test_the_callback_route_is_off_without_a_token(app_factory: Callable[.
 async def test_the_app_runs_the_poller_and_stops_it_cleanly(
     app_factory: Callable[..., LiveServer], fake_relay: FakeRelay
 ) -> None:
-    server = app_factory(run_jobs=True)
+    server = app_factory(role="all")
     task_ids = [fake_relay.add_task(lifecycle=Lifecycle.MUSIC_SUCCESS) for _ in range(3)]
     slow = fake_relay.add_task(lifecycle=Lifecycle.MUSIC_SUCCESS, advance=Advance.MANUAL)
     async with httpx.AsyncClient(base_url=server.base_url, headers=auth_headers(), timeout=30) as client:

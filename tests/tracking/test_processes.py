@@ -6,7 +6,6 @@ import asyncio
 import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,17 +21,11 @@ from service.config import Settings
 from service.db import create_engine, create_session_maker, transaction
 from service.tracking.service import register_task
 from service.upstream.fake import Advance, FakeRelay, Lifecycle
-from tests.conftest import TEST_ADMIN_TOKEN, TEST_WEBHOOK_SECRET, wait_until
+from tests.conftest import TEST_ADMIN_TOKEN, TEST_WEBHOOK_SECRET, free_port, wait_until
 from tests.tracking.conftest import RELAY_KEY, assert_consistent_history
 from tests.tracking.test_lifecycles import music_history
 
 TASKS = 500
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Service:

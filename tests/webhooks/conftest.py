@@ -101,7 +101,7 @@ async def sessions(database_url: str) -> AsyncIterator[SessionMaker]:
 
 @asynccontextmanager
 async def running_runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    async with open_runtime(settings, pool_size=4) as runtime:
+    async with open_runtime(settings) as runtime:
         yield runtime
 
 

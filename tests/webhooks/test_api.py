@@ -13,7 +13,10 @@ from sqlalchemy import insert
 from service.config import Settings
 from service.db import SessionMaker, transaction
 from service.models import Delivery, DeliveryAttempt, HookHost
+from tests.conftest import ALSO_THROUGH_PGBOUNCER
 from tests.webhooks.conftest import Receiver, add_task, deliveries, running_dispatcher, settled
+
+pytestmark = ALSO_THROUGH_PGBOUNCER
 
 DELIVERY_KEYS = {
     "id", "task_id", "event_seq", "webhook_id", "url", "status", "attempts", "next_attempt_at",

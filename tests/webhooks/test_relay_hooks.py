@@ -11,7 +11,7 @@ import httpx
 import pytest
 from standardwebhooks import Webhook
 
-from service.config import Settings
+from service.config import Role, Settings
 from service.upstream.fake import Advance, FakeRelay, Lifecycle
 from tests.conftest import TEST_WEBHOOK_SECRET, LiveServer, auth_headers, wait_until
 from tests.webhooks.conftest import Receiver
@@ -39,9 +39,9 @@ def start(
 ) -> Callable[..., str]:
     """`start(**env)`: the app with its poller and dispatcher against the fake relay; its base URL."""
 
-    def run(*, run_jobs: bool = True, **env: str) -> str:
+    def run(*, role: Role = "all", **env: str) -> str:
         settings = make_settings(SUNO_BASE_URL=relay.base_url, SUNO_API_KEY=RELAY_KEY, **env)
-        return live_server(settings, run_jobs=run_jobs).base_url
+        return live_server(settings, role=role).base_url
 
     return run
 
@@ -276,7 +276,7 @@ async def test_a_callback_naming_a_hook_adopts_it(
 ) -> None:
     """The relay's callback is an answer like a poll's; no poller runs here."""
     task_id = relay.add_task(stages=["QUEUED"], advance=Advance.MANUAL, notify_hook=receiver.url)
-    base = start(run_jobs=False, SUNOTRACK_CALLBACK_TOKEN=CALLBACK_TOKEN)
+    base = start(role="api", SUNOTRACK_CALLBACK_TOKEN=CALLBACK_TOKEN)
     async with httpx.AsyncClient(base_url=base, headers=auth_headers()) as api:
         await api.post("/api/v1/tasks", json={"task_id": task_id})
         called = await api.post(
