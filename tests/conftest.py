@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import httpx
@@ -29,9 +29,14 @@ from sqlalchemy.engine import make_url
 
 from service.config import Role, Settings
 from service.db import create_engine, migrate, start_embedded_postgres
+from service.upstream.fake import FakeRelay
+
+if TYPE_CHECKING:
+    from tests.webhooks.conftest import Receiver
 
 TEST_ADMIN_TOKEN = "test-admin-token"
 TEST_WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+RELAY_KEY = "test-relay-key"
 
 
 def _driver_url(url: str, database: str | None = None) -> str:
@@ -261,6 +266,23 @@ def live_server(db_access: str, request: pytest.FixtureRequest) -> Iterator[Call
     yield start
     for server in reversed(started):
         server.stop()
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[FakeRelay]:
+    """The fake relay on a loopback port, wanting RELAY_KEY."""
+    async with FakeRelay(api_key=RELAY_KEY) as fake:
+        yield fake
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """A webhook receiver on a loopback port that answers 200 and keeps what it got."""
+    from tests.webhooks.conftest import Receiver  # noqa: PLC0415  (that module imports this one)
+
+    server = await Receiver().start()
+    yield server
+    await server.stop()
 
 
 async def wait_until(

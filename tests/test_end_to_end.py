@@ -3,32 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
-import pytest
 from standardwebhooks import Webhook
 
 from service.config import Settings
 from service.upstream.fake import FakeRelay, Lifecycle
-from tests.conftest import TEST_WEBHOOK_SECRET, LiveServer, auth_headers, wait_until
+from tests.conftest import RELAY_KEY, TEST_WEBHOOK_SECRET, LiveServer, auth_headers, wait_until
 from tests.webhooks.conftest import Receiver
-
-RELAY_KEY = "test-relay-key"
-
-
-@pytest.fixture
-async def relay() -> AsyncIterator[FakeRelay]:
-    async with FakeRelay(api_key=RELAY_KEY) as fake:
-        yield fake
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    server = await Receiver().start()
-    yield server
-    await server.stop()
 
 
 async def run_to_the_end(

@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -20,25 +20,11 @@ from service.cli import main
 from service.config import ConfigError, Role, Settings
 from service.runtime import engine_pool_size
 from service.upstream.fake import FakeRelay, Lifecycle
-from tests.conftest import TEST_WEBHOOK_SECRET, LiveServer, auth_headers, free_port, wait_until
+from tests.conftest import RELAY_KEY, TEST_WEBHOOK_SECRET, LiveServer, auth_headers, free_port, wait_until
 from tests.webhooks.conftest import Receiver
 
-RELAY_KEY = "test-relay-key"
 # Every connection a sunotrack process opens carries one of these application names.
 OURS = "application_name LIKE 'sunotrack%'"
-
-
-@pytest.fixture
-async def relay() -> AsyncIterator[FakeRelay]:
-    async with FakeRelay(api_key=RELAY_KEY) as fake:
-        yield fake
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    server = await Receiver().start()
-    yield server
-    await server.stop()
 
 
 @pytest.fixture

@@ -9,6 +9,9 @@ import pytest
 
 from tests.api.conftest import CALLBACK_TOKEN, Edge
 from tests.api.test_tasks import db_rows
+from tests.conftest import ALSO_THROUGH_PGBOUNCER
+
+pytestmark = ALSO_THROUGH_PGBOUNCER
 
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1

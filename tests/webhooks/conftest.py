@@ -86,13 +86,6 @@ class Receiver:
 
 
 @pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    server = await Receiver().start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
 async def sessions(database_url: str) -> AsyncIterator[SessionMaker]:
     engine = create_engine(database_url, pool_size=4)
     yield create_session_maker(engine)

@@ -13,17 +13,10 @@ from standardwebhooks import Webhook
 
 from service.config import Role, Settings
 from service.upstream.fake import Advance, FakeRelay, Lifecycle
-from tests.conftest import TEST_WEBHOOK_SECRET, LiveServer, auth_headers, wait_until
+from tests.conftest import RELAY_KEY, TEST_WEBHOOK_SECRET, LiveServer, auth_headers, wait_until
 from tests.webhooks.conftest import Receiver
 
-RELAY_KEY = "test-relay-key"
 CALLBACK_TOKEN = "cb-token-0123456789abcdef0123456789"
-
-
-@pytest.fixture
-async def relay() -> AsyncIterator[FakeRelay]:
-    async with FakeRelay(api_key=RELAY_KEY) as fake:
-        yield fake
 
 
 @pytest.fixture
