@@ -48,8 +48,7 @@ from service.config import Settings
 from service.db import create_engine, create_session_maker, transaction
 from service.tracking.service import register_task
 from service.upstream.fake import Advance, FakeRelay, FaultKind, Lifecycle
-from tests.conftest import TEST_ADMIN_TOKEN, TEST_WEBHOOK_SECRET, auth_headers
-from tests.tracking.conftest import RELAY_KEY
+from tests.conftest import RELAY_KEY, TEST_ADMIN_TOKEN, TEST_WEBHOOK_SECRET, auth_headers
 from tests.tracking.test_processes import Service
 from tests.webhooks.conftest import Receiver
 

@@ -150,7 +150,8 @@ async def tracking_factory(
         )
         assert settings.database_url is not None
         assert settings.suno_api_key is not None
-        engine = create_engine(settings.database_url, pool_size=5)
+        # The test's own statements and a poller (3 workers) share it; some tests hold several at once.
+        engine = create_engine(settings.database_url, pool_size=10)
         http = aiohttp.ClientSession()
         relay = RelayClient(
             http,
