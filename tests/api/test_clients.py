@@ -14,7 +14,9 @@ import pytest
 
 from service.config import Settings
 from tests.api.test_tasks import db_rows
-from tests.conftest import LiveServer, auth_headers, wait_until
+from tests.conftest import ALSO_THROUGH_PGBOUNCER, LiveServer, auth_headers, wait_until
+
+pytestmark = ALSO_THROUGH_PGBOUNCER
 
 ISSUED_KEYS = {"name", "token", "webhook_secret", "relay"}
 LISTED_KEYS = {"name", "relay", "rate", "relay_hooks", "created_at", "revoked_at", "task_count"}
@@ -343,7 +345,9 @@ async def test_the_rate_holds_across_replicas(
     # Saturated: asked for several times what the rate allows, all along.
     assert len(refused) >= 2 * len(granted), (len(granted), len(refused))
     assert max(refused) > max(granted) - 1 / rate
-    expected = 2 * rate + rate * (max(granted) - started)
+    # The burst, then the rate from the first grant on: a full bucket refills nothing while the first
+    # requests are still connecting (seen through PgBouncer on a loaded box: 1.3 s of refill lost).
+    expected = 2 * rate + rate * (max(granted) - min(granted))
     assert abs(len(granted) - expected) <= 0.2 * expected, (len(granted), expected)
 
 
@@ -355,7 +359,7 @@ async def test_no_token_or_secret_is_logged(
     """Everything the service prints while a client is made, used (over its rate, too), rotated and
     revoked, and while its webhooks are attempted (to a port nobody listens on, so failures are
     logged): none of its tokens or secrets."""
-    server = live_server(make_settings(), run_jobs=True)
+    server = live_server(make_settings(), role="all")
     shown: list[str] = []
     async with httpx.AsyncClient(base_url=server.base_url, headers=auth_headers(), timeout=30) as api:
         issued = await create(api, "shop-a", rate=0.5)

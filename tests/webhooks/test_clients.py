@@ -51,7 +51,7 @@ async def received_for(receiver: Receiver, path: str, count: int = 1) -> list[Re
 async def test_each_clients_webhooks_verify_with_its_secret_only(
     make_settings: Callable[..., Settings], live_server: Callable[..., LiveServer], receiver: Receiver
 ) -> None:
-    server = live_server(make_settings(), run_jobs=True)
+    server = live_server(make_settings(), role="all")
     async with admin_api(server) as api:
         issued = {
             name: (await api.post("/api/v1/clients", json={"name": name})).json() for name in ("a", "b")
@@ -82,7 +82,7 @@ async def test_after_rotate_secret_both_sign_during_the_grace_period_and_only_th
     receiver: Receiver,
     database_url: str,
 ) -> None:
-    server = live_server(make_settings(), run_jobs=True)
+    server = live_server(make_settings(), role="all")
     async with admin_api(server) as api:
         issued = (await api.post("/api/v1/clients", json={"name": "a"})).json()
         rotated = (await api.post("/api/v1/clients/a/rotate-secret", params={"grace_s": 3600})).json()
@@ -118,7 +118,7 @@ async def test_a_revoked_clients_pending_deliveries_still_go_out_signed(
         await cancel_with_hook(api_only, "test-admin-token", "t-1", f"{receiver.url}/admin")
         assert (await api.post("/api/v1/clients/a/revoke")).status_code == 200
 
-    dispatching = live_server(settings, run_jobs=True)
+    dispatching = live_server(settings, role="all")
     [sent] = await received_for(receiver, "/hook/a")
     assert verifies(issued["webhook_secret"], sent)
     async with admin_api(dispatching) as api:
