@@ -8,28 +8,28 @@ the relay's documented shapes (`{"code", "message", "data"}`, status words, clip
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
-import pytest
 from standardwebhooks import Webhook
 
-from service.config import Settings
+from service.config import Role, Settings
 from service.upstream.fake import Advance, FakeRelay, FaultKind, Lifecycle
-from tests.conftest import TEST_WEBHOOK_SECRET, LiveServer, auth_headers, wait_until
+from tests.conftest import (
+    ALSO_THROUGH_PGBOUNCER,
+    RELAY_KEY,
+    TEST_WEBHOOK_SECRET,
+    LiveServer,
+    auth_headers,
+    wait_until,
+)
 from tests.webhooks.conftest import Receiver
 
-RELAY_KEY = "test-relay-key"
+pytestmark = ALSO_THROUGH_PGBOUNCER
+
 CALLBACK_TOKEN = "cb-token-0123456789"
 TASK_NOT_EXIST = {"code": "task_not_exist", "message": "task_not_exist", "data": None}
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    server = await Receiver().start()
-    yield server
-    await server.stop()
 
 
 async def front(
@@ -37,12 +37,12 @@ async def front(
     live_server: Callable[..., LiveServer],
     relay: FakeRelay,
     *,
-    run_jobs: bool = False,
+    role: Role = "api",
     **overrides: str,
 ) -> tuple[httpx.AsyncClient, httpx.AsyncClient]:
     """(the relay client pointed at sunotrack, an admin client of sunotrack's own API)."""
     settings = make_settings(SUNO_BASE_URL=relay.base_url, SUNO_API_KEY=RELAY_KEY, **overrides)
-    server = live_server(settings, run_jobs=run_jobs)
+    server = live_server(settings, role=role)
     return (
         httpx.AsyncClient(base_url=server.base_url, headers=auth_headers(), timeout=30),
         httpx.AsyncClient(base_url=server.base_url, headers=auth_headers(), timeout=30),
@@ -53,7 +53,7 @@ async def test_a_relay_client_submits_polls_to_completion_and_gets_its_signed_ho
     make_settings: Callable[..., Settings], live_server: Callable[..., LiveServer], receiver: Receiver
 ) -> None:
     async with FakeRelay(api_key=RELAY_KEY) as relay:
-        client, api = await front(make_settings, live_server, relay, run_jobs=True)
+        client, api = await front(make_settings, live_server, relay, role="all")
         async with client, api:
             submitted = await client.post(
                 "/suno/submit/music",
