@@ -6,6 +6,9 @@ import httpx
 
 from tests.api.test_clients import as_token, create
 from tests.api.test_tasks import TASK_KEYS, db_rows
+from tests.conftest import ALSO_THROUGH_PGBOUNCER
+
+pytestmark = ALSO_THROUGH_PGBOUNCER
 
 
 async def test_each_item_answers_as_the_single_route_would_in_request_order(

@@ -166,7 +166,7 @@ async def test_a_slow_host_gets_half_a_share_until_it_recovers(
     )
     host = f"http://127.0.0.1:{receiver.port}"
     pks = [await add_task(sessions, f"task-{n}", receiver.url) for n in range(10)]
-    server = live_server(settings, run_jobs=True)
+    server = live_server(settings, role="all")
 
     async def view(client: httpx.AsyncClient) -> dict[str, Any]:
         """The host's item; empty until the dispatcher has sent it something."""
