@@ -175,6 +175,16 @@ async def test_a_busy_process_never_holds_more_connections_than_its_pool_size(
             "worker",
             "SUNOTRACK_DB_POOL_SIZE=4 is too small for --role worker",
         ),
+        (
+            {
+                "SUNOTRACK_DB_POOL_SIZE": "5",
+                "SUNOTRACK_RELAYS": "slow",
+                "SUNOTRACK_RELAY_SLOW_BASE_URL": "http://127.0.0.1:9",
+            },
+            "worker",
+            r"SUNOTRACK_DB_POOL_SIZE=5 is too small for --role worker: it needs at least 6 \(3 for the "
+            r"webhook dispatcher, one for each relay's poller, one for the rest\)",
+        ),
     ],
 )
 def test_a_role_its_settings_cannot_run_is_refused_naming_the_variable(

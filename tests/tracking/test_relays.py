@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.config import Settings
+from service.config import Role, Settings
 from service.upstream.fake import Advance, FakeRelay, FaultKind, Lifecycle
 from tests.conftest import LiveServer, auth_headers, wait_until
 
@@ -38,7 +38,7 @@ def two_relays(
 ) -> Callable[..., LiveServer]:
     """The app with `default` on the fast fake relay and `slow` on the other, each with its own key."""
 
-    def start(*, run_jobs: bool = True, **env: str) -> LiveServer:
+    def start(*, role: Role = "all", **env: str) -> LiveServer:
         settings = make_settings(
             SUNO_BASE_URL=fast_relay.base_url,
             SUNO_API_KEY=FAST_KEY,
@@ -49,7 +49,7 @@ def two_relays(
             SUNOTRACK_CALLBACK_TOKEN=CALLBACK_TOKEN,
             **env,
         )
-        return live_server(settings, run_jobs=run_jobs)
+        return live_server(settings, role=role)
 
     return start
 
@@ -73,7 +73,7 @@ async def test_a_slow_relay_never_delays_another_relays_polling(
     slow_ids += [slow_relay.add_task(lifecycle=Lifecycle.STEMS) for _ in range(10)]
     fast_ids = [fast_relay.add_task(lifecycle=Lifecycle.MUSIC_SUCCESS) for _ in range(10)]
     fast_ids += [fast_relay.add_task(lifecycle=Lifecycle.STEMS) for _ in range(5)]
-    registrar = two_relays(run_jobs=False)
+    registrar = two_relays(role="api")
     async with httpx.AsyncClient(base_url=registrar.base_url, headers=auth_headers(), timeout=30) as api:
         token = (await api.post("/api/v1/clients", json={"name": "patient", "relay": "slow"})).json()["token"]
         async with httpx.AsyncClient(base_url=registrar.base_url, headers=auth_headers(token)) as patient:
@@ -142,7 +142,7 @@ async def test_each_relays_callback_route_polls_its_own_record(
     two_relays: Callable[..., LiveServer], fast_relay: FakeRelay, slow_relay: FakeRelay
 ) -> None:
     """One task id on both relays (two relay tasks): the callback route names which one it is."""
-    server = two_relays(run_jobs=False)
+    server = two_relays(role="api")
     task_id = "same-id-on-both"
     fast_relay.add_task(task_id, stages=["QUEUED"], advance=Advance.MANUAL)
     slow_relay.add_task(task_id, stages=["IN_PROGRESS"], advance=Advance.MANUAL)
