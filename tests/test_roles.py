@@ -108,11 +108,14 @@ async def test_an_api_and_a_worker_on_one_database_track_a_task_to_its_webhooks(
 
 def test_the_pool_size_is_shared_out_by_role(make_settings: Callable[..., Settings]) -> None:
     settings = make_settings(SUNOTRACK_DB_POOL_SIZE="12")
+    pooled = make_settings(SUNOTRACK_DB_POOL_SIZE="12", SUNOTRACK_DB_TRANSACTION_POOLER="true")
 
-    # The dispatcher's claim, result and LISTEN connections come off the budget of a role running jobs.
+    # The event feed's LISTEN comes off every role's budget, the dispatcher's claim, result and LISTEN
+    # connections off that of a role running jobs; behind a transaction pooler nothing LISTENs.
     assert {role: engine_pool_size(settings, role) for role in ("all", "api", "worker")} == {
-        "all": 9, "api": 12, "worker": 9,
+        "all": 8, "api": 11, "worker": 8,
     }  # fmt: skip
+    assert engine_pool_size(pooled, "api") == 12
 
 
 async def test_a_busy_process_never_holds_more_connections_than_its_pool_size(
@@ -122,10 +125,10 @@ async def test_a_busy_process_never_holds_more_connections_than_its_pool_size(
     receiver: Receiver,
     database_url: str,
 ) -> None:
-    """Role `all` with a budget of 6 (3 for the dispatcher, 3 in the engine's pool of which the poller
-    keeps 2) while it polls 200 tasks, delivers their webhooks and answers 32 clients at once: sampled
-    throughout, the count reaches the budget and never passes it."""
-    server = live_server(with_relay(SUNOTRACK_DB_POOL_SIZE="6"), role="all")
+    """Role `all` with a budget of 7 (3 for the dispatcher, 1 for the event feed's LISTEN, 3 in the
+    engine's pool of which the poller keeps 2) while it polls 200 tasks, delivers their webhooks and
+    answers 32 clients at once: sampled throughout, the count reaches the budget and never passes it."""
+    server = live_server(with_relay(SUNOTRACK_DB_POOL_SIZE="7"), role="all")
     task_ids = [relay.add_task(lifecycle=Lifecycle.MUSIC_SUCCESS) for _ in range(200)]
     seen: list[int] = []
     done = asyncio.Event()
@@ -153,7 +156,7 @@ async def test_a_busy_process_never_holds_more_connections_than_its_pool_size(
     done.set()
     await sampler
 
-    assert max(seen) == 6, sorted(set(seen))
+    assert max(seen) == 7, sorted(set(seen))
 
 
 @pytest.mark.parametrize(
@@ -169,21 +172,22 @@ async def test_a_busy_process_never_holds_more_connections_than_its_pool_size(
             "all",
             "SUNOTRACK_DB_TRANSACTION_POOLER=true needs --role api",
         ),
-        ({"SUNOTRACK_DB_POOL_SIZE": "4"}, "all", "SUNOTRACK_DB_POOL_SIZE=4 is too small for --role all"),
+        ({"SUNOTRACK_DB_POOL_SIZE": "5"}, "all", "SUNOTRACK_DB_POOL_SIZE=5 is too small for --role all"),
         (
-            {"SUNOTRACK_DB_POOL_SIZE": "4"},
+            {"SUNOTRACK_DB_POOL_SIZE": "5"},
             "worker",
-            "SUNOTRACK_DB_POOL_SIZE=4 is too small for --role worker",
+            "SUNOTRACK_DB_POOL_SIZE=5 is too small for --role worker",
         ),
         (
             {
-                "SUNOTRACK_DB_POOL_SIZE": "5",
+                "SUNOTRACK_DB_POOL_SIZE": "6",
                 "SUNOTRACK_RELAYS": "slow",
                 "SUNOTRACK_RELAY_SLOW_BASE_URL": "http://127.0.0.1:9",
             },
             "worker",
-            r"SUNOTRACK_DB_POOL_SIZE=5 is too small for --role worker: it needs at least 6 \(3 for the "
-            r"webhook dispatcher, one for each relay's poller, one for the rest\)",
+            r"SUNOTRACK_DB_POOL_SIZE=6 is too small for --role worker: it needs at least 7 \(3 for the "
+            r"webhook dispatcher, one for the event feed's LISTEN, one for each relay's poller, one for "
+            r"the rest\)",
         ),
     ],
 )
@@ -230,8 +234,8 @@ async def test_the_serve_command_runs_a_worker_without_an_admin_token(
     )
     assert await asyncio.to_thread(refused.wait, 30) == 2
     assert (tmp_path / "refused.log").read_text().strip().splitlines() == [
-        "sunotrack: SUNOTRACK_DB_POOL_SIZE=3 is too small for --role worker: it needs at least 5 (3 for the "
-        "webhook dispatcher, one for the poller, one for the rest)"
+        "sunotrack: SUNOTRACK_DB_POOL_SIZE=3 is too small for --role worker: it needs at least 6 (3 for the "
+        "webhook dispatcher, one for the event feed's LISTEN, one for the poller, one for the rest)"
     ]
 
     port = free_port()

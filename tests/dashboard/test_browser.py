@@ -63,9 +63,7 @@ async def test_dashboard_shows_tasks_live_and_a_task_page(
     make_settings: Callable[..., Settings], live_server: Callable[..., LiveServer], browser: Browser
 ) -> None:
     async with FakeRelay(api_key=RELAY_KEY, default_advance=Advance.MANUAL) as relay:
-        server = live_server(
-            make_settings(SUNO_BASE_URL=relay.base_url, SUNO_API_KEY=RELAY_KEY), run_jobs=True
-        )
+        server = live_server(make_settings(SUNO_BASE_URL=relay.base_url, SUNO_API_KEY=RELAY_KEY), role="all")
         page = await browser.new_page(viewport={"width": 1440, "height": 900})
         errors: list[str] = []
         page.on("pageerror", lambda error: errors.append(str(error)))
