@@ -4,6 +4,13 @@ Per process, like SUNOTRACK_WEBHOOK_CONCURRENCY: the claim asks for no more of a
 free slots here (repository.Quotas). A lane is (client, host): a host gets SUNOTRACK_HOOK_HOST_CONCURRENCY
 requests from each client with work for it, and a client at most `client_concurrency` in all, so one
 client's hosts never hold the slots another client's deliveries need.
+
+Work-conserving: a lane alone with due rows (the claim sees no other) may go over its share, up to its
+client's slots less one share, while its host answers fast. What it took then it keeps until its
+answers come back, so a newcomer finds a share of its client's slots and a quarter of the process's
+free (a host that turns slow with its extra slots out holds them one answer long, never the newcomer's
+share), and a host that answers slowly never goes over its share (docs/design.md, "Fair delivery
+claims").
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ MIN_SAMPLES = 10
 SLOW_PERCENTILE = 0.9
 # A host with nothing in flight and no attempt for this long is forgotten (its samples with it).
 FORGET_AFTER_S = 3600.0
+# A host goes over its share only while the p90 of its recent answers is under this: the slots it
+# takes when alone come back within the 1 s a newcomer's first webhook is promised.
+FAST_ANSWER_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +52,9 @@ class _Host:
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLE_SIZE))
     # How many of `durations` are over the slow threshold: p90 over it <=> more than 10% of them are.
     over: int = 0
+    # How many are over FAST_ANSWER_S (or the slow threshold, when lower).
+    over_fast: int = 0
+    fast: bool = False
     slow: bool = False
     last_seen: float = 0.0
 
@@ -59,7 +72,11 @@ class HostBook:
         self.concurrency = concurrency
         self.client_concurrency = client_concurrency
         self._slow_s = slow_s
+        self._fast_s = min(FAST_ANSWER_S, slow_s)
         self._slow_share = max(1, concurrency // 2)
+        # A lane alone may take its client's slots less one share, which stays free for a newcomer of
+        # the same client (other clients have the quarter of the process no client may take).
+        self.alone_share = max(concurrency, client_concurrency - concurrency)
         self._hosts: dict[str, _Host] = {}
         self._lanes: Counter[Lane] = Counter()
         self._clients: Counter[int] = Counter()
@@ -70,6 +87,16 @@ class HostBook:
 
     def free(self, lane: Lane) -> int:
         return max(0, self.share(lane[1]) - self._lanes[lane])
+
+    def _fast(self, host: str) -> bool:
+        state = self._hosts.get(host)
+        return state is not None and state.fast
+
+    def alone_free(self, lane: Lane) -> int:
+        """What `lane` may take when the claim finds it alone: over its share only if its host is fast."""
+        if not self._fast(lane[1]):
+            return self.free(lane)
+        return max(0, self.alone_share - self._lanes[lane])
 
     def client_free(self, client: int) -> int:
         return max(0, self.client_concurrency - self._clients[client])
@@ -82,11 +109,16 @@ class HostBook:
             by_host={host: self._slow_share for host, state in self._hosts.items() if state.slow},
             by_lane={lane: self.free(lane) for lane in self._lanes},
             by_client={client: self.client_free(client) for client in self._clients},
+            alone_by_host={host: self.alone_share for host, state in self._hosts.items() if state.fast},
+            alone_by_lane={lane: self.alone_free(lane) for lane in self._lanes if self._fast(lane[1])},
         )
 
     def worth_a_claim(self, blocked: Blocked, lane: Lane) -> bool:
         """Whether a send of `lane` finishing frees enough for a claim: half its share, or a quarter
-        of its client's, where the last claim left rows behind for want of them."""
+        of its client's, where the last claim left rows behind for want of them; a quarter of its
+        share when alone where it was the only lane left waiting (the next claim finds it alone)."""
+        if blocked.lanes == {lane} and not blocked.clients and self._fast(lane[1]):
+            return self.alone_free(lane) >= max(1, self.alone_share // 4)
         return (lane in blocked.lanes and self.free(lane) >= max(1, self.share(lane[1]) // 2)) or (
             lane[0] in blocked.clients and self.client_free(lane[0]) >= max(1, self.client_concurrency // 4)
         )
@@ -108,15 +140,16 @@ class HostBook:
             state = self._hosts[lane[1]] = _Host()
         state.last_seen = time.monotonic()
         samples = state.durations
-        if len(samples) == SAMPLE_SIZE and samples[0] > self._slow_s:
-            state.over -= 1
+        if len(samples) == SAMPLE_SIZE:
+            state.over -= samples[0] > self._slow_s
+            state.over_fast -= samples[0] > self._fast_s
         samples.append(duration_s)
-        if duration_s > self._slow_s:
-            state.over += 1
-        # Nearest-rank p90 of n samples is over the threshold when more than n - ceil(0.9 n) are.
-        state.slow = len(samples) >= MIN_SAMPLES and state.over > len(samples) - math.ceil(
-            SLOW_PERCENTILE * len(samples)
-        )
+        state.over += duration_s > self._slow_s
+        state.over_fast += duration_s > self._fast_s
+        # Nearest-rank p90 of n samples is over a threshold when more than n - ceil(0.9 n) are.
+        allowed = len(samples) - math.ceil(SLOW_PERCENTILE * len(samples))
+        state.slow = len(samples) >= MIN_SAMPLES and state.over > allowed
+        state.fast = not state.slow and state.over_fast <= allowed
 
     def forget_idle(self) -> None:
         horizon = time.monotonic() - FORGET_AFTER_S

@@ -63,13 +63,19 @@ class ClaimedDelivery(NamedTuple):
 class Quotas:
     """How many deliveries a claim may take: per lane `lane_default`, or a host's share from `by_host`
     (a slow host's), or exactly `by_lane` (lanes with sends in flight); per client `client_default`,
-    or `by_client` (clients with sends in flight)."""
+    or `by_client` (clients with sends in flight).
+
+    When the claim finds one lane alone with due rows, that lane may take more (work-conserving): up
+    to `alone_by_lane` (its lane has sends in flight) or `alone_by_host`; a host in neither gets no
+    more than its share."""
 
     lane_default: int
     client_default: int
     by_host: Mapping[str, int] = field(default_factory=dict)
     by_lane: Mapping[Lane, int] = field(default_factory=dict)
     by_client: Mapping[int, int] = field(default_factory=dict)
+    alone_by_host: Mapping[str, int] = field(default_factory=dict)
+    alone_by_lane: Mapping[Lane, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,14 +118,15 @@ class AttemptOutcome(NamedTuple):
 # The fair claim, one statement (docs/design.md, "Fair delivery claims"):
 # - lanes: every (client, host) with rows waiting, and its earliest next_attempt_at, by a loose index
 #   scan of ix_deliveries_lane_due (one index probe per lane, however deep a lane's backlog);
-# - each lane due now gets a quota: its free slots in this process, capped by the claim's size; a host
+# - each lane due now gets a quota: its free slots in this process, capped by the claim's size (or,
+#   when it is the only lane due, its quota when alone: no other lane waits for the slots); a host
 #   the circuit breaker tripped gets 0, or 1 (in one of its lanes) for the one process that wins its
 #   half-open probe (the row lock on hook_hosts serialises them);
 # - each lane's oldest due rows, up to its quota, are locked (FOR UPDATE SKIP LOCKED) and numbered;
 #   then numbered again per client by that turn, and taken in client turns (every client's first,
 #   then every client's second, ...), each client up to its own quota, up to the claim's size;
 # - a paused host's due rows are put back until its pause ends, so they burn no attempt.
-# Without SUNOTRACK_WEBHOOK_SECRET ($9 false) the admin's lane (client key 0) is left alone.
+# Without SUNOTRACK_WEBHOOK_SECRET ($14 false) the admin's lane (client key 0) is left alone.
 # Rows are updated by their addresses (a TID scan), which keeps the generic plan good on any table.
 _CLAIM = """
     WITH RECURSIVE lanes AS (
@@ -135,12 +142,17 @@ _CLAIM = """
         SELECT l.client_key, l.host, h.paused_until,
             coalesce(h.consecutive_failures >= $3, false) AS tripped,
             row_number() OVER (PARTITION BY l.host ORDER BY l.oldest) AS nth_of_host,
-            least(coalesce(lq.quota, hq.quota, $5), $1) AS quota
+            least(CASE WHEN count(*) OVER () = 1
+                       THEN greatest(coalesce(al.quota, ah.quota, 0), coalesce(lq.quota, hq.quota, $5))
+                       ELSE coalesce(lq.quota, hq.quota, $5) END, $1) AS quota
         FROM lanes AS l
         LEFT JOIN hook_hosts AS h ON h.host = l.host
         LEFT JOIN unnest($6::text[], $7::integer[]) AS hq(host, quota) ON hq.host = l.host
         LEFT JOIN unnest($8::bigint[], $9::text[], $10::integer[]) AS lq(client_key, host, quota)
             ON lq.client_key = l.client_key AND lq.host = l.host
+        LEFT JOIN unnest($15::text[], $16::integer[]) AS ah(host, quota) ON ah.host = l.host
+        LEFT JOIN unnest($17::bigint[], $18::text[], $19::integer[]) AS al(client_key, host, quota)
+            ON al.client_key = l.client_key AND al.host = l.host
         WHERE l.oldest <= now() AND ($14 OR l.client_key <> 0)
     ), probes AS (
         UPDATE hook_hosts AS h
@@ -250,6 +262,7 @@ async def claim_due_deliveries(
     """
     quotas = quotas or Quotas(limit, limit)
     hosts, lanes, clients = list(quotas.by_host), list(quotas.by_lane), list(quotas.by_client)
+    alone_hosts, alone_lanes = list(quotas.alone_by_host), list(quotas.alone_by_lane)
     rows = await driver.fetch(
         _CLAIM,
         limit,
@@ -266,6 +279,11 @@ async def claim_due_deliveries(
         [quotas.by_client[client] for client in clients],
         quotas.client_default,
         signs_admin,
+        alone_hosts,
+        [quotas.alone_by_host[host] for host in alone_hosts],
+        [client for client, _ in alone_lanes],
+        [host for _, host in alone_lanes],
+        [quotas.alone_by_lane[lane] for lane in alone_lanes],
     )
     first = rows[0]
     claimed = rows_as(list(first.keys()), rows, ClaimedDelivery) if first["id"] is not None else []

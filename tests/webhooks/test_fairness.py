@@ -118,6 +118,8 @@ async def test_a_slow_receiver_does_not_delay_a_fast_one_and_loses_or_repeats_no
 
             await wait_until(fast_has_all, timeout=10, what="the fast receiver's 30 webhooks")
             assert gauge.answered == 0  # the slow host's first round was still out meanwhile
+            # A slow host never goes over its share, even alone (once fast again, it may).
+            assert gauge.peak == 8
 
             async def first_slow_round() -> bool:
                 return gauge.answered >= 8
@@ -132,7 +134,6 @@ async def test_a_slow_receiver_does_not_delay_a_fast_one_and_loses_or_repeats_no
     receipts = {json.loads(r.body)["data"]["task_id"]: r.at for r in fast.received}
     latencies = [receipts[task_id] - at for task_id, at in committed.items()]
     assert percentile(latencies, 0.95) < 1.0, sorted(latencies)
-    assert gauge.peak == 8
     by_host = {slow.url: slow, fast.url: fast}
     for url, receiver in by_host.items():
         sent = Counter(receiver.ids())
@@ -140,6 +141,79 @@ async def test_a_slow_receiver_does_not_delay_a_fast_one_and_loses_or_repeats_no
         assert set(sent) == expected
         assert set(sent.values()) == {1}
     assert len(rows) == 330
+    assert {(row.status, row.attempts) for row in rows} == {("delivered", 1)}
+
+
+async def test_a_lone_fast_host_takes_the_free_slots_and_turning_slow_with_them_delays_no_newcomer(
+    make_settings: Callable[..., Settings], sessions: SessionMaker
+) -> None:
+    """Work-conserving shares: a host alone with a backlog gets more than its share while it answers
+    fast. The worst case: from its 101st request on it takes 5 s per answer, with its extra slots out.
+    A newcomer registered then must still get its webhooks within a second (a share of the client's
+    slots stays free), and nothing is lost or repeated."""
+    gauge = Gauge()
+    fast_again = asyncio.Event()
+
+    async def turns_slow(_: web.Request, call: int) -> web.StreamResponse:
+        with gauge.request():
+            if call > 100:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(fast_again.wait(), 5)
+            gauge.answered += 1
+            return web.Response(text="ok")
+
+    turning = await Receiver(turns_slow).start()
+    fast = await Receiver().start()
+    settings = make_settings(
+        SUNOTRACK_LEASE_S="30",
+        SUNOTRACK_WEBHOOK_TIMEOUT_S="15",
+        SUNOTRACK_WEBHOOK_CONCURRENCY="64",
+        SUNOTRACK_HOOK_HOST_CONCURRENCY="8",
+        SUNOTRACK_WEBHOOK_SWEEP_S="1",
+    )
+    turning_pks = [await add_task(sessions, f"turning-{n}", turning.url) for n in range(30)]
+    fast_pks = [await add_task(sessions, f"fast-{n}", fast.url) for n in range(30)]
+    committed: dict[str, float] = {}
+    try:
+        async with running_dispatcher(settings):
+            await enqueue(
+                sessions,
+                [
+                    notice(pk, turning.url, task_id=f"turning-{n}", seq=seq)
+                    for seq in range(2, 12)
+                    for n, pk in enumerate(turning_pks)
+                ],
+            )
+
+            async def stuck_with_its_extra_slots() -> bool:
+                return len(turning.received) > 100 and gauge.now == 40
+
+            # 40: the client's 48 slots (three quarters of 64) less one share of 8.
+            await wait_until(stuck_with_its_extra_slots, what="the turned host's 40 requests in flight")
+            for n, pk in enumerate(fast_pks):
+                await enqueue(sessions, [notice(pk, fast.url, task_id=f"fast-{n}")])
+                committed[f"fast-{n}"] = time.time()
+                await asyncio.sleep(0.02)
+
+            async def fast_has_all() -> bool:
+                return len(fast.received) == 30
+
+            await wait_until(fast_has_all, timeout=10, what="the fast receiver's 30 webhooks")
+            assert gauge.answered == 100  # the turned host's slow round was still out meanwhile
+            assert gauge.peak == 40
+            fast_again.set()
+            rows = await settled(sessions, 330, timeout=60)
+    finally:
+        await turning.stop()
+        await fast.stop()
+
+    receipts = {json.loads(r.body)["data"]["task_id"]: r.at for r in fast.received}
+    latencies = [receipts[task_id] - at for task_id, at in committed.items()]
+    assert percentile(latencies, 0.95) < 1.0, sorted(latencies)
+    for url, receiver in {turning.url: turning, fast.url: fast}.items():
+        sent = Counter(receiver.ids())
+        assert set(sent) == {row.webhook_id for row in rows if row.url == url}
+        assert set(sent.values()) == {1}
     assert {(row.status, row.attempts) for row in rows} == {("delivered", 1)}
 
 
