@@ -19,6 +19,8 @@ from tests.api.test_tasks import db_rows
 from tests.conftest import ALSO_THROUGH_PGBOUNCER, LiveServer, auth_headers, wait_until
 from tests.tracking.conftest import RELAY_KEY
 from tests.tracking.test_lifecycles import clip_steps, music_history
+from tests.webhooks.conftest import Receiver, running_dispatcher
+from tests.webhooks.test_clients import received_for, verifies
 
 pytestmark = ALSO_THROUGH_PGBOUNCER
 
@@ -365,3 +367,55 @@ async def test_a_callback_polls_once_and_records_into_every_clients_record(
         assert [(e["seq"], e["to_status"], e["source"]) for e in events if e["clip_id"] is None] == [
             (1, "submitted", "register"), (2, "queued", "callback"),
         ]  # fmt: skip
+
+
+async def test_a_callback_sends_each_client_tracking_the_task_its_own_webhook(
+    app_factory: Callable[..., LiveServer],
+    make_settings: Callable[..., Settings],
+    fake_relay: FakeRelay,
+    receiver: Receiver,
+) -> None:
+    """Two clients track one relay task, each with a hook of its own: one callback moves both records
+    and each client's hook gets that transition once, signed with its client's secret only."""
+    server = app_factory(SUNOTRACK_CALLBACK_TOKEN=CALLBACK_TOKEN)
+    task_id = fake_relay.add_task(stages=["QUEUED"], advance=Advance.MANUAL)
+    secrets: dict[str, str] = {}
+    async with httpx.AsyncClient(base_url=server.base_url, headers=auth_headers(), timeout=30) as api:
+        for name in ("a", "b"):
+            issued = (await api.post("/api/v1/clients", json={"name": name})).json()
+            secrets[name] = issued["webhook_secret"]
+            async with httpx.AsyncClient(
+                base_url=server.base_url, headers=auth_headers(issued["token"])
+            ) as client:
+                hook = {"task_id": task_id, "notify_hook": f"{receiver.url}/{name}"}
+                assert (await client.post("/api/v1/tasks", json=hook)).status_code == 201
+
+        async with running_dispatcher(make_settings()):
+            called = await api.post(
+                CALLBACK_URL, json={"taskId": task_id, "status": "QUEUED"}, headers=NO_AUTH
+            )
+            to_a = await received_for(receiver, "/hook/a")
+            to_b = await received_for(receiver, "/hook/b")
+
+            async def both_delivered() -> bool:
+                listed = [
+                    (await api.get(f"/api/v1/tasks/{task_id}/deliveries", params={"client": name})).json()
+                    for name in ("a", "b")
+                ]
+                return [[d["status"] for d in answer["items"]] for answer in listed] == [["delivered"]] * 2
+
+            await wait_until(both_delivered, what="each client's one delivery settled")
+        records = [
+            (await api.get(f"/api/v1/tasks/{task_id}", params={"client": name})).json() for name in ("a", "b")
+        ]
+
+    assert (called.status_code, called.json()["status"]) == (200, "polled")
+    assert fake_relay.task_requests[task_id] == 1
+    assert [(r["status"], r["poll_count"]) for r in records] == [("queued", 1)] * 2
+    assert (len(to_a), len(to_b)) == (1, 1)
+    for name, [received] in (("a", to_a), ("b", to_b)):
+        data = msgspec.json.decode(received.body)["data"]
+        assert (data["task_id"], data["previous_status"], data["status"]) == (task_id, "submitted", "queued")
+        assert {other: verifies(secret, received) for other, secret in secrets.items()} == {
+            other: other == name for other in secrets
+        }
