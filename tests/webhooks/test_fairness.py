@@ -403,6 +403,39 @@ async def test_the_claim_takes_hosts_in_turns_up_to_each_quota(database_url: str
         await connection.close()
 
 
+async def test_the_claim_lets_a_lane_alone_take_its_quota_when_alone(database_url: str) -> None:
+    connection = await due_rows(database_url, [("http://backlog.example/h", 100), ("https://b.example/h", 2)])
+    try:
+
+        async def claim(limit: int, quotas: Quotas) -> tuple[Counter[str], Blocked]:
+            claimed = await claim_due_deliveries(
+                connection, limit=limit, lease_s=60, breaker_failures=5, probe_s=1, quotas=quotas
+            )
+            return Counter(d.host for d in claimed.deliveries), claimed.blocked
+
+        backlog, b = "http://backlog.example:80", "https://b.example:443"
+        fast = {backlog: 40}
+        lane = frozenset({(0, backlog)})
+        # Another lane due: shares, whatever the backlog's host may take alone.
+        assert await claim(64, Quotas(8, 48, alone_by_host=fast)) == (
+            Counter({backlog: 8, b: 2}),
+            Blocked(lane),
+        )
+        assert await claim(64, Quotas(8, 48, alone_by_host=fast)) == (Counter({backlog: 40}), Blocked(lane))
+        # Its lane's own figure when it has sends in flight; its share if its host is not fast.
+        alone_lane = Quotas(8, 48, by_lane={(0, backlog): 0}, alone_by_lane={(0, backlog): 5})
+        assert await claim(64, alone_lane) == (Counter({backlog: 5}), Blocked(lane))
+        assert await claim(64, Quotas(8, 48)) == (Counter({backlog: 8}), Blocked(lane))
+        # Within the claim's size and its client's quota.
+        assert await claim(3, Quotas(8, 48, alone_by_host=fast)) == (Counter({backlog: 3}), Blocked(lane))
+        assert await claim(64, Quotas(8, 20, alone_by_host=fast)) == (
+            Counter({backlog: 20}),
+            Blocked(clients=frozenset({0})),
+        )
+    finally:
+        await connection.close()
+
+
 async def test_the_claim_holds_a_paused_hosts_rows_until_its_pause_ends(database_url: str) -> None:
     connection = await due_rows(database_url, [("http://down.example/h", 100), ("http://up.example/h", 2)])
     try:
