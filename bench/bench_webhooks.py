@@ -363,6 +363,10 @@ async def run(args: argparse.Namespace, loop_name: str) -> None:
             print(f"bare aiohttp POST loop:   {bare:8.0f} req/s")
             print(f"dispatcher, sent:         {sent:8.0f} deliveries/s  ({sent / bare:.2f} of bare)")
             print(f"dispatcher, settled (DB): {settled:8.0f} deliveries/s  ({settled / bare:.2f} of bare)")
+            print(
+                "  target: sent within 10% of 186fa20's (before fair delivery): run its bench_webhooks.py "
+                "in a worktree, alternating turns with this one"
+            )
             latencies = await commit_to_receipt(settings, client, args.rate, args.seconds)
             expected = int(args.rate * args.seconds)
             print(
