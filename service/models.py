@@ -117,6 +117,10 @@ class Task(Base):
     client_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB)
     # A lyrics task's words once written: {"title", "text"} (upstream.schemas.Lyrics).
     lyrics: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # The relay's last answer for this task, as it sent it: the relay front serves it as text, which
+    # costs Postgres nothing to output (jsonb's output did: docs/design.md, "The relay front's fetch").
+    last_answer: Mapped[str | None] = mapped_column(Text)
+    # Before 0009 the answer was kept here; read only where `last_answer` is still NULL.
     last_payload: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     # Highest event seq handed out for this task; bumping it in the same UPDATE allocates seqs without max().
     last_seq: Mapped[int] = mapped_column(Integer, server_default="0")

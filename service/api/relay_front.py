@@ -225,12 +225,12 @@ def _render(view: RelayView, runtime: Runtime) -> bytes:
 
 def _last_answer(view: RelayView, runtime: Runtime) -> bytes | None:
     """The relay's last answer, when it is in the shape we answer in (a v1 relay's is not)."""
-    if bytes(view.last_payload) == b"null":
+    if view.last_answer is None:
         return None
     relay = runtime.settings.relays.get(view.relay)
     if view.kind != TaskKind.STEMS and (relay is None or relay.dialect is not Dialect.FETCH):
         return None
-    return bytes(view.last_payload)
+    return view.last_answer.encode()
 
 
 def _relay(runtime: Runtime, caller: Caller) -> RelayClient:

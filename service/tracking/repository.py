@@ -225,7 +225,7 @@ class TaskState(TaskIdentity, kw_only=True):
     relay_notify_hook: str | None
     lyrics: Lyrics | None
     # Written when set (the relay's answer, as received), never read here.
-    last_payload: msgspec.Raw | None = None
+    last_answer: msgspec.Raw | None = None
     clips: list[ClipState] = []
 
 
@@ -270,9 +270,7 @@ class PollClaim:
 
 
 _NOT_COLUMNS = ("clips", "client_relay_hooks")
-_TASK_READ = tuple(
-    name for name in TaskState.__struct_fields__ if name not in (*_NOT_COLUMNS, "last_payload")
-)
+_TASK_READ = tuple(name for name in TaskState.__struct_fields__ if name not in (*_NOT_COLUMNS, "last_answer"))
 _TASK_WRITTEN = (
     "id",
     *(
@@ -432,7 +430,7 @@ async def claim_due_tasks(
 _CLIP_KEYS = ("task_pk", "clip_id")
 _TASK_SET = ", ".join(
     f"{name} = COALESCE(v.{name}, t.{name})"
-    if name == "last_payload"
+    if name == "last_answer"
     else f"{name} = {recordset_value(_TASKS, name, 'v')}"
     for name in _TASK_WRITTEN[1:]
 )
@@ -465,8 +463,8 @@ _encode = msgspec.json.Encoder().encode
 
 
 def relay_json(raw: bytes | None) -> msgspec.Raw | None:
-    """The relay's JSON, to be stored as is. jsonb refuses the NUL escape plain JSON allows; one such
-    string must not block a whole page."""
+    """The relay's JSON, to be stored as received but for the NUL escape plain JSON allows, which
+    Postgres refuses in any text once decoded: one such string must not fail a client's poll."""
     if raw is None:
         return None
     return msgspec.Raw(raw.replace(b"\\u0000", b"\\ufffd") if b"\\u0000" in raw else raw)
@@ -495,7 +493,7 @@ async def write_page(
 
 class RelayView(msgspec.Struct, kw_only=True):
     """What the relay front renders of a task, field names being its columns: the relay's task object
-    is our state written over the relay's last answer (`last_payload`)."""
+    is our state written over the relay's last answer (`last_answer`)."""
 
     id: int
     task_id: str
@@ -506,28 +504,33 @@ class RelayView(msgspec.Struct, kw_only=True):
     fail_reason: str | None
     finished_at: datetime | None
     notify_hook: str | None
-    # `null` while the relay has not answered (msgspec takes no `Raw | None`).
-    last_payload: msgspec.Raw
     clips: list[ClipView]
+    # The relay's last answer as it sent it (filled from its own column: see _RELAY_VIEWS).
+    last_answer: str | None = None
 
 
 # ClipView's fields from the clips row (its `id` is the row's clip_id).
 _VIEW_CLIP = ", ".join(
     f"'{name}', c.{'clip_id' if name == 'id' else name}" for name in ClipView.__struct_fields__
 )
-_VIEW_TASK = ", ".join(f"'{name}', t.{name}" for name in RelayView.__struct_fields__ if name != "clips")
-# One row, one JSON document for the whole batch: decoded straight into the structs in one call.
+_VIEW_TASK = ", ".join(
+    f"'{name}', t.{name}" for name in RelayView.__struct_fields__ if name not in ("clips", "last_answer")
+)
+# A row per task: its small fields and clips as one JSON document, and the relay's answer as stored
+# text beside it. Passing the answer through a JSON function instead (jsonb out, json_build_object,
+# json_agg) cost Postgres 3-8x as much as the rest of the statement (docs/design.md, "The relay
+# front's fetch"). Answers recorded before 0009 are only in the jsonb `last_payload`.
 _RELAY_VIEWS = text(
     f"""
-    SELECT coalesce(json_agg(json_build_object({_VIEW_TASK}, 'clips', (
+    SELECT json_build_object({_VIEW_TASK}, 'clips', (
         SELECT coalesce(json_agg(json_build_object({_VIEW_CLIP}) ORDER BY c.position), '[]')
         FROM clips AS c WHERE c.task_pk = t.id
-    ))), '[]')::text
+    ))::text AS view, coalesce(t.last_answer, t.last_payload::text) AS last_answer
     FROM tasks AS t
     WHERE t.task_id = ANY(CAST(:task_ids AS text[])) AND t.client_id IS NOT DISTINCT FROM :client_id
     """  # noqa: S608
 )
-_relay_views = msgspec.json.Decoder(list[RelayView])
+_relay_view = msgspec.json.Decoder(RelayView)
 
 
 async def relay_views(
@@ -537,5 +540,9 @@ async def relay_views(
     if not task_ids:
         return {}
     values = {"task_ids": list(task_ids), "client_id": client_id}
-    document = (await session.execute(_RELAY_VIEWS, values)).scalar_one()
-    return {view.task_id: view for view in _relay_views.decode(document)}
+    views = {}
+    for document, last_answer in await session.execute(_RELAY_VIEWS, values):
+        view = _relay_view.decode(document)
+        view.last_answer = last_answer
+        views[view.task_id] = view
+    return views

@@ -245,7 +245,7 @@ class _Recorder:
             # Some relays start a new separation job per call: the first-seen stems stay the task's.
             self._anomaly(state, "new_stem_clips", source, clip_ids=new_clip_ids)
         if changed:
-            state.last_payload = relay_json(snapshot.raw)
+            state.last_answer = relay_json(snapshot.raw)
             state.updated_at = self.now
             self.dirty[state.id] = state
         return changed

@@ -185,8 +185,8 @@ async def test_unchanged_answers_back_off_to_the_maximum_and_a_change_resets(
     after = await tracking.task(task_id)
     # Polled again, and nothing was written but the bookkeeping.
     assert after.poll_count > before.poll_count
-    assert (after.last_seq, after.updated_at, after.last_payload) == (
-        before.last_seq, before.updated_at, before.last_payload,
+    assert (after.last_seq, after.updated_at, after.last_answer) == (
+        before.last_seq, before.updated_at, before.last_answer,
     )  # fmt: skip
     fake_relay.advance(task_id)
     await tracking.poll_until(task_id, "in_progress")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 
 from service.upstream.fake import FakeRelay, FaultKind, Lifecycle
@@ -41,7 +42,7 @@ async def test_music_success(tracking: Tracking, fake_relay: FakeRelay) -> None:
         None, "SUCCESS", 100, None,
     )  # fmt: skip
     assert task.finished_at is not None
-    assert task.last_payload["status"] == "SUCCESS"
+    assert json.loads(task.last_answer)["status"] == "SUCCESS"
     stored = await tracking.clips(task_id)
     assert [(c.clip_id, c.status, c.audio_url, c.duration) for c in stored] == [
         (clips[0], "complete", f"https://cdn1.suno.ai/{clips[0]}.mp3", 201.48),
@@ -78,7 +79,7 @@ async def test_lyrics(tracking: Tracking, fake_relay: FakeRelay) -> None:
         (3, "transition", "in_progress", "complete", "poll", None),
     ]
     task = await tracking.task(task_id)
-    assert task.last_payload["data"]["text"].startswith("[Verse]")
+    assert json.loads(task.last_answer)["data"]["text"].startswith("[Verse]")
     assert fake_relay.requests["fetch_batch"] == 3
 
 
