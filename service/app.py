@@ -121,8 +121,8 @@ def create_app(settings: Settings, *, role: Role = "all") -> Litestar:
             stoppables: list[Poller | Dispatcher | Sequencer | FeedWatcher] = [watcher, sequencer]
             sequencer.start()
             if settings.db_transaction_pooler:
-                # A transaction pooler cannot carry LISTEN: streams wake on their keep-alive reads.
-                log.warning("feed.listen_off", reason="SUNOTRACK_DB_TRANSACTION_POOLER is set")
+                # A transaction pooler cannot carry LISTEN: streams wake on the feed's last id instead.
+                watcher.start_polling(runtime.engine, settings.feed_tick_s)
             else:
                 watcher.start()
             try:

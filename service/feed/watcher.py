@@ -1,7 +1,8 @@
-"""Wakes this process's stream readers when any process numbers new feed events (LISTEN/NOTIFY).
+"""Wakes this process's stream readers when any process numbers new feed events: by LISTEN/NOTIFY, or,
+behind a transaction pooler (which cannot carry LISTEN), by reading the feed's last id every tick.
 
-A notification is only a wake-up: each reader then reads the feed from its own last id, so a missed or
-folded notification loses nothing (the readers' 15 s keep-alive reads again anyway).
+A wake-up is only that: each reader then reads the feed from its own last id, so a missed or folded
+notification loses nothing (the readers' 15 s keep-alive reads again anyway).
 """
 
 from __future__ import annotations
@@ -12,11 +13,17 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
 import structlog
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.feed.sequencer import CHANNEL
 from service.webhooks.jobs import DB_ERRORS, LISTEN_HEARTBEAT_S, LISTEN_RETRY_MAX_S
 
 log = structlog.get_logger()
+
+# The unique partial index on feed_id answers this from its last entry.
+_LAST_FEED_ID = text("SELECT max(feed_id) FROM task_events WHERE feed_id IS NOT NULL")
 
 
 class FeedWatcher:
@@ -38,6 +45,31 @@ class FeedWatcher:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="feed.listen")
+
+    def start_polling(self, engine: AsyncEngine, every_s: float) -> None:
+        """Wake the readers when the feed's last id grows, read every `every_s` through the pool: one
+        index probe per process and tick, however many streams are open."""
+        self._task = asyncio.create_task(self._poll(engine, every_s), name="feed.poll")
+
+    async def _poll(self, engine: AsyncEngine, every_s: float) -> None:
+        last: int | None = None
+        failing = False
+        while True:
+            try:
+                async with engine.connect() as db:
+                    newest = await db.scalar(_LAST_FEED_ID)
+            except (OSError, DBAPIError) as exc:
+                if not failing:
+                    log.warning("feed.poll_failed", error=type(exc).__name__)
+                failing = True
+            else:
+                if failing:
+                    log.info("feed.poll_recovered")
+                failing = False
+                if newest != last:
+                    last = newest
+                    self.notify()
+            await asyncio.sleep(every_s)
 
     async def stop(self) -> None:
         self.closed = True

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import wait_until
+from tests.conftest import ALSO_THROUGH_PGBOUNCER, wait_until
 
 
 async def register(api: httpx.AsyncClient, *task_ids: str) -> None:
@@ -71,6 +71,8 @@ async def test_feed_bounds_are_400s(api: httpx.AsyncClient) -> None:
         assert set(response.json()) == {"status_code", "detail", "extra"}
 
 
+# Behind PgBouncer there is no LISTEN: the stream must still wake well within its 15 s keep-alive.
+@ALSO_THROUGH_PGBOUNCER
 async def test_the_stream_sends_new_events_and_resumes_after_last_event_id(api: httpx.AsyncClient) -> None:
     await register(api, "s-0")
     await wait_until(lambda: _has(api, 1), what="the first event numbered")
