@@ -19,6 +19,7 @@ from service.api import AppRuntime
 from service.api.auth import provide_caller, provide_owner, require_token
 from service.api.callbacks import CALLBACK_ROUTES
 from service.api.clients import CLIENT_ROUTES
+from service.api.connection import READ_ONLY, OneConnection, request_connection
 from service.api.contract import allow_every_method, document_contract
 from service.api.dashboard import DASHBOARD_ROUTES
 from service.api.deliveries import DELIVERY_ROUTES
@@ -29,8 +30,8 @@ from service.api.schemas import check_json, too_deep
 from service.api.stats import STATS_ROUTES
 from service.api.tasks import TASK_ROUTES
 from service.config import Role, Settings
-from service.db import transaction
-from service.errors import ServiceError
+from service.db import database_unavailable
+from service.errors import DatabaseUnavailable, ServiceError
 from service.feed.sequencer import Sequencer
 from service.feed.watcher import FeedWatcher
 from service.redact import mask_credentials, mask_json
@@ -42,6 +43,8 @@ from service.webhooks.jobs import Dispatcher, driver_dsn, start_dispatcher
 log = structlog.get_logger()
 
 REQUEST_MAX_BODY_BYTES = 1024 * 1024
+# What a 503 for an unreachable database tells the client to wait: a restart takes seconds.
+DATABASE_RETRY_AFTER_S = 2
 RELAY_FRONT_PREFIX = "/suno/"
 
 
@@ -49,6 +52,13 @@ def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[
     """The one place an exception becomes a response: `{"status_code", "detail", "extra"}` always."""
     headers: dict[str, str] = {}
     extra: Any
+    if database_unavailable(exc):
+        # Says which error without its message: a connection error may quote the host and user.
+        log.warning("http.database_unavailable", path=request.scope.get("path"), error=type(exc).__name__)
+        exc = DatabaseUnavailable(
+            "the database is unavailable: retry shortly",
+            headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+        )
     if isinstance(exc, ServiceError):
         status, detail, extra = exc.status_code, exc.detail, {"code": exc.code, **exc.extra}
         headers.update(exc.headers)
@@ -88,10 +98,21 @@ class CheckedRequest(Request[Any, Any, Any]):
         return value
 
 
-async def provide_session(runtime: AppRuntime) -> AsyncIterator[AsyncSession]:
-    """The request owns the transaction: committed after the handler returns, rolled back if it raises."""
-    async with transaction(runtime.sessions) as session:
-        yield session
+async def provide_session(
+    request: Request[Any, Any, Any], runtime: AppRuntime
+) -> AsyncIterator[AsyncSession]:
+    """The request owns the transaction: committed after the handler returns, rolled back if it raises.
+    A route marked READ_ONLY runs its statements each on its own, without BEGIN and COMMIT (read
+    committed gives each statement its own snapshot inside a transaction too)."""
+    db = request_connection(request)
+    connection = await db.get()
+    if request.route_handler.opt.get(READ_ONLY):
+        await connection.execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        async with runtime.sessions(bind=connection) as session, session.begin():
+            yield session
+    finally:
+        await db.release()
 
 
 def provide_runtime(request: Request[Any, Any, Any]) -> Runtime:
@@ -157,6 +178,7 @@ def create_app(settings: Settings, *, role: Role = "all") -> Litestar:
                     *RELAY_FRONT_ROUTES,
                 ],
                 guards=[require_token],
+                middleware=[OneConnection()],
                 dependencies={
                     "caller": Provide(provide_caller, sync_to_thread=False),
                     "owner": Provide(provide_owner),

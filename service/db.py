@@ -11,12 +11,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
 import structlog
 from sqlalchemy import Column, LargeBinary, MetaData, Table, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import DeclarativeBase
 
 from service.config import ConfigError
@@ -68,7 +76,10 @@ def create_engine(database_url: str, *, pool_size: int, transaction_pooler: bool
         database_url,
         pool_size=pool_size,
         max_overflow=0,
-        pool_pre_ping=True,
+        # No ping at checkout (three round trips with asyncpg): a connection Postgres dropped fails its
+        # first statement instead, which invalidates the whole pool and answers 503 (docs/design.md,
+        # "Registration in one statement").
+        pool_pre_ping=False,
         connect_args=connect_args,
     )
 
@@ -82,6 +93,35 @@ async def transaction(sessions: SessionMaker) -> AsyncIterator[AsyncSession]:
     """The unit of work of an edge (request handler or job): commit once at the end, roll back on error."""
     async with sessions() as session, session.begin():
         yield session
+
+
+class RequestConnection:
+    """A request's one pooled connection: checked out at its first use (the auth guard's token lookup,
+    or the handler's session) and returned once the request's unit of work is over, so a request costs
+    one checkout whatever it does (docs/design.md, "One connection per request")."""
+
+    __slots__ = ("_connection", "_engine")
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._connection: AsyncConnection | None = None
+
+    async def get(self) -> AsyncConnection:
+        if self._connection is None:
+            self._connection = await self._engine.connect()
+        return self._connection
+
+    async def driver(self) -> asyncpg.Connection:
+        """The asyncpg connection under it, for a statement of its own outside the request's
+        transaction (before it begins): autocommit, and no SQLAlchemy on the way."""
+        raw = await (await self.get()).get_raw_connection()
+        driver: asyncpg.Connection = raw.driver_connection
+        return driver
+
+    async def release(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
 
 
 async def database_now(session: AsyncSession) -> datetime:
@@ -102,6 +142,32 @@ async def check_connection(engine: AsyncEngine, variable: str) -> None:
         if password:
             reason = reason.replace(password, "***")
         raise ConfigError(f"{variable}: {reason}") from None
+
+
+# The server is gone, going or not there yet (SQLSTATE classes 08 and 53300, 57P01-57P03), as opposed to
+# a statement it refused: a request that meets one answers 503 instead of 500.
+_UNAVAILABLE = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    OSError,  # refused, reset, no socket file, timed out (TimeoutError is one)
+)
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the database cannot be reached now (rather than that a statement failed)."""
+    if isinstance(exc, SQLAlchemyTimeout):  # every pooled connection busy past the pool's timeout
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        if exc.orig is not None:
+            exc = exc.orig.__cause__ or exc.orig  # the driver's own error, under SQLAlchemy's wrappers
+    if isinstance(exc, asyncpg.exceptions.InterfaceError):
+        return "connection is closed" in str(exc)  # the socket went while the connection was pooled
+    return isinstance(exc, _UNAVAILABLE)
 
 
 def connection_failure(exc: BaseException, url: URL) -> str:

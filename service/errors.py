@@ -46,3 +46,8 @@ class RateLimited(ServiceError):
 class UpstreamUnavailable(ServiceError):
     status_code = 502
     code = "upstream_unavailable"
+
+
+class DatabaseUnavailable(ServiceError):
+    status_code = 503
+    code = "database_unavailable"

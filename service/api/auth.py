@@ -2,9 +2,9 @@
 
 The guard runs before anything else a route does (its body is not even read yet): a request without a
 valid token is a 401 whatever else is wrong with it. The admin token is compared in memory; a client's
-is looked up in one statement on a connection of its own, which on a registration also takes from the
-client's rate-limit bucket, so a refused registration costs nothing more and the bucket's row lock is
-held for that statement only.
+is looked up in one autocommit statement on the request's connection, before its transaction begins,
+which on a registration also takes from the client's rate-limit bucket, so a refused registration costs
+nothing more and the bucket's row lock is held for that statement only.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.params import QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.api.connection import request_connection
 from service.clients.service import ADMIN, Caller, authenticate, get_client
 from service.errors import Forbidden, InvalidInput, RateLimited
 from service.runtime import Runtime
@@ -41,11 +42,10 @@ async def require_token(connection: ASGIConnection[Any, Any, Any, Any], handler:
         connection.state.caller = ADMIN
         return
     registers = bool(handler.opt.get(REGISTERS))
-    async with runtime.engine.connect() as db:
-        await db.execution_options(isolation_level="AUTOCOMMIT")
-        found = await authenticate(
-            db, token, take=1 if registers else 0, default_rate=runtime.settings.client_rate
-        )
+    db = await request_connection(connection).driver()
+    found = await authenticate(
+        db, token, take=1 if registers else 0, default_rate=runtime.settings.client_rate
+    )
     if found is None:
         raise NotAuthorizedException("invalid bearer token in the Authorization header")
     caller, wait_s = found

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api import AppRuntime, DbSession, TaskIdPath, TaskOwner, task_scope
 from service.api.auth import REGISTERS, Owner, rate_limited
+from service.api.connection import READ_ONLY, request_connection
 from service.api.schemas import (
     INT32_MAX,
     METADATA_MAX_BYTES,
@@ -99,7 +100,11 @@ async def create_task(
 
 @post("/api/v1/tasks/batch", status_code=200, summary="Start tracking up to 500 relay tasks at once")
 async def register_batch(
-    data: JSONBody[RegisterBatch], session: DbSession, runtime: AppRuntime, owner: TaskOwner
+    request: Request[Any, Any, Any],
+    data: JSONBody[RegisterBatch],
+    session: DbSession,
+    runtime: AppRuntime,
+    owner: TaskOwner,
 ) -> BatchOut:
     """Each item answers as the single route would, in request order, all in one transaction. A client
     takes one registration per valid item from its rate bucket: those the bucket cannot cover now are
@@ -120,11 +125,14 @@ async def register_batch(
             valid.append((index, registration))
     granted = len(valid)
     if owner.caller.client_id is not None and valid:
-        async with runtime.engine.connect() as db:
-            await db.execution_options(isolation_level="AUTOCOMMIT")
-            granted, wait_s = await take_up_to(
-                db, owner.caller.client_id, len(valid), default_rate=runtime.settings.client_rate
-            )
+        # Before the session's first statement, so outside its transaction: the bucket's row lock is
+        # held for this statement only.
+        granted, wait_s = await take_up_to(
+            await request_connection(request).driver(),
+            owner.caller.client_id,
+            len(valid),
+            default_rate=runtime.settings.client_rate,
+        )
         if granted == 0:
             raise rate_limited(owner.caller, wait_s)
     for index, registration in valid[granted:]:
@@ -156,7 +164,11 @@ async def register_batch(
     return BatchOut(items=[item for item in items if item is not None])
 
 
-@get("/api/v1/tasks/{task_id:str}", summary="One task with its clips and the time it spent in each status")
+@get(
+    "/api/v1/tasks/{task_id:str}",
+    summary="One task with its clips and the time it spent in each status",
+    opt={READ_ONLY: True},
+)
 async def read_task(task_id: TaskIdPath, session: DbSession, owner: TaskOwner) -> TaskOut:
     task = await require_task(session, owner, task_id)
     out = await load_task_out(session, owner, task)
@@ -205,6 +217,7 @@ def aware(name: str, value: str | None) -> datetime | None:
 @get(
     "/api/v1/tasks",
     summary="Tasks, newest first, with keyset pagination",
+    opt={READ_ONLY: True},
     description=(
         "Filters combine (AND). `status` may repeat. `metadata.<key>=<value>` (up to 8) matches tasks whose "
         "metadata has that top-level key with that string value, e.g. `metadata.order_id=A-1001`."
@@ -251,7 +264,7 @@ async def list_tasks(
     )
 
 
-@get("/api/v1/tasks/{task_id:str}/events", summary="A task's history in seq order")
+@get("/api/v1/tasks/{task_id:str}/events", summary="A task's history in seq order", opt={READ_ONLY: True})
 async def list_task_events(
     task_id: TaskIdPath,
     session: DbSession,

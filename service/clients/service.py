@@ -14,10 +14,11 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
 import msgspec
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.config import Settings
 from service.db import database_now
@@ -185,34 +186,40 @@ async def _active(session: AsyncSession, name: str) -> Client:
 
 
 _CLIENT = "id, name, relay, token_sha256"
-_ACTIVE = "token_sha256 = :digest AND revoked_at IS NULL"
-_AUTHENTICATE = text(f"SELECT {_CLIENT} FROM clients WHERE {_ACTIVE}")  # noqa: S608
+# Run on the request's asyncpg connection, outside its transaction (service.db.RequestConnection): $1 is
+# the token's digest (or the client's id), $2 how many registrations to take, $3 the default rate.
+_ACTIVE = "token_sha256 = $1 AND revoked_at IS NULL"
+_AUTHENTICATE = f"SELECT {_CLIENT} FROM clients WHERE {_ACTIVE}"  # noqa: S608
 # A token bucket in the clients row, refilled by the database's clock, so every replica takes from the
 # same one. One UPDATE: the row lock orders concurrent takers, and each one's clock_timestamp() (not its
 # transaction's start) is read once it holds the lock.
-_RATE = "coalesce(rate, :default_rate)"
+_RATE = "coalesce(rate, CAST($3 AS double precision))"
 _AVAILABLE = (
     f"least({BURST_S} * {_RATE}, coalesce(bucket_tokens, {BURST_S} * {_RATE}) + {_RATE} * "
     "greatest(0, extract(epoch FROM clock_timestamp() - coalesce(bucket_at, clock_timestamp()))))"
 )
-_AUTHENTICATE_AND_TAKE = text(
-    f"UPDATE clients SET bucket_tokens = {_AVAILABLE} - :count, bucket_at = clock_timestamp() "  # noqa: S608
-    f"WHERE {_ACTIVE} AND {_AVAILABLE} >= :count RETURNING {_CLIENT}"
+_COUNT = "CAST($2 AS integer)"
+_AUTHENTICATE_AND_TAKE = (
+    f"UPDATE clients SET bucket_tokens = {_AVAILABLE} - {_COUNT}, bucket_at = clock_timestamp() "  # noqa: S608
+    f"WHERE {_ACTIVE} AND {_AVAILABLE} >= {_COUNT} RETURNING {_CLIENT}"
 )
 # A batch's take: as many of `count` as the bucket holds whole (service.api.tasks, register_batch).
-_TAKE_UP_TO = text(
+_TAKE_UP_TO = (
     f"WITH c AS (SELECT id, {_AVAILABLE} AS available, {_RATE} AS rate FROM clients "  # noqa: S608
-    "WHERE id = :client_id FOR UPDATE) "
-    "UPDATE clients SET bucket_tokens = c.available - least(:count, floor(c.available)), "
+    "WHERE id = $1 FOR UPDATE) "
+    f"UPDATE clients SET bucket_tokens = c.available - least({_COUNT}, floor(c.available)), "
     "bucket_at = clock_timestamp() FROM c WHERE clients.id = c.id "
-    "RETURNING CAST(least(:count, floor(c.available)) AS integer) AS granted, c.available, c.rate"
+    f"RETURNING CAST(least({_COUNT}, floor(c.available)) AS integer) AS granted, c.available, c.rate"
 )
 # Why the take found nothing: an unknown token, or (rarely, so in a statement of its own) an empty bucket.
-_REFUSED = text(f"SELECT {_CLIENT}, {_AVAILABLE} AS available, {_RATE} AS rate FROM clients WHERE {_ACTIVE}")  # noqa: S608
+_REFUSED = (
+    f"SELECT {_CLIENT}, greatest(0, {_COUNT} - {_AVAILABLE}) / {_RATE} AS wait_s "  # noqa: S608
+    f"FROM clients WHERE {_ACTIVE}"
+)
 
 
 async def authenticate(
-    db: AsyncConnection | AsyncSession, token: str, *, take: int = 0, default_rate: float
+    db: asyncpg.Connection, token: str, *, take: int = 0, default_rate: float
 ) -> tuple[Caller, float | None] | None:
     """The client this bearer token belongs to (None: unknown or revoked), and, when `take` > 0,
     whether its rate allows that many registrations now: None when it does (they are taken), else how
@@ -222,24 +229,26 @@ async def authenticate(
     steer towards a stored one; the final comparison is constant-time all the same.
     """
     digest = token_digest(token)
-    params = {"digest": digest, "count": take, "default_rate": default_rate}
-    row = (await db.execute(_AUTHENTICATE_AND_TAKE if take else _AUTHENTICATE, params)).one_or_none()
+    if take:
+        row = await db.fetchrow(_AUTHENTICATE_AND_TAKE, digest, take, default_rate)
+    else:
+        row = await db.fetchrow(_AUTHENTICATE, digest)
     refused = row is None and take > 0
     if refused:
-        row = (await db.execute(_REFUSED, params)).one_or_none()
-    if row is None or not hmac.compare_digest(row.token_sha256, digest):
+        row = await db.fetchrow(_REFUSED, digest, take, default_rate)
+    if row is None or not hmac.compare_digest(row["token_sha256"], digest):
         return None
-    caller = Caller(client_id=row.id, name=row.name, relay=row.relay)
+    caller = Caller(client_id=row["id"], name=row["name"], relay=row["relay"])
     if not refused:
         return caller, None
-    return caller, max(0.0, take - row.available) / row.rate
+    return caller, float(row["wait_s"])
 
 
 async def take_up_to(
-    db: AsyncConnection, client_id: int, count: int, *, default_rate: float
+    db: asyncpg.Connection, client_id: int, count: int, *, default_rate: float
 ) -> tuple[int, float]:
     """Take up to `count` registrations from the client's bucket: how many it granted, and (when none)
     how many seconds until one would be."""
-    params = {"client_id": client_id, "count": count, "default_rate": default_rate}
-    row = (await db.execute(_TAKE_UP_TO, params)).one()
-    return row.granted, max(0.0, 1 - row.available) / row.rate
+    row = await db.fetchrow(_TAKE_UP_TO, client_id, count, default_rate)
+    assert row is not None  # the caller's own client: revoking it does not delete its row
+    return int(row["granted"]), max(0.0, 1 - row["available"]) / row["rate"]

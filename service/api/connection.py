@@ -1,0 +1,41 @@
+"""One pooled connection per request (docs/design.md, "One connection per request").
+
+The auth guard's token lookup and the handler's session share it, so a request checks out once. It is
+returned when the handler's unit of work ends (service.app.provide_session), or, whatever happened, when
+the request is over.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.enums import ScopeType
+from litestar.middleware import ASGIMiddleware
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from service.db import RequestConnection
+from service.runtime import Runtime
+
+_KEY = "sunotrack_connection"
+# Route handlers with this in their `opt` only read: their statements run each on its own, without BEGIN
+# and COMMIT (two round trips fewer).
+READ_ONLY = "read_only"
+
+
+class OneConnection(ASGIMiddleware):
+    scopes = (ScopeType.HTTP,)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        runtime: Runtime = scope["litestar_app"].state.runtime
+        db = RequestConnection(runtime.engine)
+        scope.setdefault("state", {})[_KEY] = db
+        try:
+            await next_app(scope, receive, send)
+        finally:
+            await db.release()
+
+
+def request_connection(connection: ASGIConnection[Any, Any, Any, Any]) -> RequestConnection:
+    db: RequestConnection = connection.scope["state"][_KEY]
+    return db
