@@ -1,7 +1,14 @@
-"""The API's edge: registrations/s (single, 64 concurrent clients) with the poller running, tasks/s
-through the batch route, and GET /api/v1/tasks/{id} at 16 concurrent clients, each beside a bare
-baseline from the same run (a bare Litestar handler doing one asyncpg insert or select, served by the
-same uvicorn the same way), and the peak RSS of the `sunotrack serve` process.
+"""The API's edge: registrations/s (single, 64 concurrent clients), tasks/s through the batch route,
+and GET /api/v1/tasks/{id} at 16 concurrent clients, each beside a bare baseline from the same run (a
+bare Litestar handler doing one asyncpg insert or select, served by the same uvicorn the same way), and
+the peak RSS of the `sunotrack serve` process. Every figure is by a client's token (token lookup and
+rate bucket on every call; the client's rate is high enough never to refuse); registrations and reads
+by the admin token follow.
+
+The server runs its jobs meanwhile: BENCH_LIVE_TASKS (default 3,000) live tasks of the fake relay, on a
+relay of their own (`live`), are polled every 3 s throughout, and the line under each figure says how
+many polls/s the poller answered during it. The tasks the bench registers go to `default`, which has no
+relay URL, so they add no polling: the background load stays the same from first figure to last.
 
 Uses DATABASE_URL when set (a fresh database is created on that server and dropped afterwards), else an
 embedded PostgreSQL. `sunotrack serve`, the fake relay and the bare app each run in a process of their
@@ -33,6 +40,8 @@ from bench.harness import fresh_database, install_uvloop
 ADMIN = "bench-admin-token-0123456789"
 RELAY_KEY = "bench-relay-key"
 SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
+LIVE_TASKS = int(os.environ.get("BENCH_LIVE_TASKS", "3000"))
+LIVE_POLL_S = 3
 BATCH = 500
 TARGETS = {
     "reg_s": 2_000.0,
@@ -179,34 +188,70 @@ def expect(status: int, wanted: int, body: str) -> None:
 @asynccontextmanager
 async def processes(url: str) -> AsyncIterator[tuple[str, str, str, subprocess.Popen[bytes]]]:
     relay_port, serve_port, bare_port = free_port(), free_port(), free_port()
+    relay_url = f"http://127.0.0.1:{relay_port}"
     env = {
         "DATABASE_URL": url,
         "SUNOTRACK_ADMIN_TOKEN": ADMIN,
-        "SUNO_BASE_URL": f"http://127.0.0.1:{relay_port}",
+        # `default` has no relay URL: the bench's registrations are not polled. `live` is the fake
+        # relay, whose tasks are polled every LIVE_POLL_S whatever they answer.
+        "SUNOTRACK_RELAYS": "live",
+        "SUNOTRACK_RELAY_LIVE_BASE_URL": relay_url,
+        "SUNOTRACK_RELAY_LIVE_API_KEY": RELAY_KEY,
+        "SUNOTRACK_POLL_MIN_INTERVAL_S": str(LIVE_POLL_S),
+        "SUNOTRACK_POLL_MAX_INTERVAL_S": str(LIVE_POLL_S),
         "SUNO_API_KEY": RELAY_KEY,
         "SUNOTRACK_DATA_DIR": f"/tmp/bench-api-{uuid.uuid4().hex[:8]}",
         "SUNOTRACK_ALLOW_PRIVATE_HOOKS": "true",
     }
-    relay = start(["sunotrack", "fake-relay", "--port", str(relay_port)], env)
+    # A stage lasts an hour: the live tasks stay live (queued) through the whole run.
+    relay = start(["sunotrack", "fake-relay", "--port", str(relay_port), "--stage-s", "3600"], env)
     serve = start(["sunotrack", "serve", "--port", str(serve_port)], env)
     bare_url = url.replace("+asyncpg", "")
     bare = start([sys.executable, __file__, "--bare", str(bare_port), bare_url], env)
     try:
-        yield f"http://127.0.0.1:{serve_port}", f"http://127.0.0.1:{bare_port}", "", serve
+        yield f"http://127.0.0.1:{serve_port}", f"http://127.0.0.1:{bare_port}", relay_url, serve
     finally:
         for process in (bare, serve, relay):
             stop(process)
 
 
+async def polls_total(http: aiohttp.ClientSession, api: str) -> float:
+    async with http.get(f"{api}/metrics") as r:
+        text = await r.text()
+    lines = [line for line in text.splitlines() if line.startswith("sunotrack_polls_total")]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+async def seed_live(http: aiohttp.ClientSession, api: str, relay: str, admin: dict[str, str]) -> None:
+    """LIVE_TASKS tasks submitted to the fake relay and registered on `live`; returns once the poller
+    has answered each of them at least once."""
+    relay_auth = {"Authorization": f"Bearer {RELAY_KEY}"}
+    ids: list[str] = []
+    for _ in range(LIVE_TASKS):
+        async with http.post(f"{relay}/suno/submit/music", json={"prompt": "x"}, headers=relay_auth) as r:
+            expect(r.status, 200, await r.text())
+            ids.append((await r.json())["data"])
+    for at in range(0, len(ids), BATCH):
+        tasks = [{"task_id": task_id, "relay": "live"} for task_id in ids[at : at + BATCH]]
+        async with http.post(f"{api}/api/v1/tasks/batch", json={"tasks": tasks}, headers=admin) as r:
+            expect(r.status, 200, await r.text())
+    deadline = time.monotonic() + 60
+    while await polls_total(http, api) < LIVE_TASKS:
+        if time.monotonic() > deadline:
+            raise SystemExit("the poller did not poll the live tasks within 60 s")
+        await asyncio.sleep(0.5)
+
+
 async def bench() -> None:
     loop_name = install_uvloop()
     load_before = os.getloadavg()
-    async with fresh_database() as url, processes(url) as (api, bare, _unused, serve):
+    async with fresh_database() as url, processes(url) as (api, bare, relay, serve):
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as http:
             await wait_ready(http, f"{api}/healthz", serve)
             await wait_ready(http, f"{bare}/bare/none", serve)
             admin = {"Authorization": f"Bearer {ADMIN}"}
+            await seed_live(http, api, relay, admin)
             async with http.post(
                 f"{api}/api/v1/clients", json={"name": "bench", "rate": 1e6}, headers=admin
             ) as r:
@@ -215,13 +260,17 @@ async def bench() -> None:
             run = uuid.uuid4().hex[:6]
             counter = iter(range(10**9))
             registered: list[str] = []
+            registered_by_admin: list[str] = []
 
-            async def register_one() -> int:
+            async def register_one(headers: dict[str, str]) -> int:
                 task_id = f"r{run}-{next(counter)}"
-                async with http.post(f"{api}/api/v1/tasks", json={"task_id": task_id}, headers=client) as r:
+                async with http.post(f"{api}/api/v1/tasks", json={"task_id": task_id}, headers=headers) as r:
                     expect(r.status, 201, await r.text())
                     await r.read()
-                registered.append(task_id)
+                if headers is client:
+                    registered.append(task_id)
+                else:
+                    registered_by_admin.append(task_id)
                 return 1
 
             async def bare_one() -> int:
@@ -237,8 +286,8 @@ async def bench() -> None:
                     await r.read()
                 return BATCH
 
-            async def read_one() -> int:
-                async with http.get(f"{api}/api/v1/tasks/{random.choice(registered)}", headers=client) as r:
+            async def read_one(headers: dict[str, str], ids: list[str]) -> int:
+                async with http.get(f"{api}/api/v1/tasks/{random.choice(ids)}", headers=headers) as r:
                     expect(r.status, 200, await r.text())
                     await r.read()
                 return 1
@@ -253,35 +302,48 @@ async def bench() -> None:
 
             say("ready")
             figures: dict[str, tuple[float, list[float]]] = {}
-            figures["bare insert"] = await load(64, bare_one)
-            figures["registrations"] = await load(64, register_one)
-            figures["bare batch insert"] = await load(4, lambda: batch(bare, "/bare/batch", {}))
-            figures["batch route"] = await load(4, lambda: batch(api, "/api/v1/tasks/batch", client))
+            polls: dict[str, float] = {}
+
+            async def measure(name: str, concurrency: int, call: Callable[[], Awaitable[int]]) -> None:
+                before, began = await polls_total(http, api), time.monotonic()
+                figures[name] = await load(concurrency, call)
+                polls[name] = (await polls_total(http, api) - before) / (time.monotonic() - began)
+
+            await measure("bare insert", 64, bare_one)
+            await measure("registrations", 64, lambda: register_one(client))
+            await measure("bare batch insert", 4, lambda: batch(bare, "/bare/batch", {}))
+            await measure("batch route", 4, lambda: batch(api, "/api/v1/tasks/batch", client))
             async with http.post(
                 f"{bare}/bare/batch", json={"tasks": [{"task_id": t} for t in registered[:2000]]}
             ) as r:
                 expect(r.status, 200, await r.text())
             bare_ids.extend(registered[:2000])
-            figures["bare select"] = await load(16, bare_read)
-            figures["GET task"] = await load(16, read_one)
+            await measure("bare select", 16, bare_read)
+            await measure("GET task", 16, lambda: read_one(client, registered[:2000]))
+            await measure("registrations, admin", 64, lambda: register_one(admin))
+            await measure("GET task, admin", 16, lambda: read_one(admin, registered_by_admin[:2000]))
             rss = peak_rss_mb(serve.pid)
     load_after = os.getloadavg()
 
     print(
-        f"bench_api: {loop_name}, {SECONDS:g} s per figure, load average {load_before[0]:.1f} before, "
+        f"bench_api: {loop_name}, {SECONDS:g} s per figure, {LIVE_TASKS:,} live tasks polled every "
+        f"{LIVE_POLL_S} s, load average {load_before[0]:.1f} before, "
         f"{load_after[0]:.1f} after (2 cores)"
     )
-    print(f"{'what':<22} {'per s':>10} {'p50 ms':>8} {'p99 ms':>8}  ratio to bare")
+    print(f"{'what':<22} {'per s':>10} {'p50 ms':>8} {'p99 ms':>8}  ratio  polls/s meanwhile")
     for what, bare_what in (
         ("registrations", "bare insert"),
         ("batch route", "bare batch insert"),
         ("GET task", "bare select"),
+        ("registrations, admin", "bare insert"),
+        ("GET task, admin", "bare select"),
     ):
         for name in (bare_what, what):
             rate, latencies = figures[name]
-            ratio = "" if name == bare_what else f"  {rate / figures[bare_what][0]:.2f}"
+            ratio = "" if name == bare_what else f"{rate / figures[bare_what][0]:.2f}"
             print(
-                f"{name:<22} {rate:>10,.0f} {pct(latencies, 0.5):>8.1f} {pct(latencies, 0.99):>8.1f}{ratio}"
+                f"{name:<22} {rate:>10,.0f} {pct(latencies, 0.5):>8.1f} {pct(latencies, 0.99):>8.1f}"
+                f"  {ratio:>5}  {polls[name]:>8,.0f}"
             )
     print(f"peak RSS of the serve process: {rss:.0f} MB")
     reg, batch_rate, read = figures["registrations"], figures["batch route"], figures["GET task"]

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.pool import QueuePool
 
 from service.config import ConfigError
 
@@ -111,17 +112,37 @@ class RequestConnection:
             self._connection = await self._engine.connect()
         return self._connection
 
-    async def driver(self) -> asyncpg.Connection:
-        """The asyncpg connection under it, for a statement of its own outside the request's
-        transaction (before it begins): autocommit, and no SQLAlchemy on the way."""
-        raw = await (await self.get()).get_raw_connection()
-        driver: asyncpg.Connection = raw.driver_connection
-        return driver
+    async def fetchrow(self, query: str, *args: Any) -> Any:
+        """One statement on its own (autocommit), on the driver: before the request's transaction
+        begins, and without SQLAlchemy on the way. A connection Postgres closed while it sat in the pool
+        (a restart: nothing pings at checkout) is dropped and the statement tried on the next one; the
+        pool replaces each with a new connection, which fails at once while Postgres is away."""
+        pool = self._engine.pool
+        tries = (pool.size() if isinstance(pool, QueuePool) else 0) + 1
+        for tried in range(1, tries + 1):
+            connection = await self.get()
+            driver = await _driver(connection)
+            try:
+                return await driver.fetchrow(query, *args)
+            except (asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.exceptions.InterfaceError):
+                if tried == tries or not driver.is_closed():
+                    raise
+                await self.release()
+        raise AssertionError("unreachable")
 
     async def release(self) -> None:
         connection, self._connection = self._connection, None
-        if connection is not None:
-            await connection.close()
+        if connection is None:
+            return
+        # A connection whose socket went (seen by the driver, out of SQLAlchemy's sight) is not pooled again.
+        if not connection.invalidated and (await _driver(connection)).is_closed():
+            await connection.invalidate()
+        await connection.close()
+
+
+async def _driver(connection: AsyncConnection) -> asyncpg.Connection:
+    driver: asyncpg.Connection = (await connection.get_raw_connection()).driver_connection
+    return driver
 
 
 async def database_now(session: AsyncSession) -> datetime:

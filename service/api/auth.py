@@ -42,9 +42,11 @@ async def require_token(connection: ASGIConnection[Any, Any, Any, Any], handler:
         connection.state.caller = ADMIN
         return
     registers = bool(handler.opt.get(REGISTERS))
-    db = await request_connection(connection).driver()
     found = await authenticate(
-        db, token, take=1 if registers else 0, default_rate=runtime.settings.client_rate
+        request_connection(connection),
+        token,
+        take=1 if registers else 0,
+        default_rate=runtime.settings.client_rate,
     )
     if found is None:
         raise NotAuthorizedException("invalid bearer token in the Authorization header")

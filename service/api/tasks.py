@@ -128,7 +128,7 @@ async def register_batch(
         # Before the session's first statement, so outside its transaction: the bucket's row lock is
         # held for this statement only.
         granted, wait_s = await take_up_to(
-            await request_connection(request).driver(),
+            request_connection(request),
             owner.caller.client_id,
             len(valid),
             default_rate=runtime.settings.client_rate,

@@ -14,14 +14,13 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
 import msgspec
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.config import Settings
-from service.db import database_now
+from service.db import RequestConnection, database_now
 from service.errors import Conflict, InvalidInput, NotFound
 from service.models import Client, Task
 from service.vocabulary import DEFAULT_RELAY
@@ -186,7 +185,7 @@ async def _active(session: AsyncSession, name: str) -> Client:
 
 
 _CLIENT = "id, name, relay, token_sha256"
-# Run on the request's asyncpg connection, outside its transaction (service.db.RequestConnection): $1 is
+# Run on the request's connection by the driver, outside its transaction (service.db.RequestConnection): $1 is
 # the token's digest (or the client's id), $2 how many registrations to take, $3 the default rate.
 _ACTIVE = "token_sha256 = $1 AND revoked_at IS NULL"
 _AUTHENTICATE = f"SELECT {_CLIENT} FROM clients WHERE {_ACTIVE}"  # noqa: S608
@@ -219,7 +218,7 @@ _REFUSED = (
 
 
 async def authenticate(
-    db: asyncpg.Connection, token: str, *, take: int = 0, default_rate: float
+    db: RequestConnection, token: str, *, take: int = 0, default_rate: float
 ) -> tuple[Caller, float | None] | None:
     """The client this bearer token belongs to (None: unknown or revoked), and, when `take` > 0,
     whether its rate allows that many registrations now: None when it does (they are taken), else how
@@ -245,7 +244,7 @@ async def authenticate(
 
 
 async def take_up_to(
-    db: asyncpg.Connection, client_id: int, count: int, *, default_rate: float
+    db: RequestConnection, client_id: int, count: int, *, default_rate: float
 ) -> tuple[int, float]:
     """Take up to `count` registrations from the client's bucket: how many it granted, and (when none)
     how many seconds until one would be."""
