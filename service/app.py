@@ -178,7 +178,6 @@ def create_app(settings: Settings, *, role: Role = "all") -> Litestar:
                     *RELAY_FRONT_ROUTES,
                 ],
                 guards=[require_token],
-                middleware=[OneConnection()],
                 dependencies={
                     "caller": Provide(provide_caller, sync_to_thread=False),
                     "owner": Provide(provide_owner),
@@ -195,6 +194,7 @@ def create_app(settings: Settings, *, role: Role = "all") -> Litestar:
         },
         exception_handlers={Exception: error_response},
         request_class=CheckedRequest,
+        middleware=[OneConnection()],
         before_send=[allow_every_method],
         request_max_body_size=REQUEST_MAX_BODY_BYTES,
         # Logging is configured once by the CLI (structlog); Litestar's own config would override it.
