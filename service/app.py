@@ -19,7 +19,7 @@ from service.api import AppRuntime
 from service.api.auth import provide_caller, provide_owner, require_token
 from service.api.callbacks import CALLBACK_ROUTES
 from service.api.clients import CLIENT_ROUTES
-from service.api.connection import READ_ONLY, OneConnection, request_connection
+from service.api.connection import AUTOCOMMIT, OneConnection, request_connection
 from service.api.contract import allow_every_method, document_contract
 from service.api.dashboard import DASHBOARD_ROUTES
 from service.api.deliveries import DELIVERY_ROUTES
@@ -102,16 +102,21 @@ async def provide_session(
     request: Request[Any, Any, Any], runtime: AppRuntime
 ) -> AsyncIterator[AsyncSession]:
     """The request owns the transaction: committed after the handler returns, rolled back if it raises.
-    A route marked READ_ONLY runs its statements each on its own, without BEGIN and COMMIT (read
-    committed gives each statement its own snapshot inside a transaction too)."""
+    A route marked AUTOCOMMIT runs each statement on its own until it begins one
+    (service.api.connection)."""
     db = request_connection(request)
     connection = await db.get()
-    if request.route_handler.opt.get(READ_ONLY):
+    if request.route_handler.opt.get(AUTOCOMMIT):
         await connection.execution_options(isolation_level="AUTOCOMMIT")
+    session = runtime.sessions(bind=connection)
     try:
-        async with runtime.sessions(bind=connection) as session, session.begin():
-            yield session
+        yield session
+        await session.commit()
+    except BaseException:
+        await session.rollback()
+        raise
     finally:
+        await session.close()
         await db.release()
 
 

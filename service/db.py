@@ -79,7 +79,7 @@ def create_engine(database_url: str, *, pool_size: int, transaction_pooler: bool
         max_overflow=0,
         # No ping at checkout (three round trips with asyncpg): a connection Postgres dropped fails its
         # first statement instead, which invalidates the whole pool and answers 503 (docs/design.md,
-        # "Registration in one statement").
+        # "One connection per request").
         pool_pre_ping=False,
         connect_args=connect_args,
     )
@@ -143,6 +143,18 @@ class RequestConnection:
 async def _driver(connection: AsyncConnection) -> asyncpg.Connection:
     driver: asyncpg.Connection = (await connection.get_raw_connection()).driver_connection
     return driver
+
+
+async def begin_transaction(session: AsyncSession) -> None:
+    """From here on, the session's statements run in one transaction, which ends as the request's does:
+    for a request that runs in autocommit (service.api.connection.AUTOCOMMIT) and finds it needs more
+    than one statement after all. Nothing to do where the session already runs in a transaction."""
+    connection = await session.connection()
+    options = connection.sync_connection.get_execution_options() if connection.sync_connection else {}
+    if options.get("isolation_level") != "AUTOCOMMIT":
+        return
+    await session.commit()  # SQLAlchemy's bookkeeping only: in autocommit nothing reaches Postgres
+    await connection.execution_options(isolation_level=connection.default_isolation_level)
 
 
 async def database_now(session: AsyncSession) -> datetime:

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api import AppRuntime, DbSession, TaskIdPath, TaskOwner, task_scope
 from service.api.auth import REGISTERS, Owner, rate_limited
-from service.api.connection import READ_ONLY, request_connection
+from service.api.connection import AUTOCOMMIT, request_connection
 from service.api.schemas import (
     INT32_MAX,
     METADATA_MAX_BYTES,
@@ -32,11 +32,12 @@ from service.api.schemas import (
     task_out,
 )
 from service.clients.service import known_relay, take_up_to
+from service.db import begin_transaction
 from service.errors import Conflict, InvalidInput, NotFound, ServiceError
 from service.models import Task
 from service.runtime import Runtime
 from service.tracking import repository
-from service.tracking.service import Registration, cancel_task, poll_task, register_task, register_tasks
+from service.tracking.service import Registration, cancel_task, poll_task, register_new, register_tasks
 from service.vocabulary import EventSource, TaskKind, TaskStatus
 from service.webhooks.ssrf import check_hook_url
 
@@ -77,24 +78,32 @@ async def check_registration(runtime: Runtime, data: RegisterTask, owner: Owner)
     "/api/v1/tasks",
     status_code=201,
     summary="Start tracking a relay task",
-    opt={REGISTERS: True},
+    opt={REGISTERS: True, AUTOCOMMIT: True},
 )
 async def create_task(
     data: JSONBody[RegisterTask], session: DbSession, runtime: AppRuntime, owner: TaskOwner
 ) -> Response[TaskOut]:
+    """A new task is one statement, committed on its own (docs/design.md, "Registration in one
+    statement"); only a task registered before takes a transaction, its row locked while its hook,
+    format or metadata is replaced."""
     await check_registration(runtime, data, owner)
-    task, created = await register_task(
-        session,
-        client_id=owner.client_id,
-        task_id=data.task_id,
-        kind=data.kind,
-        relay=data.relay,
-        default_relay=owner.relay,
-        notify_hook=data.notify_hook,
-        notify_format=data.notify_format,
-        metadata=data.metadata,
-        settings=runtime.settings,
+    registration = Registration(
+        data.task_id, data.kind, data.notify_hook, data.notify_format, data.metadata, data.relay
     )
+    settings = runtime.settings
+    new = await register_new(
+        session, [registration], client_id=owner.client_id, default_relay=owner.relay, settings=settings
+    )
+    task = new.get(data.task_id)
+    created = task is not None
+    if task is None:
+        await begin_transaction(session)
+        (result,) = await register_tasks(
+            session, [registration], client_id=owner.client_id, default_relay=owner.relay, settings=settings
+        )
+        if isinstance(result, Conflict):
+            raise result
+        task, created = result
     return Response(await registered_out(session, owner, task, created), status_code=201 if created else 200)
 
 
@@ -167,7 +176,7 @@ async def register_batch(
 @get(
     "/api/v1/tasks/{task_id:str}",
     summary="One task with its clips and the time it spent in each status",
-    opt={READ_ONLY: True},
+    opt={AUTOCOMMIT: True},
 )
 async def read_task(task_id: TaskIdPath, session: DbSession, owner: TaskOwner) -> TaskOut:
     task = await require_task(session, owner, task_id)
@@ -217,7 +226,7 @@ def aware(name: str, value: str | None) -> datetime | None:
 @get(
     "/api/v1/tasks",
     summary="Tasks, newest first, with keyset pagination",
-    opt={READ_ONLY: True},
+    opt={AUTOCOMMIT: True},
     description=(
         "Filters combine (AND). `status` may repeat. `metadata.<key>=<value>` (up to 8) matches tasks whose "
         "metadata has that top-level key with that string value, e.g. `metadata.order_id=A-1001`."
@@ -264,7 +273,7 @@ async def list_tasks(
     )
 
 
-@get("/api/v1/tasks/{task_id:str}/events", summary="A task's history in seq order", opt={READ_ONLY: True})
+@get("/api/v1/tasks/{task_id:str}/events", summary="A task's history in seq order", opt={AUTOCOMMIT: True})
 async def list_task_events(
     task_id: TaskIdPath,
     session: DbSession,

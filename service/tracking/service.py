@@ -798,21 +798,18 @@ def _json(value: dict[str, Any]) -> str:
     return msgspec.json.encode(value).decode()
 
 
-async def register_tasks(
+async def register_new(
     session: AsyncSession,
     registrations: Sequence[Registration],
     *,
     client_id: int | None = None,
     default_relay: str = DEFAULT_RELAY,
     settings: Settings,
-) -> list[tuple[Task, bool] | Conflict]:
-    """Start tracking each task for a client (None: the admin), in order: (task, created) for each, or
-    the Conflict refusing it. Registering the same task again (in this call too) is idempotent.
-
-    New tasks cost one statement together; only a task registered before takes statements of its own.
-    A refused one wrote nothing, so the caller may go on with the others in the same transaction."""
+) -> dict[str, Task]:
+    """The tasks of `registrations` the client had not registered, each created with its registration
+    event, in one statement (atomic on its own, so it may run outside a transaction); by task id."""
     if not registrations:
-        return []
+        return {}
     params = {
         "task_ids": [r.task_id for r in registrations],
         "kinds": [r.kind for r in registrations],
@@ -828,7 +825,25 @@ async def register_tasks(
         "event_source": EventSource.REGISTER.value,
     }
     rows = await session.scalars(select(Task).from_statement(_REGISTER), params)
-    created = {task.task_id: task for task in rows}
+    return {task.task_id: task for task in rows}
+
+
+async def register_tasks(
+    session: AsyncSession,
+    registrations: Sequence[Registration],
+    *,
+    client_id: int | None = None,
+    default_relay: str = DEFAULT_RELAY,
+    settings: Settings,
+) -> list[tuple[Task, bool] | Conflict]:
+    """Start tracking each task for a client (None: the admin), in order: (task, created) for each, or
+    the Conflict refusing it. Registering the same task again (in this call too) is idempotent.
+
+    New tasks cost one statement together; only a task registered before takes statements of its own.
+    A refused one wrote nothing, so the caller may go on with the others in the same transaction."""
+    created = await register_new(
+        session, registrations, client_id=client_id, default_relay=default_relay, settings=settings
+    )
     results: list[tuple[Task, bool] | Conflict] = []
     for registration in registrations:
         task = created.pop(registration.task_id, None)
