@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -222,6 +223,20 @@ async def polls_total(http: aiohttp.ClientSession, api: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
 
+async def feed_settled(url: str) -> None:
+    """Wait until the feed has numbered every event: a batch phase leaves tens of thousands for the
+    sequencer, which would otherwise weigh on the figure after it."""
+    connection = await asyncpg.connect(url.replace("+asyncpg", ""))
+    try:
+        deadline = time.monotonic() + 120
+        while await connection.fetchval("SELECT EXISTS (SELECT FROM task_events WHERE feed_id IS NULL)"):
+            if time.monotonic() > deadline:
+                raise SystemExit("the feed did not number the events within 120 s")
+            await asyncio.sleep(0.2)
+    finally:
+        await connection.close()
+
+
 async def seed_live(http: aiohttp.ClientSession, api: str, relay: str, admin: dict[str, str]) -> None:
     """LIVE_TASKS tasks submitted to the fake relay and registered on `live`; returns once the poller
     has answered each of them at least once."""
@@ -305,6 +320,8 @@ async def bench() -> None:
             polls: dict[str, float] = {}
 
             async def measure(name: str, concurrency: int, call: Callable[[], Awaitable[int]]) -> None:
+                await feed_settled(url)
+                say(f"measuring {name}")
                 before, began = await polls_total(http, api), time.monotonic()
                 figures[name] = await load(concurrency, call)
                 polls[name] = (await polls_total(http, api) - before) / (time.monotonic() - began)
