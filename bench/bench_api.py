@@ -127,6 +127,12 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds the process has used (user + system): what a call costs it whatever the box's load."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -187,7 +193,9 @@ def expect(status: int, wanted: int, body: str) -> None:
 
 
 @asynccontextmanager
-async def processes(url: str) -> AsyncIterator[tuple[str, str, str, subprocess.Popen[bytes]]]:
+async def processes(
+    url: str,
+) -> AsyncIterator[tuple[str, str, str, subprocess.Popen[bytes], subprocess.Popen[bytes]]]:
     relay_port, serve_port, bare_port = free_port(), free_port(), free_port()
     relay_url = f"http://127.0.0.1:{relay_port}"
     env = {
@@ -210,7 +218,7 @@ async def processes(url: str) -> AsyncIterator[tuple[str, str, str, subprocess.P
     bare_url = url.replace("+asyncpg", "")
     bare = start([sys.executable, __file__, "--bare", str(bare_port), bare_url], env)
     try:
-        yield f"http://127.0.0.1:{serve_port}", f"http://127.0.0.1:{bare_port}", relay_url, serve
+        yield f"http://127.0.0.1:{serve_port}", f"http://127.0.0.1:{bare_port}", relay_url, serve, bare
     finally:
         for process in (bare, serve, relay):
             stop(process)
@@ -260,7 +268,7 @@ async def seed_live(http: aiohttp.ClientSession, api: str, relay: str, admin: di
 async def bench() -> None:
     loop_name = install_uvloop()
     load_before = os.getloadavg()
-    async with fresh_database() as url, processes(url) as (api, bare, relay, serve):
+    async with fresh_database() as url, processes(url) as (api, bare, relay, serve, bare_process):
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as http:
             await wait_ready(http, f"{api}/healthz", serve)
@@ -319,12 +327,23 @@ async def bench() -> None:
             figures: dict[str, tuple[float, list[float]]] = {}
             polls: dict[str, float] = {}
 
+            cpu_us: dict[str, float] = {}
+            # What the poller's 1,000 live tasks cost the serve process when nothing else happens.
+            await feed_settled(url)
+            idle_cpu, idle_began = cpu_s(serve.pid), time.monotonic()
+            await asyncio.sleep(3)
+            background = (cpu_s(serve.pid) - idle_cpu) / (time.monotonic() - idle_began)
+
             async def measure(name: str, concurrency: int, call: Callable[[], Awaitable[int]]) -> None:
                 await feed_settled(url)
                 say(f"measuring {name}")
-                before, began = await polls_total(http, api), time.monotonic()
+                pid = bare_process.pid if name.startswith("bare") else serve.pid
+                before, cpu_before, began = await polls_total(http, api), cpu_s(pid), time.monotonic()
                 figures[name] = await load(concurrency, call)
-                polls[name] = (await polls_total(http, api) - before) / (time.monotonic() - began)
+                elapsed = time.monotonic() - began
+                polls[name] = (await polls_total(http, api) - before) / elapsed
+                spent = cpu_s(pid) - cpu_before - (0 if pid == bare_process.pid else background * elapsed)
+                cpu_us[name] = spent / (figures[name][0] * elapsed) * 1e6
 
             await measure("bare insert", 64, bare_one)
             await measure("registrations", 64, lambda: register_one(client))
@@ -347,7 +366,10 @@ async def bench() -> None:
         f"{LIVE_POLL_S} s, load average {load_before[0]:.1f} before, "
         f"{load_after[0]:.1f} after (2 cores)"
     )
-    print(f"{'what':<22} {'per s':>10} {'p50 ms':>8} {'p99 ms':>8}  ratio  polls/s meanwhile")
+    print(
+        f"{'what':<22} {'per s':>10} {'p50 ms':>8} {'p99 ms':>8}  ratio  polls/s meanwhile"
+        "  CPU µs per call (ratio)"
+    )
     for what, bare_what in (
         ("registrations", "bare insert"),
         ("batch route", "bare batch insert"),
@@ -358,10 +380,12 @@ async def bench() -> None:
         for name in (bare_what, what):
             rate, latencies = figures[name]
             ratio = "" if name == bare_what else f"{rate / figures[bare_what][0]:.2f}"
+            cpu = "" if name == bare_what else f" ({cpu_us[name] / cpu_us[bare_what]:.1f}x)"
             print(
                 f"{name:<22} {rate:>10,.0f} {pct(latencies, 0.5):>8.1f} {pct(latencies, 0.99):>8.1f}"
-                f"  {ratio:>5}  {polls[name]:>8,.0f}"
+                f"  {ratio:>5}  {polls[name]:>17,.0f}  {cpu_us[name]:>8,.0f}{cpu}"
             )
+    print(f"(the serve process's CPU per call leaves out its {background * 100:.0f}% of a core while idle)")
     print(f"peak RSS of the serve process: {rss:.0f} MB")
     reg, batch_rate, read = figures["registrations"], figures["batch route"], figures["GET task"]
     checks = [
