@@ -56,11 +56,15 @@ async def registered_out(session: AsyncSession, owner: Owner, task: Task, create
     return task_out(task, [], names)
 
 
+def not_tracked(task_id: str) -> NotFound:
+    return NotFound(f"task {task_id!r} is not tracked", extra={"task_id": task_id})
+
+
 async def require_task(session: AsyncSession, owner: Owner, task_id: str) -> Task:
     """The owner's task of this id: another client's is as unknown as one nobody registered."""
     task = await repository.get_task(session, owner.client_id, task_id)
     if task is None:
-        raise NotFound(f"task {task_id!r} is not tracked", extra={"task_id": task_id})
+        raise not_tracked(task_id)
     return task
 
 
@@ -179,9 +183,12 @@ async def register_batch(
     opt={AUTOCOMMIT: True},
 )
 async def read_task(task_id: TaskIdPath, session: DbSession, owner: TaskOwner) -> TaskOut:
-    task = await require_task(session, owner, task_id)
+    found = await repository.get_task_with_timeline(session, owner.client_id, task_id)
+    if found is None:
+        raise not_tracked(task_id)
+    task, timeline = found
     out = await load_task_out(session, owner, task)
-    out.timeline = await repository.time_in_status(session, task)
+    out.timeline = timeline
     return out
 
 

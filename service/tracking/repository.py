@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import msgspec
-from sqlalchemy import ColumnElement, Row, Select, Table, select, text
+from sqlalchemy import ColumnElement, Row, Select, Table, literal_column, select, text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.db import database_now, recordset, recordset_value, rows_as
@@ -122,25 +123,35 @@ async def list_tasks(
     return list((await session.execute(_search(query, search))).scalars())
 
 
-_TIMELINE = text(
-    f"""
-    SELECT to_status, sum(seconds)::float8 AS seconds FROM (
-        SELECT to_status,
-               extract(epoch FROM coalesce(lead(at) OVER (ORDER BY seq), CASE WHEN :live THEN now() END) - at)
-                   AS seconds
-        FROM task_events WHERE task_pk = :task_pk AND {TASK_TRANSITION}
-    ) AS spans
-    WHERE seconds IS NOT NULL
-    GROUP BY to_status
-    """  # noqa: S608
+# Seconds the task spent in each status it went through, the current one up to now (a terminal status
+# accrues nothing), as a JSON object: a column of the task's own row, so GET /tasks/{task_id} reads both
+# in one statement.
+_TIMELINE = literal_column(
+    f"""(SELECT jsonb_object_agg(to_status, seconds) FROM (
+        SELECT to_status, sum(seconds)::float8 AS seconds FROM (
+            SELECT to_status,
+                   extract(epoch FROM coalesce(lead(at) OVER (ORDER BY seq),
+                                               CASE WHEN tasks.next_poll_at IS NOT NULL THEN now() END) - at)
+                       AS seconds
+            FROM task_events WHERE task_pk = tasks.id AND {TASK_TRANSITION}
+        ) AS spans
+        WHERE seconds IS NOT NULL
+        GROUP BY to_status
+    ) AS statuses)""",  # noqa: S608
+    type_=JSONB,
 )
 
 
-async def time_in_status(session: AsyncSession, task: Task) -> dict[str, float]:
-    """Seconds the task spent in each status it went through, the current one up to now (a terminal
-    status accrues nothing)."""
-    rows = await session.execute(_TIMELINE, {"task_pk": task.id, "live": task.next_poll_at is not None})
-    return {row.to_status: round(row.seconds, 3) for row in rows}
+async def get_task_with_timeline(
+    session: AsyncSession, client_id: int | None, task_id: str
+) -> tuple[Task, dict[str, float]] | None:
+    """get_task, with the seconds the task spent in each status."""
+    query = select(Task, _TIMELINE).where(Task.task_id == task_id, owned_by(client_id))
+    row = (await session.execute(query)).one_or_none()
+    if row is None:
+        return None
+    task, timeline = row
+    return task, {status: round(seconds, 3) for status, seconds in (timeline or {}).items()}
 
 
 async def list_events(session: AsyncSession, task_pk: int, *, after_seq: int = 0) -> list[TaskEvent]:
