@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -473,12 +474,23 @@ _WRITE_PAGE = text(
 _encode = msgspec.json.Encoder().encode
 
 
+# A NUL escape: `\u0000` after an even number of backslashes (after an odd one it is text).
+_NUL_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def without_nul(document: bytes) -> bytes:
+    """JSON as Postgres stores it: text and jsonb refuse NUL, which JSON (and a relay's answer) may
+    hold; each becomes U+FFFD, so one such string does not fail a whole page. Scanned only in what is
+    written (answers that changed): a miss costs one pass of a byte search."""
+    if b"\\u0000" not in document:
+        return document
+    return _NUL_ESCAPE.sub(rb"\1\\ufffd", document)
+
+
 def relay_json(raw: bytes | None) -> msgspec.Raw | None:
     """The relay's JSON, to be stored as received but for the NUL escape plain JSON allows, which
-    Postgres refuses in any text once decoded: one such string must not fail a client's poll."""
-    if raw is None:
-        return None
-    return msgspec.Raw(raw.replace(b"\\u0000", b"\\ufffd") if b"\\u0000" in raw else raw)
+    Postgres refuses in any text once decoded (without_nul): one such string must not fail a poll."""
+    return None if raw is None else msgspec.Raw(without_nul(raw))
 
 
 async def write_page(
@@ -492,9 +504,9 @@ async def write_page(
     await db.execute(
         _WRITE_PAGE,
         {
-            "tasks": _encode(task_rows).decode(),
-            "clips": _encode(clips).decode(),
-            "events": _encode(events).decode(),
+            "tasks": without_nul(_encode(task_rows)).decode(),
+            "clips": without_nul(_encode(clips)).decode(),
+            "events": without_nul(_encode(events)).decode(),
         },
     )
 

@@ -22,10 +22,11 @@ from service.tracking.service import (
     record_snapshot,
 )
 from service.upstream.dialects import parse_callback
+from service.upstream.fake import Advance, Lifecycle
 from service.upstream.schemas import ClipSnapshot, TaskSnapshot
 from service.vocabulary import TaskStatus
 from tests.conftest import wait_until
-from tests.tracking.conftest import Tracking
+from tests.tracking.conftest import Tracking, assert_consistent_history
 from tests.tracking.test_lifecycles import clip_steps
 
 
@@ -347,3 +348,16 @@ async def test_poller_sessions_commit_without_waiting_for_the_flush_until_stoppe
     async with contextlib.AsyncExitStack() as stack:
         connections = [await stack.enter_async_context(tracking.engine.connect()) for _ in range(idle)]
         assert [(await c.execute(setting)).scalar_one() for c in connections] == ["on"] * idle
+
+
+async def test_an_answer_holding_nul_is_recorded(tracking: Tracking) -> None:
+    """Postgres's text and jsonb refuse NUL: the page records U+FFFD instead (a backslash and `u0000`
+    written as text stay as they are)."""
+    title = "Neon\x00Harbor \\u0000"
+    task_id = tracking.fake.add_task(lifecycle=Lifecycle.MUSIC_SUCCESS, advance=Advance.PER_POLL, title=title)
+    await tracking.register(task_id)
+
+    await tracking.poll_until(task_id, "complete")
+
+    assert {clip.title for clip in await tracking.clips(task_id)} == {"Neon\ufffdHarbor \\u0000"}
+    assert_consistent_history(await tracking.events(task_id), "complete")
