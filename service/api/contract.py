@@ -9,9 +9,10 @@ route added later is documented the same way.
 
 from __future__ import annotations
 
+import inspect
 import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from litestar import Litestar
@@ -25,6 +26,7 @@ from litestar.openapi.spec import (
     OpenAPIType,
     Operation,
     Reference,
+    RequestBody,
     Schema,
 )
 from litestar.types import Message, Scope
@@ -51,6 +53,7 @@ WHY: dict[int, str] = {
     429: "The client is over its registration rate; Retry-After says when to try again",
     502: "The relay failed or could not be reached",
     503: "The database does not answer",
+    504: "The relay took the submit but its answer was lost: the job may exist upstream (never retried)",
 }
 # Answers a route gives beyond what the rules below find.
 EXTRA: dict[tuple[str, str], tuple[int, ...]] = {
@@ -61,7 +64,23 @@ EXTRA: dict[tuple[str, str], tuple[int, ...]] = {
     ("DELETE", "/api/v1/tasks/{task_id}"): (409,),
     ("POST", "/api/v1/tasks/{task_id}/refresh"): (502,),
     ("GET", "/readyz"): (503,),
+    ("POST", "/suno/submit/{action}"): (404, 502, 504),
+    ("GET", "/suno/act/stems/{clip_id}"): (502,),
 }
+
+
+# Handlers answering in another API's format (the relay front) say so in their `opt`, and the rules
+# below document it: BODY, the request body's struct (decoded by hand, so Litestar sees none);
+# ANSWERS, a struct per status code (one the error rules also give is either shape); PASSED_THROUGH,
+# why any other status may come (the relay's own answer, as it came).
+class PassedThrough(NamedTuple):
+    shape: type[msgspec.Struct]
+    why: str
+
+
+BODY = "openapi_body"
+ANSWERS = "openapi_answers"
+PASSED_THROUGH = "openapi_passed_through"
 # Answers other than errors that a route gives besides its own status code.
 OTHER_SUCCESS: dict[tuple[str, str], dict[int, str]] = {
     ("POST", "/api/v1/tasks"): {200: "Registered before: the existing task (hook, format, metadata updated)"},
@@ -151,6 +170,12 @@ def document_contract(app: Litestar, relays: Sequence[str]) -> None:
             handler = handlers[key]
             secured = bool(handler.resolve_guards())
             operation.security = None if secured else []
+            body = handler.opt.get(BODY)
+            if body is not None:
+                operation.request_body = RequestBody(
+                    content={"application/json": OpenAPIMediaType(schema=_component(components, body))},
+                    required=True,
+                )
             codes, other_success = _answers(key, operation, secured=secured)
             responses = operation.responses if operation.responses is not None else {}
             for status, description in other_success.items():
@@ -159,11 +184,59 @@ def document_contract(app: Litestar, relays: Sequence[str]) -> None:
                 responses[str(status)] = OpenAPIResponse(description=description, content=main.content)
             for status in sorted(codes):
                 responses[str(status)] = _error(status)
+            _document_foreign(components, handler, responses)
             operation.responses = responses
             for struct in _closed_structs(handler):
                 if struct.__name__ in components:
                     _exact_body(components, struct, relays)
     _link_registration(operations)
+
+
+def _component(components: dict[str, Any], struct: type[msgspec.Struct]) -> Reference:
+    _, definitions = msgspec.json.schema_components([struct], ref_template=COMPONENT)
+    components.update(definitions)
+    return Reference(ref=COMPONENT.format(name=struct.__name__))
+
+
+def _document_foreign(
+    components: dict[str, Any], handler: HTTPRouteHandler, responses: dict[str, OpenAPIResponse | Reference]
+) -> None:
+    """A route answering in another API's format: each status's struct (either it or the error shape
+    where both can come). One that passes that API's answers through as they came may answer any
+    status in that API's shape or any other; `default` says so too."""
+    answers: dict[int, type[msgspec.Struct]] = handler.opt.get(ANSWERS, {})
+    for status, struct in answers.items():
+        schema: Schema | Reference = _component(components, struct)
+        ours = responses.get(str(status))
+        description = inspect.cleandoc(struct.__doc__ or "") or "The relay's format"
+        if isinstance(ours, OpenAPIResponse) and status >= 400:
+            schema = Schema(any_of=[Reference(ref=COMPONENT.format(name=ERROR)), schema])
+            description = f"{ours.description}; or, in the relay's format: {description}"
+        responses[str(status)] = OpenAPIResponse(
+            description=description, content={"application/json": OpenAPIMediaType(schema=schema)}
+        )
+    passed: PassedThrough | None = handler.opt.get(PASSED_THROUGH)
+    if passed is None:
+        return
+    theirs = _component(components, passed.shape)
+    anything = OpenAPIMediaType(schema=Schema())
+    for code, response in responses.items():
+        if not isinstance(response, OpenAPIResponse):
+            continue
+        content = response.content or {}
+        media = content.get("application/json")
+        schema = theirs
+        if media is not None and media.schema is not None and (int(code) >= 400 or int(code) in answers):
+            schema = Schema(any_of=[media.schema, theirs])
+        content["application/json"] = OpenAPIMediaType(schema=schema)
+        content["*/*"] = anything
+        response.content = content
+        response.description = (
+            f"{response.description.rstrip('.')}; or {passed.why[0].lower()}{passed.why[1:]}"
+        )
+    responses["default"] = OpenAPIResponse(
+        description=passed.why, content={"application/json": OpenAPIMediaType(schema=theirs), "*/*": anything}
+    )
 
 
 def _answers(key: tuple[str, str], operation: Operation, *, secured: bool) -> tuple[set[int], dict[int, str]]:

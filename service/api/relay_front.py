@@ -11,7 +11,7 @@ and never reaches the relay.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import structlog
@@ -23,7 +23,17 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.api import AppRuntime, DbSession
 from service.api.auth import REGISTERS
 from service.api.callbacks import callback_url
-from service.api.schemas import decode_json, is_task_id
+from service.api.contract import ANSWERS, BODY, PASSED_THROUGH, PassedThrough
+from service.api.schemas import (
+    RelayBatchAnswer,
+    RelayEnvelope,
+    RelayNotExist,
+    RelayStemsAnswer,
+    RelaySubmitBody,
+    RelayTaskAnswer,
+    decode_json,
+    is_task_id,
+)
 from service.clients.service import Caller
 from service.errors import InvalidInput, NotFound, ServiceError, UpstreamUnavailable
 from service.redact import mask_credentials
@@ -60,7 +70,7 @@ class SubmitAnswerLost(ServiceError):
 
 
 class FetchBatch(msgspec.Struct):
-    ids: list[str]
+    ids: Annotated[list[str], msgspec.Meta(max_length=BATCH_MAX_IDS)]
     action: str | None = None
 
 
@@ -71,7 +81,15 @@ _fetch_batch = msgspec.json.Decoder(FetchBatch)
     "/suno/submit/{action:str}",
     status_code=200,
     summary="The relay's submit, passed through to the caller's relay",
-    opt={REGISTERS: True},
+    opt={
+        REGISTERS: True,
+        BODY: RelaySubmitBody,
+        PASSED_THROUGH: PassedThrough(
+            RelayEnvelope,
+            "The relay's answer, status and body as it came (a task registered only from a 2xx one "
+            "carrying its id)",
+        ),
+    },
 )
 async def submit(
     action: FromPath[str],
@@ -129,7 +147,11 @@ async def submit(
     return _passed_back(answer)
 
 
-@get("/suno/fetch/{task_id:str}", summary="The relay's task poll, answered from our database")
+@get(
+    "/suno/fetch/{task_id:str}",
+    summary="The relay's task poll, answered from our database",
+    opt={ANSWERS: {200: RelayTaskAnswer, 400: RelayNotExist}},
+)
 async def fetch_one(
     task_id: FromPath[str], session: DbSession, runtime: AppRuntime, caller: NamedDependency[Caller]
 ) -> Response[bytes]:
@@ -141,7 +163,12 @@ async def fetch_one(
     return Response(render_fetch_answer(_render(view, runtime)), media_type=_JSON)
 
 
-@post("/suno/fetch", status_code=200, summary="The relay's batch poll, answered from our database")
+@post(
+    "/suno/fetch",
+    status_code=200,
+    summary="The relay's batch poll, answered from our database",
+    opt={BODY: FetchBatch, ANSWERS: {200: RelayBatchAnswer}},
+)
 async def fetch_batch(
     request: Request[Any, Any, Any], session: DbSession, runtime: AppRuntime, caller: NamedDependency[Caller]
 ) -> Response[bytes]:
@@ -150,14 +177,30 @@ async def fetch_batch(
     return await _batch(await request.body(), session, runtime, caller)
 
 
-@post("/suno/submit/fetch", status_code=200, summary="The relay's batch poll (its submit-style path)")
+@post(
+    "/suno/submit/fetch",
+    status_code=200,
+    summary="The relay's batch poll (its submit-style path)",
+    opt={BODY: FetchBatch, ANSWERS: {200: RelayBatchAnswer}},
+)
 async def submit_fetch(
     request: Request[Any, Any, Any], session: DbSession, runtime: AppRuntime, caller: NamedDependency[Caller]
 ) -> Response[bytes]:
     return await _batch(await request.body(), session, runtime, caller)
 
 
-@get("/suno/act/stems/{clip_id:str}", summary="The relay's stem separation, tracked")
+@get(
+    "/suno/act/stems/{clip_id:str}",
+    summary="The relay's stem separation, tracked",
+    opt={
+        ANSWERS: {200: RelayStemsAnswer, 400: RelayNotExist},
+        PASSED_THROUGH: PassedThrough(
+            RelayEnvelope,
+            "First call: the relay's answer, status and body as it came, when it is not a stems answer "
+            "(nothing registered then)",
+        ),
+    },
+)
 async def stems(
     clip_id: FromPath[str], session: DbSession, runtime: AppRuntime, caller: NamedDependency[Caller]
 ) -> Response[bytes]:
@@ -201,8 +244,6 @@ async def _batch(body: bytes, session: AsyncSession, runtime: Runtime, caller: C
         ids = _fetch_batch.decode(body).ids
     except msgspec.DecodeError as exc:
         raise InvalidInput(f'body: expected {{"ids": [...], "action": "MUSIC"}} ({exc})') from None
-    if len(ids) > BATCH_MAX_IDS:
-        raise InvalidInput(f"ids: at most {BATCH_MAX_IDS} in one request")
     wanted = [task_id for task_id in dict.fromkeys(ids) if is_task_id(task_id)]
     views = await relay_views(session, caller.client_id, wanted)
     tasks = [_render(views[task_id], runtime) for task_id in wanted if task_id in views]
@@ -267,7 +308,8 @@ def _submitted_task_id(answer: RelayAnswer) -> str | None:
 
 
 def _passed_back(answer: RelayAnswer) -> Response[bytes]:
-    headers = {} if answer.retry_after is None else {"Retry-After": answer.retry_after}
-    return Response(
-        answer.body, status_code=answer.status, media_type=answer.content_type or _JSON, headers=headers
-    )
+    # As a header, not a media type: Litestar would add a second charset to a text/* one that has one.
+    headers = {"Content-Type": answer.content_type or _JSON}
+    if answer.retry_after is not None:
+        headers["Retry-After"] = answer.retry_after
+    return Response(answer.body, status_code=answer.status, headers=headers)

@@ -7,7 +7,7 @@ import binascii
 import enum
 import re
 from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from litestar import Request
@@ -458,3 +458,71 @@ class ClientList(msgspec.Struct):
 
 def client_out(client: Client, task_count: int) -> ClientOut:
     return _filled(ClientOut, client, task_count=task_count)
+
+
+# The relay front's formats (README, "Adopt sunotrack by changing one URL"): the relay's own, as its
+# documentation gives them (../shared/upstream-docs), for the OpenAPI document only. Open objects:
+# the relay's fields we do not store come from its last answer, whatever they are.
+class RelaySubmitBody(msgspec.Struct):
+    """The relay's submit body, passed on; of it sunotrack reads only `notify_hook`."""
+
+    notify_hook: Annotated[
+        HookUrl | Literal[""] | None, msgspec.Meta(description="Becomes the task's hook; never forwarded")
+    ] = None
+
+
+class RelayClip(msgspec.Struct):
+    id: str
+    status: str | None = None
+
+
+class RelayTask(msgspec.Struct):
+    task_id: str
+    status: str
+    notify_hook: str
+    action: str | None = None
+    fail_reason: str | None = None
+    submit_time: int | None = None
+    start_time: int | None = None
+    finish_time: int | None = None
+    progress: str | None = None
+    data: list[RelayClip] | dict[str, Any] | None = None
+
+
+class RelayTaskAnswer(msgspec.Struct):
+    """The task in the relay's format, from our database (fields we do not store: from the relay's last
+    answer)."""
+
+    code: str
+    message: str
+    data: RelayTask
+
+
+class RelayBatchAnswer(msgspec.Struct):
+    """The tracked tasks among those asked, in the relay's format and the order asked."""
+
+    code: str
+    message: str
+    data: list[RelayTask]
+
+
+class RelayStemsAnswer(msgspec.Struct):
+    """The stems in the relay's format, from our state (queued clips at first)."""
+
+    clips: list[RelayClip]
+
+
+class RelayEnvelope(msgspec.Struct):
+    """The relay's answer as it came: its envelope, `data` the new task's id after a submit."""
+
+    code: str | int | None = None
+    message: str | None = None
+    data: Any = None
+
+
+class RelayNotExist(msgspec.Struct):
+    """The relay's answer for an id it does not know: here, one the caller does not track."""
+
+    code: Annotated[str, msgspec.Meta(pattern="^task_not_exist$")]
+    message: str
+    data: None
