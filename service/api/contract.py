@@ -231,9 +231,8 @@ def _document_foreign(
         content["application/json"] = OpenAPIMediaType(schema=schema)
         content["*/*"] = anything
         response.content = content
-        response.description = (
-            f"{response.description.rstrip('.')}; or {passed.why[0].lower()}{passed.why[1:]}"
-        )
+        also = f"{response.description.rstrip('.')}; or {passed.why[0].lower()}{passed.why[1:]}"
+        response.description = passed.why if schema is theirs else also
     responses["default"] = OpenAPIResponse(
         description=passed.why, content={"application/json": OpenAPIMediaType(schema=theirs), "*/*": anything}
     )

@@ -85,6 +85,18 @@ class HostBook:
         state = self._hosts.get(host)
         return self._slow_share if state is not None and state.slow else self.concurrency
 
+    def share_now(self, host: str) -> int:
+        """The share that applies to this host's lanes now: its lone lane's allowance while the host
+        answers fast and one of its lanes holds more than a share or is the only lane in flight (a due
+        lane of any other would have been claimed: a newcomer is first in its claim)."""
+        if not self._fast(host):
+            return self.share(host)
+        lanes = [lane for lane in self._lanes if lane[1] == host]
+        alone = len(self._lanes) == 1 and bool(lanes)
+        if alone or any(self._lanes[lane] > self.concurrency for lane in lanes):
+            return self.alone_share
+        return self.share(host)
+
     def free(self, lane: Lane) -> int:
         return max(0, self.share(lane[1]) - self._lanes[lane])
 
@@ -169,7 +181,7 @@ class HostBook:
                 HostView(
                     host=host,
                     in_flight=sum(in_flight.values()),
-                    share=self.share(host),
+                    share=self.share_now(host),
                     slow=state is not None and state.slow,
                     recent_attempts=len(samples),
                     p50_ms=percentile(samples, 0.5) * 1000 if samples else None,
