@@ -10,10 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import schemathesis
 
 from service.config import Settings
 from service.upstream.fake import FakeRelay
-from tests.conftest import TEST_ADMIN_TOKEN, LiveServer
+from tests.conftest import TEST_ADMIN_TOKEN, LiveServer, auth_headers, wait_until
 
 RELAY_KEY = "test-relay-key"
 CALLBACK_TOKEN = "cb-token-0123456789"
@@ -76,3 +77,58 @@ async def test_schemathesis_finds_nothing(
 
     assert code == 0, output[-20000:]
     assert "No issues found" in output or "passed" in output, output[-5000:]
+
+
+async def test_the_relay_fronts_answers_keep_to_the_document(
+    make_settings: Callable[..., Settings], live_server: Callable[..., LiveServer]
+) -> None:
+    """The fuzzer tracks no task through the relay front, so its 200s are held to the document here:
+    every answer of a submit polled to completion, its stems, and the relay's own failures."""
+    async with FakeRelay(api_key=RELAY_KEY) as relay:
+        settings = make_settings(SUNO_BASE_URL=relay.base_url, SUNO_API_KEY=RELAY_KEY)
+        server = live_server(settings, role="all")
+        async with httpx.AsyncClient(base_url=server.base_url, headers=auth_headers(), timeout=30) as client:
+            document = schemathesis.openapi.from_dict((await client.get("/schema/openapi.json")).json())
+
+            async def conforms(method: str, path: str, answer: httpx.Response) -> httpx.Response:
+                document[path][method].validate_response(answer)
+                return answer
+
+            submitted = await conforms(
+                "POST", "/suno/submit/{action}", await client.post("/suno/submit/music", json={"prompt": "x"})
+            )
+            assert submitted.status_code == 200, submitted.text
+            task_id = submitted.json()["data"]
+            refused = await client.post("/suno/submit/music", json={"fake_lifecycle": "no-such"})
+            assert refused.status_code == 400  # the relay's own refusal, passed back
+            await conforms("POST", "/suno/submit/{action}", refused)
+            unknown = await client.get("/suno/fetch/no-such-task")
+            assert unknown.status_code == 400
+            await conforms("GET", "/suno/fetch/{task_id}", unknown)
+            seen: set[str] = set()
+
+            async def complete() -> bool:
+                one = await conforms(
+                    "GET", "/suno/fetch/{task_id}", await client.get(f"/suno/fetch/{task_id}")
+                )
+                for path in ("/suno/fetch", "/suno/submit/fetch"):
+                    batch = await client.post(
+                        path, json={"ids": [task_id, "no-such-task"], "action": "MUSIC"}
+                    )
+                    assert [
+                        task["task_id"] for task in (await conforms("POST", path, batch)).json()["data"]
+                    ] == [task_id]
+                seen.add(one.json()["data"]["status"])
+                return bool(one.json()["data"]["status"] == "SUCCESS")
+
+            await wait_until(complete, timeout=30, what="the task to complete")
+            assert len(seen) > 1  # answers rendered from our state as it moved, not only the last one
+            clip_id = (await client.get(f"/suno/fetch/{task_id}")).json()["data"]["data"][0]["id"]
+            for _ in range(2):  # the first call asks the relay, the second answers from our state
+                stems = await conforms(
+                    "GET", "/suno/act/stems/{clip_id}", await client.get(f"/suno/act/stems/{clip_id}")
+                )
+                assert stems.status_code == 200, stems.text
+            not_a_clip = await client.get("/suno/act/stems/no-such-clip")
+            assert not_a_clip.status_code == 400
+            await conforms("GET", "/suno/act/stems/{clip_id}", not_a_clip)
