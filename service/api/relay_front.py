@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.api import AppRuntime, DbSession
 from service.api.auth import REGISTERS
 from service.api.callbacks import callback_url
+from service.api.connection import AUTOCOMMIT
 from service.api.contract import ANSWERS, BODY, PASSED_THROUGH, PassedThrough
 from service.api.schemas import (
     RelayBatchAnswer,
@@ -150,7 +151,7 @@ async def submit(
 @get(
     "/suno/fetch/{task_id:str}",
     summary="The relay's task poll, answered from our database",
-    opt={ANSWERS: {200: RelayTaskAnswer, 400: RelayNotExist}},
+    opt={ANSWERS: {200: RelayTaskAnswer, 400: RelayNotExist}, AUTOCOMMIT: True},
 )
 async def fetch_one(
     task_id: FromPath[str], session: DbSession, runtime: AppRuntime, caller: NamedDependency[Caller]
@@ -167,7 +168,7 @@ async def fetch_one(
     "/suno/fetch",
     status_code=200,
     summary="The relay's batch poll, answered from our database",
-    opt={BODY: FetchBatch, ANSWERS: {200: RelayBatchAnswer}},
+    opt={BODY: FetchBatch, ANSWERS: {200: RelayBatchAnswer}, AUTOCOMMIT: True},
 )
 async def fetch_batch(
     request: Request[Any, Any, Any], session: DbSession, runtime: AppRuntime, caller: NamedDependency[Caller]
@@ -181,7 +182,7 @@ async def fetch_batch(
     "/suno/submit/fetch",
     status_code=200,
     summary="The relay's batch poll (its submit-style path)",
-    opt={BODY: FetchBatch, ANSWERS: {200: RelayBatchAnswer}},
+    opt={BODY: FetchBatch, ANSWERS: {200: RelayBatchAnswer}, AUTOCOMMIT: True},
 )
 async def submit_fetch(
     request: Request[Any, Any, Any], session: DbSession, runtime: AppRuntime, caller: NamedDependency[Caller]
