@@ -54,9 +54,9 @@ def _clients(n: int) -> int | None:
 class Plan:
     """Every seeded row is a function of its task's number: the benchmark knows what it will find."""
 
-    def __init__(self, count: int, now: datetime) -> None:
+    def __init__(self, count: int, now: datetime | None = None) -> None:
         self.count = count
-        self.now = now
+        self.now = now or datetime.now(UTC)
         rng = random.Random(11)
         self.statuses = [_pick(STATUSES, rng) for _ in range(count)]
         self.kinds = [_pick(KINDS, rng) for _ in range(count)]
