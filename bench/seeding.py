@@ -1,10 +1,10 @@
 """A million-task history for the read benchmarks, written with COPY (bench_search.py, bench_reads.py).
 
-Shaped like a month of a busy deployment: tasks spread over 30 days, most finished, 1% live (due now,
-for poll lag), over three kinds and eight clients of unequal size plus the admin; three events each
-(registered, started, finished; a live task's third is a clip's), numbered in the feed; a webhook
-delivery for the tasks of the clients that set a hook, most delivered, some failed, dead or pending;
-an attempt for each delivery of the last two days.
+Shaped like a month of a busy deployment: tasks spread over 30 days, most finished, 1% live (among
+the newest, due now: poll lag), over three kinds and eight clients of unequal size plus the admin;
+three events each (registered, started, finished; a live task's last are its clips'), numbered in the
+feed; a webhook delivery for the tasks of the clients that set a hook, most delivered, some failed,
+dead or pending; an attempt for each delivery of the last two days.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ import asyncpg
 ADMIN_TOKEN = "bench-admin-token-0123456789"
 SPAN = timedelta(days=30)
 STEP = 100_000
-# (status, weight per 1,000): finished most, 1% live.
-STATUSES = (
-    ("complete", 920), ("failed", 45), ("timed_out", 15), ("cancelled", 10),
-    ("in_progress", 5), ("queued", 3), ("submitted", 2),
+# (status, weight per 1,000). Tasks finish within minutes to hours: the live ones (1% of all) are among
+# the newest 2%; older tasks are all finished.
+FINISHED = (("complete", 920), ("failed", 45), ("timed_out", 20), ("cancelled", 15))
+NEWEST = (
+    ("complete", 460), ("failed", 25), ("timed_out", 10), ("cancelled", 5),
+    ("in_progress", 250), ("queued", 150), ("submitted", 100),
 )  # fmt: skip
 LIVE = frozenset({"in_progress", "queued", "submitted"})
 KINDS = (("music", 80), ("lyrics", 15), ("stems", 5))
@@ -38,8 +40,8 @@ def client_token(number: int) -> str:
     return f"bench-client-{number}-token-0123456789"
 
 
-def _pick(table: tuple[tuple[str, int], ...], rng: random.Random) -> str:
-    return rng.choices([name for name, _ in table], [weight for _, weight in table])[0]
+def _draw(table: tuple[tuple[str, int], ...], count: int, rng: random.Random) -> list[str]:
+    return rng.choices([name for name, _ in table], [weight for _, weight in table], k=count)
 
 
 def _clients(n: int) -> int | None:
@@ -58,8 +60,9 @@ class Plan:
         self.count = count
         self.now = now or datetime.now(UTC)
         rng = random.Random(11)
-        self.statuses = [_pick(STATUSES, rng) for _ in range(count)]
-        self.kinds = [_pick(KINDS, rng) for _ in range(count)]
+        newest = count - count // 50
+        self.statuses = _draw(FINISHED, newest, rng) + _draw(NEWEST, count - newest, rng)
+        self.kinds = _draw(KINDS, count, rng)
 
     def created(self, n: int) -> datetime:
         return self.now - SPAN * ((self.count - n) / self.count)
@@ -126,7 +129,7 @@ def _deliveries(plan: Plan, start: int, stop: int) -> Iterator[tuple[object, ...
         client = plan.client(n)
         if client not in HOOKED_CLIENTS or plan.statuses[n] in LIVE:
             continue
-        status, created = _pick(DELIVERY_STATUSES, rng), plan.created(n) + timedelta(seconds=60)
+        status, created = _draw(DELIVERY_STATUSES, 1, rng)[0], plan.created(n) + timedelta(seconds=60)
         yield (
             n + 1, n + 1, 3, f"wh-{n:07d}", f"https://hooks.example/{client}/", client, b"{}", status,
             1, plan.now if status in {"pending", "failed"} else None,

@@ -170,8 +170,14 @@ class Task(Base):
         ),
         # task_id_prefix as `LIKE 'prefix%'`, whatever the database's collation.
         Index("ix_tasks_task_id_pattern", "task_id", postgresql_ops={"task_id": "text_pattern_ops"}),
-        # /stats: what finished in the last hour or day. Written once, when the task becomes terminal.
-        Index("ix_tasks_finished_at", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
+        # /stats: what finished in the last hour or day, read from the index alone. Written once, when the
+        # task becomes terminal.
+        Index(
+            "ix_tasks_finished_at",
+            "finished_at",
+            postgresql_include=["status", "created_at", "client_id"],
+            postgresql_where=text("finished_at IS NOT NULL"),
+        ),
         # Room on each page for a polled row's next versions (docs/design.md, "The poller's claim").
         {"postgresql_with": {"fillfactor": 50}},
     )
@@ -276,6 +282,10 @@ class Delivery(Base):
             postgresql_where=text("next_attempt_at IS NOT NULL"),
         ),
         Index("ix_deliveries_status_id", "status", "id"),
+        # /stats: the oldest pending delivery of a client.
+        Index(
+            "ix_deliveries_pending", "client_key", "created_at", postgresql_where=text("status = 'pending'")
+        ),
     )
 
 
@@ -307,3 +317,28 @@ class HookHost(Base):
     consecutive_failures: Mapped[int] = mapped_column(Integer, server_default="0")
     paused_until: Mapped[datetime | None] = mapped_column(Timestamp)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class TaskCount(Base):
+    """Tasks by client, status and kind for /stats, kept by triggers on tasks (migration 0009): the
+    figure is the sum of n over shards. Each writing backend adds to rows of its own (shard: its pid);
+    stats.fold_counts folds the rows of backends gone into shard 0."""
+
+    __tablename__ = "task_counts"
+
+    client_key: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # tasks.client_id, 0: the admin's
+    status: Mapped[str] = mapped_column(Text, primary_key=True)
+    kind: Mapped[str] = mapped_column(Text, primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+
+
+class DeliveryCount(Base):
+    """Deliveries by client and status for /stats, kept by triggers on deliveries like TaskCount."""
+
+    __tablename__ = "delivery_counts"
+
+    client_key: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # deliveries.client_key
+    status: Mapped[str] = mapped_column(Text, primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)

@@ -75,8 +75,8 @@ async def test_downgrade_to_base_and_upgrade_again(empty_database_url: str) -> N
         await engine.dispose()
 
     assert tables == [
-        "alembic_version", "clients", "clips", "deliveries", "delivery_attempts", "hook_hosts", "task_events",
-        "tasks",
+        "alembic_version", "clients", "clips", "deliveries", "delivery_attempts", "delivery_counts",
+        "hook_hosts", "task_counts", "task_events", "tasks",
     ]  # fmt: skip
 
 
@@ -172,3 +172,54 @@ async def test_fair_delivery_migration_gives_each_delivery_its_lane(empty_databa
         ("msg_t-admin", 0, "https://hooks.example:443"), ("msg_t-acme", 1, "https://hooks.example:443"),
     ]  # fmt: skip
     assert streaks == 0
+
+
+async def test_stats_counts_migration_counts_the_rows_there_are(empty_database_url: str) -> None:
+    """From 0008: task_counts and delivery_counts start from the rows already there; a downgrade drops
+    them with their triggers."""
+    engine = create_engine(empty_database_url, pool_size=1)
+
+    def run(connection: Any, action: str, target: str) -> None:
+        config = alembic_config(empty_database_url)
+        config.attributes["connection"] = connection
+        getattr(command, action)(config, target)
+
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(run, "upgrade", "0008")
+            for statement in (
+                "INSERT INTO clients (name, token_sha256, webhook_secret, relay) "
+                "VALUES ('c', '\\x01', 's', 'r')",
+                "INSERT INTO tasks (task_id, client_id, kind, status, next_poll_at) VALUES "
+                "('a', NULL, 'music', 'complete', NULL), ('b', NULL, 'music', 'complete', NULL), "
+                "('c', (SELECT id FROM clients), 'stems', 'queued', now())",
+                "INSERT INTO deliveries (task_pk, event_seq, webhook_id, url, body, client_key, status) "
+                "SELECT id, 1, 'w-' || task_id, 'http://127.0.0.1:9/', '', coalesce(client_id, 0), 'dead' "
+                "FROM tasks",
+            ):
+                await connection.exec_driver_sql(statement)
+            await connection.run_sync(run, "upgrade", "head")
+            counts = (
+                await connection.exec_driver_sql(
+                    "SELECT c.name IS NULL, status, kind, shard, n FROM task_counts "
+                    "LEFT JOIN clients AS c ON c.id = client_key ORDER BY 1 DESC, 2"
+                )
+            ).all()
+            deliveries = (
+                await connection.exec_driver_sql(
+                    "SELECT client_key = 0, status, shard, n FROM delivery_counts ORDER BY 1 DESC"
+                )
+            ).all()
+            await connection.run_sync(run, "downgrade", "0008")
+            left = (
+                await connection.exec_driver_sql(
+                    "SELECT count(*) FROM pg_class WHERE relname IN ('task_counts', 'delivery_counts') "
+                    "UNION ALL SELECT count(*) FROM pg_trigger WHERE tgname LIKE '%_counts_%'"
+                )
+            ).all()
+    finally:
+        await engine.dispose()
+
+    assert counts == [(True, "complete", "music", 0, 2), (False, "queued", "stems", 0, 1)]
+    assert deliveries == [(True, "dead", 0, 2), (False, "dead", 0, 1)]
+    assert left == [(0,), (0,)]

@@ -73,7 +73,8 @@ class StatsSeries(msgspec.Struct):
     ),
 )
 async def read_stats(session: DbSession, owner: TaskOwner) -> StatsOut:
-    return msgspec.convert(await stats.stats(session, task_scope(owner)), StatsOut)
+    client_key = None if owner.every_client else (owner.client_id or 0)
+    return msgspec.convert(await stats.stats(session, client_key), StatsOut)
 
 
 @get(

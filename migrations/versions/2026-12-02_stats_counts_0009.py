@@ -1,0 +1,151 @@
+"""/stats at a million tasks: counts kept by triggers, covering indexes for the windows
+
+Revision ID: 0009
+Revises: 0008
+Create Date: 2026-12-02 10:00:00.000000+00:00
+
+"""
+
+# ruff: noqa: S608  (SQL built from the table and column names below, no input)
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+# revision identifiers, used by Alembic.
+revision: str = "0009"
+down_revision: str | Sequence[str] | None = "0008"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+# Each writing backend adds to rows of its own (shard = its pid): concurrent transactions never wait on
+# one another's counter row, nor deadlock over two. stats.fold_counts folds the rows of backends gone.
+_COUNTED = {
+    # table: (counts table, its key columns, their values as SQL over a row of the table ({r}: the row),
+    # the columns of the table they are read from)
+    "tasks": (
+        "task_counts",
+        "client_key, status, kind",
+        "coalesce({r}client_id, 0), {r}status, {r}kind",
+        ("client_id", "status", "kind"),
+    ),
+    "deliveries": (
+        "delivery_counts",
+        "client_key, status",
+        "{r}client_key, {r}status",
+        ("client_key", "status"),
+    ),
+}
+
+
+def _triggers(table: str) -> list[str]:
+    counts, names, values, read = _COUNTED[table]
+    key, old_key, new_key = (values.format(r=row) for row in ("", "OLD.", "NEW."))
+    upsert = f"ON CONFLICT ({names}, shard) DO UPDATE SET n = c.n + excluded.n"
+    changed = " OR ".join(f"OLD.{column} IS DISTINCT FROM NEW.{column}" for column in read)
+    columns = ", ".join(read)
+    return [
+        f"""
+        CREATE FUNCTION {counts}_added() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO {counts} AS c ({names}, shard, n)
+            SELECT {key}, pg_backend_pid(), count(*) FROM added GROUP BY {key}
+            {upsert};
+            RETURN NULL;
+        END $$""",
+        f"""
+        CREATE FUNCTION {counts}_removed() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO {counts} AS c ({names}, shard, n)
+            SELECT {key}, pg_backend_pid(), -count(*) FROM removed GROUP BY {key}
+            {upsert};
+            RETURN NULL;
+        END $$""",
+        f"""
+        CREATE FUNCTION {counts}_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO {counts} AS c ({names}, shard, n)
+            VALUES ({old_key}, pg_backend_pid(), -1), ({new_key}, pg_backend_pid(), 1)
+            {upsert};
+            RETURN NULL;
+        END $$""",
+        f"""
+        CREATE FUNCTION {counts}_truncated() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            DELETE FROM {counts};
+            RETURN NULL;
+        END $$""",
+        f"""CREATE TRIGGER {counts}_added AFTER INSERT ON {table} REFERENCING NEW TABLE AS added
+            FOR EACH STATEMENT EXECUTE FUNCTION {counts}_added()""",
+        f"""CREATE TRIGGER {counts}_removed AFTER DELETE ON {table} REFERENCING OLD TABLE AS removed
+            FOR EACH STATEMENT EXECUTE FUNCTION {counts}_removed()""",
+        # Row by row: a statement trigger with transition tables cannot name columns, so it would copy
+        # every row of every UPDATE (the poller's claim included); this one fires only for a row whose
+        # counted columns changed.
+        f"""CREATE TRIGGER {counts}_changed AFTER UPDATE OF {columns} ON {table}
+            FOR EACH ROW WHEN ({changed}) EXECUTE FUNCTION {counts}_changed()""",
+        f"""CREATE TRIGGER {counts}_truncated AFTER TRUNCATE ON {table}
+            FOR EACH STATEMENT EXECUTE FUNCTION {counts}_truncated()""",
+    ]
+
+
+def upgrade() -> None:
+    """Upgrade schema."""
+    op.create_table(
+        "task_counts",
+        sa.Column("client_key", sa.BigInteger(), nullable=False),
+        sa.Column("status", sa.Text(), nullable=False),
+        sa.Column("kind", sa.Text(), nullable=False),
+        sa.Column("shard", sa.Integer(), nullable=False),
+        sa.Column("n", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("client_key", "status", "kind", "shard", name=op.f("pk_task_counts")),
+    )
+    op.create_table(
+        "delivery_counts",
+        sa.Column("client_key", sa.BigInteger(), nullable=False),
+        sa.Column("status", sa.Text(), nullable=False),
+        sa.Column("shard", sa.Integer(), nullable=False),
+        sa.Column("n", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("client_key", "status", "shard", name=op.f("pk_delivery_counts")),
+    )
+    # Triggers first, then the rows so far: CREATE TRIGGER holds off writers until this commits, so no
+    # write falls between the two.
+    for table, (counts, names, values, _read) in _COUNTED.items():
+        for statement in _triggers(table):
+            op.execute(statement)
+        key = values.format(r="")
+        op.execute(
+            f"INSERT INTO {counts} ({names}, shard, n) SELECT {key}, 0, count(*) FROM {table} GROUP BY {key}"
+        )
+    # Completion times and the last hour's finishes read from the index alone. Its columns are written
+    # once, when the task becomes terminal (or never): the claim's update stays HOT.
+    op.drop_index("ix_tasks_finished_at", table_name="tasks")
+    op.create_index(
+        "ix_tasks_finished_at",
+        "tasks",
+        ["finished_at"],
+        postgresql_include=["status", "created_at", "client_id"],
+        postgresql_where=sa.text("finished_at IS NOT NULL"),
+    )
+    op.create_index(
+        "ix_deliveries_pending",
+        "deliveries",
+        ["client_key", "created_at"],
+        postgresql_where=sa.text("status = 'pending'"),
+    )
+
+
+def downgrade() -> None:
+    """Downgrade schema."""
+    op.drop_index("ix_deliveries_pending", table_name="deliveries")
+    op.drop_index("ix_tasks_finished_at", table_name="tasks")
+    op.create_index(
+        "ix_tasks_finished_at", "tasks", ["finished_at"], postgresql_where=sa.text("finished_at IS NOT NULL")
+    )
+    for table, (counts, *_) in _COUNTED.items():
+        for event in ("added", "removed", "changed", "truncated"):
+            op.execute(f"DROP TRIGGER {counts}_{event} ON {table}")
+            op.execute(f"DROP FUNCTION {counts}_{event}()")
+    op.drop_table("delivery_counts")
+    op.drop_table("task_counts")
