@@ -65,6 +65,33 @@ async def test_filters_page_with_the_cursor(api: httpx.AsyncClient) -> None:
     assert second["next_cursor"] is None
 
 
+async def test_several_statuses_page_newest_first_across_them(
+    api: httpx.AsyncClient, database_url: str
+) -> None:
+    """Each status is read from its own index range and the ranges merged: pages interleave them by id,
+    with the other filters applied to each."""
+    for n in range(7):
+        await register(api, f"s-{n}", kind="lyrics" if n != 3 else "music")
+    await db_rows(database_url, "UPDATE tasks SET status = 'queued' WHERE task_id IN ('s-1', 's-4', 's-5')")
+    await db_rows(
+        database_url,
+        "UPDATE tasks SET status = 'failed', next_poll_at = NULL WHERE task_id IN ('s-0', 's-3', 's-6')",
+    )
+    params: list[tuple[str, str | int]] = [
+        ("status", "failed"), ("status", "queued"), ("status", "cancelled"), ("kind", "lyrics"), ("limit", 2),
+    ]  # fmt: skip
+    pages: list[list[str]] = []
+    cursor = None
+    while cursor is not None or not pages:
+        body = (
+            await api.get("/api/v1/tasks", params=params + ([("cursor", cursor)] if cursor else []))
+        ).json()
+        pages.append([task["task_id"] for task in body["items"]])
+        cursor = body["next_cursor"]
+
+    assert pages == [["s-6", "s-5"], ["s-4", "s-1"], ["s-0"]]
+
+
 async def test_bad_filters_are_400s_naming_the_parameter(api: httpx.AsyncClient) -> None:
     cases = {
         "status": {"status": "done"},
