@@ -69,7 +69,7 @@ SEARCH_SQL = "SELECT * FROM tasks WHERE metadata @> $1::jsonb ORDER BY id DESC L
 
 
 def list_sql(client: bool, keyset: bool) -> str:
-    where = ["status = ANY($1::text[])"]
+    where = ["status = $1"]
     if client:
         where.append("client_id = $3")
     if keyset:
@@ -156,7 +156,7 @@ async def measure(url: str, count: int, requests: int, explain: bool) -> int:
                     if before is not None:
                         params["cursor"] = encode_cursor("t", before)
                     sql = list_sql(client is not None, deep)
-                    args: list[Any] = [[status], 51]
+                    args: list[Any] = [status, 51]
                     if client is not None:
                         args.append(client)
                     if before is not None:

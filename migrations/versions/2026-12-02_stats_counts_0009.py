@@ -1,4 +1,5 @@
-"""/stats at a million tasks: counts kept by triggers, covering indexes for the windows
+"""reads at a million tasks: /stats counts kept by triggers, covering indexes for its windows, a
+client's list by status
 
 Revision ID: 0009
 Revises: 0008
@@ -128,6 +129,7 @@ def upgrade() -> None:
         postgresql_include=["status", "created_at", "client_id"],
         postgresql_where=sa.text("finished_at IS NOT NULL"),
     )
+    op.create_index("ix_tasks_client_status_id", "tasks", ["client_id", "status", "id"])
     op.create_index(
         "ix_deliveries_pending",
         "deliveries",
@@ -139,6 +141,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     """Downgrade schema."""
     op.drop_index("ix_deliveries_pending", table_name="deliveries")
+    op.drop_index("ix_tasks_client_status_id", table_name="tasks")
     op.drop_index("ix_tasks_finished_at", table_name="tasks")
     op.create_index(
         "ix_tasks_finished_at", "tasks", ["finished_at"], postgresql_where=sa.text("finished_at IS NOT NULL")
