@@ -68,15 +68,20 @@ async def test_counts_follow_every_write_and_writers_never_wait_on_each_other(da
         )
         await two.commit()
         await one.commit()
-        # Writes that leave the counted columns as they were change nothing.
+        # Writes that leave the counted columns as they were change nothing; an update in a CTE counts
+        # as any other (the recorder writes a page so).
         await first.execute("UPDATE tasks SET status = status, progress = 50")
+        await first.execute(
+            "WITH moved AS (UPDATE tasks SET status = 'cancelled', next_poll_at = NULL WHERE task_id = 'c' "
+            "RETURNING id) SELECT count(*) FROM moved"
+        )
         await first.execute("DELETE FROM tasks WHERE task_id = 'd'")  # its delivery goes with it
 
         tasks, deliveries = await counted(first)
 
         assert tasks == [
             (0, "complete", "music", 2),
-            (client, "queued", "lyrics", 1),
+            (client, "cancelled", "lyrics", 1),
         ]
         assert deliveries == [(0, "delivered", 1), (0, "pending", 1), (client, "delivered", 1)]
         shards = {row["shard"] for row in await first.fetch("SELECT shard FROM task_counts")}
