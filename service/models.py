@@ -337,11 +337,11 @@ class TaskCount(Base):
 
 
 class DeliveryCount(Base):
-    """Deliveries by client and status for /stats, kept by triggers on deliveries like TaskCount."""
+    """Deliveries by client for /stats, kept like TaskCount but on insert and delete only (a delivery's
+    status changes with every dispatcher statement: /stats counts the few not delivered instead)."""
 
     __tablename__ = "delivery_counts"
 
     client_key: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # deliveries.client_key
-    status: Mapped[str] = mapped_column(Text, primary_key=True)
     shard: Mapped[int] = mapped_column(Integer, primary_key=True)
     n: Mapped[int] = mapped_column(BigInteger)
