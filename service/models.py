@@ -285,9 +285,14 @@ class Delivery(Base):
             postgresql_where=text("next_attempt_at IS NOT NULL"),
         ),
         Index("ix_deliveries_status_id", "status", "id"),
-        # /stats: the oldest pending delivery of a client.
+        # /stats: a client's deliveries not delivered, by status (delivered: the rest of delivery_counts),
+        # and its oldest pending one. Few, and a settled delivery leaves it.
         Index(
-            "ix_deliveries_pending", "client_key", "created_at", postgresql_where=text("status = 'pending'")
+            "ix_deliveries_unsettled",
+            "client_key",
+            "status",
+            "created_at",
+            postgresql_where=text("status <> 'delivered'"),
         ),
     )
 

@@ -97,7 +97,7 @@ async def stats(session: AsyncSession, client_key: int | None) -> dict[str, Any]
         by_status[status] += int(n)
         by_kind[kind] += int(n)
     of_scope = true() if every else Delivery.client_key == client_key
-    # The few not delivered from ix_deliveries_status_id; delivered: the rest of the kept total.
+    # The few not delivered from ix_deliveries_unsettled; delivered: the rest of the kept total.
     deliveries = _zeros(DeliveryStatus)
     for status, n in await session.execute(
         select(Delivery.status, func.count())
