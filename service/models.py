@@ -328,7 +328,7 @@ class HookHost(Base):
 
 
 class TaskCount(Base):
-    """Tasks by client, status and kind for /stats, kept by triggers on tasks (migration 0009): the
+    """Tasks by client, status and kind for /stats, kept by triggers on tasks (migration 0010): the
     figure is the sum of n over shards. Each writing backend adds to rows of its own (shard: its pid);
     stats.fold_counts folds the rows of backends gone into shard 0."""
 

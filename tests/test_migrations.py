@@ -175,7 +175,7 @@ async def test_fair_delivery_migration_gives_each_delivery_its_lane(empty_databa
 
 
 async def test_stats_counts_migration_counts_the_rows_there_are(empty_database_url: str) -> None:
-    """From 0008: task_counts and delivery_counts start from the rows already there; a downgrade drops
+    """From 0009: task_counts and delivery_counts start from the rows already there; a downgrade drops
     them with their triggers."""
     engine = create_engine(empty_database_url, pool_size=1)
 
@@ -186,7 +186,7 @@ async def test_stats_counts_migration_counts_the_rows_there_are(empty_database_u
 
     try:
         async with engine.begin() as connection:
-            await connection.run_sync(run, "upgrade", "0008")
+            await connection.run_sync(run, "upgrade", "0009")
             for statement in (
                 "INSERT INTO clients (name, token_sha256, webhook_secret, relay) "
                 "VALUES ('c', '\\x01', 's', 'r')",
@@ -210,7 +210,7 @@ async def test_stats_counts_migration_counts_the_rows_there_are(empty_database_u
                     "SELECT client_key = 0, shard, n FROM delivery_counts ORDER BY 1 DESC"
                 )
             ).all()
-            await connection.run_sync(run, "downgrade", "0008")
+            await connection.run_sync(run, "downgrade", "0009")
             left = (
                 await connection.exec_driver_sql(
                     "SELECT count(*) FROM pg_class WHERE relname IN ('task_counts', 'delivery_counts') "

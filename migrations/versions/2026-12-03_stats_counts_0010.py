@@ -1,9 +1,9 @@
 """reads at a million tasks: /stats counts kept by triggers, covering indexes for its windows, a
 client's list by status
 
-Revision ID: 0009
-Revises: 0008
-Create Date: 2026-12-02 10:00:00.000000+00:00
+Revision ID: 0010
+Revises: 0009
+Create Date: 2026-12-03 10:00:00.000000+00:00
 
 """
 
@@ -15,8 +15,8 @@ import sqlalchemy as sa
 from alembic import op
 
 # revision identifiers, used by Alembic.
-revision: str = "0009"
-down_revision: str | Sequence[str] | None = "0008"
+revision: str = "0010"
+down_revision: str | Sequence[str] | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
