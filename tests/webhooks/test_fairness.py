@@ -61,6 +61,31 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+# Two receivers, each behind its own share of 8 of the 64 request slots.
+SHARES = {
+    "SUNOTRACK_LEASE_S": "30",
+    "SUNOTRACK_WEBHOOK_TIMEOUT_S": "15",
+    "SUNOTRACK_WEBHOOK_CONCURRENCY": "64",
+    "SUNOTRACK_HOOK_HOST_CONCURRENCY": "8",
+    "SUNOTRACK_WEBHOOK_SWEEP_S": "1",
+}
+
+
+async def newcomer_webhooks(
+    sessions: SessionMaker, fast: Receiver, fast_pks: list[int], committed: dict[str, float]
+) -> None:
+    """One webhook for each of the newcomer's tasks, committed one by one; returns once all arrived."""
+    for n, pk in enumerate(fast_pks):
+        await enqueue(sessions, [notice(pk, fast.url, task_id=f"fast-{n}")])
+        committed[f"fast-{n}"] = time.time()
+        await asyncio.sleep(0.02)
+
+    async def fast_has_all() -> bool:
+        return len(fast.received) == len(fast_pks)
+
+    await wait_until(fast_has_all, timeout=10, what="the fast receiver's webhooks")
+
+
 async def test_a_slow_receiver_does_not_delay_a_fast_one_and_loses_or_repeats_nothing(
     make_settings: Callable[..., Settings], sessions: SessionMaker
 ) -> None:
@@ -83,13 +108,7 @@ async def test_a_slow_receiver_does_not_delay_a_fast_one_and_loses_or_repeats_no
 
     slow = await Receiver(five_seconds).start()
     fast = await Receiver().start()
-    settings = make_settings(
-        SUNOTRACK_LEASE_S="30",
-        SUNOTRACK_WEBHOOK_TIMEOUT_S="15",
-        SUNOTRACK_WEBHOOK_CONCURRENCY="64",
-        SUNOTRACK_HOOK_HOST_CONCURRENCY="8",
-        SUNOTRACK_WEBHOOK_SWEEP_S="1",
-    )
+    settings = make_settings(**SHARES)
     slow_pks = [await add_task(sessions, f"slow-{n}", slow.url) for n in range(30)]
     fast_pks = [await add_task(sessions, f"fast-{n}", fast.url) for n in range(30)]
     committed: dict[str, float] = {}
@@ -108,15 +127,7 @@ async def test_a_slow_receiver_does_not_delay_a_fast_one_and_loses_or_repeats_no
                 return gauge.now == 8
 
             await wait_until(slow_host_full, what="the slow host's share in flight")
-            for n, pk in enumerate(fast_pks):
-                await enqueue(sessions, [notice(pk, fast.url, task_id=f"fast-{n}")])
-                committed[f"fast-{n}"] = time.time()
-                await asyncio.sleep(0.02)
-
-            async def fast_has_all() -> bool:
-                return len(fast.received) == 30
-
-            await wait_until(fast_has_all, timeout=10, what="the fast receiver's 30 webhooks")
+            await newcomer_webhooks(sessions, fast, fast_pks, committed)
             assert gauge.answered == 0  # the slow host's first round was still out meanwhile
             # A slow host never goes over its share, even alone (once fast again, it may).
             assert gauge.peak == 8
@@ -164,13 +175,7 @@ async def test_a_lone_fast_host_takes_the_free_slots_and_turning_slow_with_them_
 
     turning = await Receiver(turns_slow).start()
     fast = await Receiver().start()
-    settings = make_settings(
-        SUNOTRACK_LEASE_S="30",
-        SUNOTRACK_WEBHOOK_TIMEOUT_S="15",
-        SUNOTRACK_WEBHOOK_CONCURRENCY="64",
-        SUNOTRACK_HOOK_HOST_CONCURRENCY="8",
-        SUNOTRACK_WEBHOOK_SWEEP_S="1",
-    )
+    settings = make_settings(**SHARES)
     turning_pks = [await add_task(sessions, f"turning-{n}", turning.url) for n in range(30)]
     fast_pks = [await add_task(sessions, f"fast-{n}", fast.url) for n in range(30)]
     committed: dict[str, float] = {}
@@ -190,15 +195,7 @@ async def test_a_lone_fast_host_takes_the_free_slots_and_turning_slow_with_them_
 
             # 40: the client's 48 slots (three quarters of 64) less one share of 8.
             await wait_until(stuck_with_its_extra_slots, what="the turned host's 40 requests in flight")
-            for n, pk in enumerate(fast_pks):
-                await enqueue(sessions, [notice(pk, fast.url, task_id=f"fast-{n}")])
-                committed[f"fast-{n}"] = time.time()
-                await asyncio.sleep(0.02)
-
-            async def fast_has_all() -> bool:
-                return len(fast.received) == 30
-
-            await wait_until(fast_has_all, timeout=10, what="the fast receiver's 30 webhooks")
+            await newcomer_webhooks(sessions, fast, fast_pks, committed)
             assert gauge.answered == 100  # the turned host's slow round was still out meanwhile
             assert gauge.peak == 40
             fast_again.set()
