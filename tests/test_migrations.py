@@ -19,6 +19,14 @@ async def empty_database_url(postgres_server_url: str) -> AsyncIterator[str]:
         yield _async_url(_driver_url(postgres_server_url, name))
 
 
+def alembic_steps(connection: Any, database_url: str, *steps: tuple[str, str]) -> None:
+    """Alembic's upgrade/downgrade steps, in order, on the test's own connection."""
+    config = alembic_config(database_url)
+    config.attributes["connection"] = connection
+    for action, target in steps:
+        getattr(command, action)(config, target)
+
+
 async def test_concurrent_start_ups_migrate_an_empty_database_once(empty_database_url: str) -> None:
     engines = [create_engine(empty_database_url, pool_size=1) for _ in range(4)]
     try:
@@ -52,15 +60,15 @@ async def test_models_and_migrations_agree(database_url: str) -> None:
 async def test_downgrade_to_base_and_upgrade_again(empty_database_url: str) -> None:
     engine = create_engine(empty_database_url, pool_size=1)
 
-    def run(connection: Any, *steps: tuple[str, str]) -> None:
-        config = alembic_config(empty_database_url)
-        config.attributes["connection"] = connection
-        for action, target in steps:
-            getattr(command, action)(config, target)
-
     try:
         async with engine.begin() as connection:
-            await connection.run_sync(run, ("upgrade", "head"), ("downgrade", "base"), ("upgrade", "head"))
+            await connection.run_sync(
+                alembic_steps,
+                empty_database_url,
+                ("upgrade", "head"),
+                ("downgrade", "base"),
+                ("upgrade", "head"),
+            )
         async with engine.connect() as connection:
             tables = (
                 (
@@ -87,15 +95,10 @@ async def test_clients_migration_keeps_every_task_and_its_history_as_the_admins(
     with their clips, events, deliveries and attempts as they were."""
     engine = create_engine(empty_database_url, pool_size=1)
 
-    def run(connection: Any, action: str, target: str) -> None:
-        config = alembic_config(empty_database_url)
-        config.attributes["connection"] = connection
-        getattr(command, action)(config, target)
-
     tables = ("tasks", "clips", "task_events", "deliveries", "delivery_attempts")
     try:
         async with engine.begin() as connection:
-            await connection.run_sync(run, "upgrade", "0004")
+            await connection.run_sync(alembic_steps, empty_database_url, ("upgrade", "0004"))
             for statement in (
                 "INSERT INTO tasks (task_id, kind, status, notify_hook, notify_hook_source, last_seq, "
                 "next_poll_at) VALUES ('t-live', 'music', 'queued', 'https://h.example/x', 'client', 2, "
@@ -115,7 +118,7 @@ async def test_clients_migration_keeps_every_task_and_its_history_as_the_admins(
                 table: (await connection.exec_driver_sql(f"SELECT * FROM {table} ORDER BY 1, 2")).all()
                 for table in tables
             }
-            await connection.run_sync(run, "upgrade", "head")
+            await connection.run_sync(alembic_steps, empty_database_url, ("upgrade", "head"))
             after = {
                 table: (await connection.exec_driver_sql(f"SELECT * FROM {table} ORDER BY 1, 2")).all()
                 for table in tables
@@ -140,14 +143,9 @@ async def test_fair_delivery_migration_gives_each_delivery_its_lane(empty_databa
     by host name alone before, start over."""
     engine = create_engine(empty_database_url, pool_size=1)
 
-    def run(connection: Any, action: str, target: str) -> None:
-        config = alembic_config(empty_database_url)
-        config.attributes["connection"] = connection
-        getattr(command, action)(config, target)
-
     try:
         async with engine.begin() as connection:
-            await connection.run_sync(run, "upgrade", "0006")
+            await connection.run_sync(alembic_steps, empty_database_url, ("upgrade", "0006"))
             for statement in (
                 "INSERT INTO clients (name, token_sha256, webhook_secret, relay)"
                 " VALUES ('acme', 'x', 'whsec_x', 'default')",
@@ -158,7 +156,7 @@ async def test_fair_delivery_migration_gives_each_delivery_its_lane(empty_databa
                 "INSERT INTO hook_hosts (host, consecutive_failures) VALUES ('hooks.example', 3)",
             ):
                 await connection.exec_driver_sql(statement)
-            await connection.run_sync(run, "upgrade", "head")
+            await connection.run_sync(alembic_steps, empty_database_url, ("upgrade", "head"))
             lanes = (
                 await connection.exec_driver_sql(
                     "SELECT webhook_id, client_key, host FROM deliveries ORDER BY id"
@@ -179,14 +177,9 @@ async def test_stats_counts_migration_counts_the_rows_there_are(empty_database_u
     them with their triggers."""
     engine = create_engine(empty_database_url, pool_size=1)
 
-    def run(connection: Any, action: str, target: str) -> None:
-        config = alembic_config(empty_database_url)
-        config.attributes["connection"] = connection
-        getattr(command, action)(config, target)
-
     try:
         async with engine.begin() as connection:
-            await connection.run_sync(run, "upgrade", "0009")
+            await connection.run_sync(alembic_steps, empty_database_url, ("upgrade", "0009"))
             for statement in (
                 "INSERT INTO clients (name, token_sha256, webhook_secret, relay) "
                 "VALUES ('c', '\\x01', 's', 'r')",
@@ -198,7 +191,7 @@ async def test_stats_counts_migration_counts_the_rows_there_are(empty_database_u
                 "FROM tasks",
             ):
                 await connection.exec_driver_sql(statement)
-            await connection.run_sync(run, "upgrade", "head")
+            await connection.run_sync(alembic_steps, empty_database_url, ("upgrade", "head"))
             counts = (
                 await connection.exec_driver_sql(
                     "SELECT c.name IS NULL, status, kind, shard, n FROM task_counts "
@@ -210,7 +203,7 @@ async def test_stats_counts_migration_counts_the_rows_there_are(empty_database_u
                     "SELECT client_key = 0, shard, n FROM delivery_counts ORDER BY 1 DESC"
                 )
             ).all()
-            await connection.run_sync(run, "downgrade", "0009")
+            await connection.run_sync(alembic_steps, empty_database_url, ("downgrade", "0009"))
             left = (
                 await connection.exec_driver_sql(
                     "SELECT count(*) FROM pg_class WHERE relname IN ('task_counts', 'delivery_counts') "
