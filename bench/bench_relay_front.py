@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import fresh_database, install_uvloop
+from harness import free_port, fresh_database, install_uvloop, wait_ready
 
 from service.upstream.fake import Advance, FakeRelay
 
@@ -45,13 +44,6 @@ ADMIN_TOKEN = "bench-admin-token-0123456789"
 SECRET = "whsec_" + "YmVuY2htYXJrLXNlY3JldC1mb3Itd2ViaG9va3M="
 TARGET_P99_MS = 20.0
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def start_receiver() -> tuple[web.AppRunner, str]:
@@ -83,21 +75,6 @@ def start_server(database_url: str, relay_url: str, port: int) -> subprocess.Pop
     }
     command = [sys.executable, "-c", "from service.cli import main; main()", "serve", "--port", str(port)]
     return subprocess.Popen(command, env=env, cwd=ROOT)
-
-
-async def wait_healthy(http: aiohttp.ClientSession, base: str, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit("sunotrack serve exited")
-        try:
-            async with http.get(f"{base}/healthz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise SystemExit("sunotrack did not start in 60 s")
 
 
 async def submit_all(http: aiohttp.ClientSession, base: str, count: int, hook: str) -> list[str]:
@@ -224,7 +201,7 @@ async def run(args: argparse.Namespace) -> None:
         headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
         try:
             async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
-                await wait_healthy(http, base, server)
+                await wait_ready(base, server)
                 # A client's token, as a backend would use: its lookup is part of every request's cost.
                 async with http.post(
                     f"{base}/api/v1/clients", json={"name": "bench", "rate": 100000}

@@ -88,6 +88,23 @@ def free_port() -> int:
         return port
 
 
+async def wait_ready(base: str, server: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    """Until the server at `base` answers /readyz (its database reached); SystemExit if it exits or
+    takes longer than `timeout_s`."""
+    async with aiohttp.ClientSession() as http:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                async with http.get(f"{base}/readyz") as ready:
+                    if ready.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("the server did not start")
+            await asyncio.sleep(0.1)
+
+
 @asynccontextmanager
 async def api_server(url: str, admin_token: str) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
     """`sunotrack serve --role api` in a process of its own on DATABASE_URL=url (nothing polled or
@@ -102,18 +119,7 @@ async def api_server(url: str, admin_token: str) -> AsyncIterator[tuple[str, sub
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession() as http:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    async with http.get(f"{base}/readyz") as ready:
-                        if ready.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("the server did not start")
-                await asyncio.sleep(0.2)
+        await wait_ready(base, server)
         yield base, server
     finally:
         server.terminate()
