@@ -30,7 +30,7 @@ from service.api.schemas import check_json, too_deep
 from service.api.stats import STATS_ROUTES
 from service.api.tasks import TASK_ROUTES
 from service.config import Role, Settings
-from service.db import database_unavailable
+from service.db import database_unavailable, driver_dsn
 from service.errors import DatabaseUnavailable, ServiceError
 from service.feed.sequencer import Sequencer
 from service.feed.watcher import FeedWatcher
@@ -38,7 +38,7 @@ from service.redact import mask_credentials, mask_json
 from service.runtime import JOB_ROLES, Runtime, check_role, open_runtime
 from service.tracking.jobs import Poller, start_pollers
 from service.vocabulary import DEFAULT_RELAY
-from service.webhooks.jobs import Dispatcher, driver_dsn, start_dispatcher
+from service.webhooks.jobs import Dispatcher, start_dispatcher
 
 log = structlog.get_logger()
 

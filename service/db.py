@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import operator
 import os
 import socket
@@ -16,7 +17,7 @@ import structlog
 from sqlalchemy import Column, LargeBinary, MetaData, Table, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -303,3 +304,65 @@ def recordset_value(table: Table, name: str, alias: str) -> str:
     if isinstance(table.c[name].type, LargeBinary):
         return f"decode({alias}.{name}, 'base64')"
     return f"{alias}.{name}"
+
+
+# --- LISTEN on a connection of its own (the dispatcher's wake-ups, the event feed's) -------------------
+
+LISTEN_HEARTBEAT_S = 10.0
+LISTEN_RETRY_MAX_S = 5.0
+# What a lost or refused database connection raises, through SQLAlchemy or straight from the driver.
+DB_ERRORS = (
+    SQLAlchemyError,
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+
+def driver_dsn(engine: AsyncEngine) -> str:
+    """The engine's database as a plain postgresql:// DSN for asyncpg (query options such as host kept)."""
+    return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def listen_forever(
+    dsn: str,
+    channel: str,
+    on_notify: Callable[..., None],
+    *,
+    on_listening: Callable[[], None],
+    application_name: str,
+    logger: Any,
+    events: str,
+) -> None:
+    """LISTEN on `channel` until cancelled, reconnecting with backoff. `on_listening` runs each time the
+    listener is (again) in place: whatever was notified while it was not must be looked for then."""
+    backoff = 0.1
+    while True:
+        try:
+            connection = await asyncpg.connect(
+                dsn, timeout=5, server_settings={"application_name": application_name}
+            )
+        except DB_ERRORS as exc:
+            logger.warning(f"{events}.listen_connect_failed", error=str(exc), retry_in_s=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, LISTEN_RETRY_MAX_S)
+            continue
+        lost = asyncio.Event()
+        connection.add_termination_listener(lambda _, lost=lost: lost.set())
+        try:
+            await connection.add_listener(channel, on_notify)
+            backoff = 0.1
+            on_listening()
+            while not lost.is_set():
+                try:
+                    await asyncio.wait_for(lost.wait(), LISTEN_HEARTBEAT_S)
+                except TimeoutError:
+                    # A dead peer does not always close the socket: ask, and reconnect if no answer.
+                    await connection.fetchval("SELECT 1", timeout=5)
+            logger.warning(f"{events}.listen_lost")
+        except DB_ERRORS as exc:
+            logger.warning(f"{events}.listen_lost", error=str(exc))
+        finally:
+            connection.terminate()

@@ -16,7 +16,7 @@ import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.webhooks.jobs import DB_ERRORS
+from service.db import DB_ERRORS
 
 log = structlog.get_logger()
 

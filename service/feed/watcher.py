@@ -11,14 +11,13 @@ import asyncio
 import contextlib
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
 import structlog
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.db import listen_forever
 from service.feed.sequencer import CHANNEL
-from service.webhooks.jobs import DB_ERRORS, LISTEN_HEARTBEAT_S, LISTEN_RETRY_MAX_S
 
 log = structlog.get_logger()
 
@@ -80,30 +79,8 @@ class FeedWatcher:
                 await self._task
 
     async def _listen(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                connection = await asyncpg.connect(
-                    self._dsn, timeout=5, server_settings={"application_name": "sunotrack-feed-listen"}
-                )
-            except DB_ERRORS as exc:
-                log.warning("feed.listen_connect_failed", error=str(exc), retry_in_s=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, LISTEN_RETRY_MAX_S)
-                continue
-            lost = asyncio.Event()
-            connection.add_termination_listener(lambda _, lost=lost: lost.set())
-            try:
-                await connection.add_listener(CHANNEL, self.notify)
-                backoff = 0.1
-                self.notify()  # anything numbered while we were not listening
-                while not lost.is_set():
-                    try:
-                        await asyncio.wait_for(lost.wait(), LISTEN_HEARTBEAT_S)
-                    except TimeoutError:
-                        await connection.fetchval("SELECT 1", timeout=5)
-                log.warning("feed.listen_lost")
-            except DB_ERRORS as exc:
-                log.warning("feed.listen_lost", error=str(exc))
-            finally:
-                connection.terminate()
+        await listen_forever(
+            self._dsn, CHANNEL, self.notify,
+            # Anything numbered while we were not listening.
+            on_listening=self.notify, application_name="sunotrack-feed-listen", logger=log, events="feed",
+        )  # fmt: skip

@@ -17,10 +17,8 @@ import aiohttp
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
 import structlog
 from apscheduler.jobstores.base import JobLookupError
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.db import transaction
+from service.db import DB_ERRORS, driver_dsn, listen_forever, transaction
 from service.metrics import DELIVERY_ATTEMPTS, DELIVERY_LATENCY, HOSTS_PAUSED
 from service.runtime import Runtime
 from service.vocabulary import DeliveryStatus
@@ -50,28 +48,13 @@ from service.webhooks.ssrf import webhook_connector
 log = structlog.get_logger()
 
 STOP_GRACE_S = 5.0
-LISTEN_HEARTBEAT_S = 10.0
-LISTEN_RETRY_MAX_S = 5.0
 WRITE_RETRIES = 3
-DB_ERRORS = (
-    SQLAlchemyError,
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-)
 
 
 async def start_dispatcher(runtime: Runtime) -> Dispatcher:
     dispatcher = Dispatcher(runtime)
     await dispatcher.start()
     return dispatcher
-
-
-def driver_dsn(engine: AsyncEngine) -> str:
-    """The engine's database as a plain postgresql:// DSN for asyncpg (query options such as host kept)."""
-    return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 class DriverConnection:
@@ -276,35 +259,10 @@ class Dispatcher:
         self._wake.set()
 
     async def _listen_loop(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                connection = await asyncpg.connect(
-                    self._dsn, timeout=5, server_settings={"application_name": "sunotrack-listen"}
-                )
-            except DB_ERRORS as exc:
-                self._log.warning("webhooks.listen_connect_failed", error=str(exc), retry_in_s=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, LISTEN_RETRY_MAX_S)
-                continue
-            lost = asyncio.Event()
-            connection.add_termination_listener(lambda _, lost=lost: lost.set())
-            try:
-                await connection.add_listener(CHANNEL, self._on_notify)
-                backoff = 0.1
-                # Anything committed while we were not listening.
-                self.wake()
-                while not lost.is_set():
-                    try:
-                        await asyncio.wait_for(lost.wait(), LISTEN_HEARTBEAT_S)
-                    except TimeoutError:
-                        # A dead peer does not always close the socket: ask, and reconnect if no answer.
-                        await connection.fetchval("SELECT 1", timeout=5)
-                self._log.warning("webhooks.listen_lost")
-            except DB_ERRORS as exc:
-                self._log.warning("webhooks.listen_lost", error=str(exc))
-            finally:
-                connection.terminate()
+        await listen_forever(
+            self._dsn, CHANNEL, self._on_notify,
+            on_listening=self.wake, application_name="sunotrack-listen", logger=self._log, events="webhooks",
+        )  # fmt: skip
 
     # --- claiming and sending -------------------------------------------------------------------------
 
