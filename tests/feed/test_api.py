@@ -78,9 +78,12 @@ async def test_the_stream_sends_new_events_and_resumes_after_last_event_id(api: 
     await wait_until(lambda: _has(api, 1), what="the first event numbered")
     received: list[dict[str, str]] = []
 
+    opened = asyncio.Event()
+
     async def listen(headers: dict[str, str], count: int) -> None:
         async with api.stream("GET", "/api/v1/events/stream", headers=headers) as response:
             assert response.status_code == 200
+            opened.set()  # its start (the feed's end) was read before the answer began
             assert response.headers["content-type"].startswith("text/event-stream")
             async for message in sse(response):
                 if "data" in message:
@@ -90,7 +93,7 @@ async def test_the_stream_sends_new_events_and_resumes_after_last_event_id(api: 
 
     # Without Last-Event-ID: only what happens after connecting.
     listener = asyncio.create_task(listen({}, 2))
-    await asyncio.sleep(0.3)  # the stream is open before the next events (its start reads the feed end)
+    await asyncio.wait_for(opened.wait(), 10)  # the stream is open before the next events
     await register(api, "s-1", "s-2")
     await asyncio.wait_for(listener, 10)
 

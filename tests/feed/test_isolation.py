@@ -88,12 +88,15 @@ async def test_the_stream_sends_a_client_only_its_own_events(api: httpx.AsyncCli
     tokens = {name: (await create(api, name))["token"] for name in ("shop-a", "shop-b")}
     received: dict[str, list[dict[str, object]]] = {"shop-a": [], "shop-b": []}
 
+    opened = {name: asyncio.Event() for name in received}
+
     async def listen(name: str, count: int) -> None:
         async with (
             as_token(api, tokens[name]) as client,
             client.stream("GET", "/api/v1/events/stream") as response,
         ):
             assert response.status_code == 200
+            opened[name].set()  # its start (the feed's end) was read before the answer began
             async for message in sse(response):
                 if "data" in message:
                     received[name].append(json.loads(message["data"]))
@@ -101,7 +104,8 @@ async def test_the_stream_sends_a_client_only_its_own_events(api: httpx.AsyncCli
                     return
 
     listeners = [asyncio.create_task(listen("shop-a", 2)), asyncio.create_task(listen("shop-b", 1))]
-    await asyncio.sleep(0.5)  # both streams open before the events
+    # Both streams open before the events.
+    await asyncio.wait_for(asyncio.gather(*(event.wait() for event in opened.values())), 10)
     async with as_token(api, tokens["shop-a"]) as a, as_token(api, tokens["shop-b"]) as b:
         await register(a, "a-1")
         await register(api, "admin-1")
