@@ -552,9 +552,9 @@ _VIEW_TASK = ", ".join(
     f"'{name}', t.{name}" for name in RelayView.__struct_fields__ if name not in ("clips", "last_answer")
 )
 # A row per task: its small fields and clips as one JSON document, and the relay's answer as stored
-# text beside it. Passing the answer through a JSON function instead (jsonb out, json_build_object,
-# json_agg) cost Postgres 3-8x as much as the rest of the statement (docs/design.md, "The relay
-# front's fetch"). Answers recorded before 0009 are only in the jsonb `last_payload`.
+# text beside it, which Postgres sends as it is; through a JSON function it would be parsed and printed
+# again (docs/design.md, "The relay front's fetch"). Answers recorded before 0009 are only in the jsonb
+# `last_payload`.
 _RELAY_VIEWS = text(
     f"""
     SELECT json_build_object({_VIEW_TASK}, 'clips', (
@@ -576,8 +576,8 @@ async def relay_views(
         return {}
     values = {"task_ids": list(task_ids), "client_id": client_id}
     views = {}
-    for document, last_answer in await session.execute(_RELAY_VIEWS, values):
-        view = _relay_view.decode(document)
-        view.last_answer = last_answer
+    for row in await session.execute(_RELAY_VIEWS, values):
+        view = _relay_view.decode(row.view)
+        view.last_answer = row.last_answer
         views[view.task_id] = view
     return views
