@@ -9,6 +9,7 @@ import asyncpg
 
 from service import stats
 from service.db import create_engine, create_session_maker, transaction
+from tests.conftest import wait_until
 
 TASKS = """
     SELECT client_key, status, kind, n FROM (
@@ -90,9 +91,11 @@ async def test_counts_follow_every_write_and_writers_never_wait_on_each_other(da
 
         # The second writer leaves: a fold moves its rows into shard 0, the figures as they were.
         await second.close()
-        async with asyncio.timeout(10):
-            while await first.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", gone):
-                await asyncio.sleep(0.05)
+
+        async def second_gone() -> bool:
+            return not await first.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", gone)
+
+        await wait_until(second_gone, what="the second writer's backend to leave pg_stat_activity")
         async with transaction(create_session_maker(engine)) as session:
             await stats.fold_counts(session)
 
