@@ -128,8 +128,8 @@ async def stats(session: AsyncSession, client_key: int | None) -> dict[str, Any]
     attempts = (
         await session.execute(
             select(
-                func.count(),
-                func.count().filter(DeliveryAttempt.status_code.between(200, 299)),
+                func.count().label("tried"),
+                func.count().filter(DeliveryAttempt.status_code.between(200, 299)).label("answered"),
             )
             .select_from(DeliveryAttempt)
             .join(Delivery, Delivery.id == DeliveryAttempt.delivery_id)
@@ -145,7 +145,7 @@ async def stats(session: AsyncSession, client_key: int | None) -> dict[str, Any]
         "time_to_complete_s": {"p50": _round(p50), "p95": _round(p95)},
         "deliveries": {
             "by_status": deliveries,
-            "success_rate_last_hour": _round(attempts[1] / attempts[0]) if attempts[0] else None,
+            "success_rate_last_hour": _round(attempts.answered / attempts.tried) if attempts.tried else None,
             "oldest_pending_at": oldest_pending,
         },
         "poll_lag_s": {"p50": _round(lag50), "p99": _round(lag99)},
