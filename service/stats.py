@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Float, TextClause, cast, func, select, text, true
+from sqlalchemy import ColumnElement, Float, Subquery, TextClause, cast, func, select, text, true
 from sqlalchemy.dialects.postgresql import array
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -152,26 +152,29 @@ async def stats(session: AsyncSession, client_key: int | None) -> dict[str, Any]
     }
 
 
+def _slots(unit: str, count: int) -> tuple[ColumnElement[Any], Subquery]:
+    """The start of the last `count` whole `unit`s (minute, hour; the current one last), and those units'
+    starts as a subquery (`at`): a chart series outer-joins its counts to it so that empty ones show 0."""
+    current = func.date_trunc(unit, func.now())
+    since = current - text(f"interval '{count - 1} {unit}s'")
+    slots = select(func.generate_series(since, current, text(f"interval '1 {unit}'")).label("at"))
+    return since, slots.subquery()
+
+
 async def transitions_per_minute(
     session: AsyncSession, scope: ColumnElement[bool]
 ) -> list[tuple[datetime, int]]:
     """Task-level transitions in each of the last 60 minutes (the current one last), zeros included."""
+    since, slots = _slots("minute", 60)
     minute = func.date_trunc("minute", TaskEvent.at).label("minute")
     counted = (
         select(minute, func.count().label("n"))
         .join(Task, Task.id == TaskEvent.task_pk)
         .where(text(TASK_TRANSITION))  # as written, so that ix_task_events_transitions_at serves it
-        .where(TaskEvent.at > func.date_trunc("minute", func.now()) - text("interval '59 minutes'"), scope)
+        .where(TaskEvent.at > since, scope)
         .group_by(minute)
         .subquery()
     )
-    slots = select(
-        func.generate_series(
-            func.date_trunc("minute", func.now()) - text("interval '59 minutes'"),
-            func.date_trunc("minute", func.now()),
-            text("interval '1 minute'"),
-        ).label("at")
-    ).subquery()
     rows = await session.execute(
         select(slots.c.at, func.coalesce(counted.c.n, 0))
         .select_from(slots.outerjoin(counted, counted.c.minute == slots.c.at))
@@ -185,9 +188,9 @@ async def time_to_complete_by_hour(
 ) -> list[tuple[datetime, int, float | None, float | None]]:
     """Per hour of the last 24 (the current one last): tasks completed, and their p50/p95 seconds from
     registration to complete."""
+    since, slots = _slots("hour", 24)
     hour = func.date_trunc("hour", Task.finished_at).label("hour")
     ttc = _seconds(Task.finished_at - Task.created_at)
-    since = func.date_trunc("hour", func.now()) - text("interval '23 hours'")
     counted = (
         select(
             hour,
@@ -199,11 +202,6 @@ async def time_to_complete_by_hour(
         .group_by(hour)
         .subquery()
     )
-    slots = select(
-        func.generate_series(since, func.date_trunc("hour", func.now()), text("interval '1 hour'")).label(
-            "at"
-        )
-    ).subquery()
     rows = await session.execute(
         select(slots.c.at, func.coalesce(counted.c.n, 0), counted.c.p50, counted.c.p95)
         .select_from(slots.outerjoin(counted, counted.c.hour == slots.c.at))
