@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Float, Subquery, TextClause, cast, func, select, text, true
 from sqlalchemy.dialects.postgresql import array
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapped
 
 from service.models import (
     LIVE,
@@ -80,23 +81,27 @@ async def fold_counts(session: AsyncSession) -> None:
         await session.execute(fold)
 
 
+def _keyed(column: Mapped[int], client_key: int | None) -> ColumnElement[bool]:
+    """Rows of one client key (a counts or deliveries table's client_key column), or all (None)."""
+    return true() if client_key is None else column == client_key
+
+
 async def stats(session: AsyncSession, client_key: int | None) -> dict[str, Any]:
     """The GET /stats document (README, "Stats") of one client's tasks (client_key: its id, 0 for the
     admin's own), or of every client's (None). Counts come from the counts tables (a few rows per
     client), the windows from indexes: nothing here reads a row per task it counts, but the live ones."""
     await fold_counts(session)
-    every = client_key is None
-    scope = true() if every else owned_by(client_key or None)
+    scope = true() if client_key is None else owned_by(client_key or None)
     counted = await session.execute(
         select(TaskCount.status, TaskCount.kind, func.sum(TaskCount.n))
-        .where(true() if every else TaskCount.client_key == client_key)
+        .where(_keyed(TaskCount.client_key, client_key))
         .group_by(TaskCount.status, TaskCount.kind)
     )
     by_status, by_kind = _zeros(TaskStatus), _zeros(TaskKind)
     for status, kind, n in counted:
         by_status[status] += int(n)
         by_kind[kind] += int(n)
-    of_scope = true() if every else Delivery.client_key == client_key
+    of_scope = _keyed(Delivery.client_key, client_key)
     # The few not delivered from ix_deliveries_unsettled; delivered: the rest of the kept total.
     deliveries = _zeros(DeliveryStatus)
     for status, n in await session.execute(
@@ -107,7 +112,7 @@ async def stats(session: AsyncSession, client_key: int | None) -> dict[str, Any]
         deliveries[status] = int(n)
     total = await session.scalar(
         select(func.coalesce(func.sum(DeliveryCount.n), 0)).where(
-            true() if every else DeliveryCount.client_key == client_key
+            _keyed(DeliveryCount.client_key, client_key)
         )
     )
     deliveries[DeliveryStatus.DELIVERED] = int(total or 0) - sum(deliveries.values())
