@@ -26,8 +26,8 @@ _COUNTED = {
     # table: (counts table, its key columns, their values as SQL over a row of the table ({r}: the row))
     "tasks": ("task_counts", "client_key, status, kind", "coalesce({r}client_id, 0), {r}status, {r}kind"),
     # Deliveries by client only, on insert and delete: a delivery's status changes on every claim and
-    # settle of the dispatcher, where a statement trigger cost 25-30% of a 64-row UPDATE; /stats counts
-    # the few not delivered from ix_deliveries_unsettled and the delivered as the rest.
+    # settle of the dispatcher, too hot a path for a trigger; /stats counts the few not delivered from
+    # ix_deliveries_unsettled and the delivered as the rest (docs/design.md, "Search and stats").
     "deliveries": ("delivery_counts", "client_key", "{r}client_key"),
 }
 
@@ -69,10 +69,9 @@ def _triggers(table: str) -> list[str]:
     ]
     if table != "tasks":
         return statements
-    # Per statement, not per row: a row trigger's upsert per status change made a page of 800 changes
-    # 58-77% slower (the same counter row updated 800 times in one transaction); this one, which also
-    # runs for the claim's updates (transition tables cannot name columns), cost +11% on the 800 changes
-    # and nothing measurable on the claim's update (docs/design.md, "Search and stats").
+    # Per statement, not per row: a row trigger updates the same counter row once per changed task in
+    # one transaction. This one also runs for the claim's updates (transition tables cannot name
+    # columns); what each costs: docs/design.md, "Search and stats".
     return [
         *statements,
         f"""
