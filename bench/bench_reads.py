@@ -31,14 +31,13 @@ from typing import Any
 import aiohttp
 import asyncpg
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_api import load, pct
 from harness import api_server, fresh_database, install_uvloop, keep_name, summary, timed
-from seeding import ADMIN_TOKEN, Plan, client_token, seed, seeded
+from seeding import ADMIN_TOKEN, Plan, client_token, ensure_seeded
 
 from service import stats
 from service.api.schemas import encode_cursor
@@ -95,12 +94,7 @@ async def stats_statements(url: str, client_id: int | None) -> list[tuple[str, t
 
 
 async def measure(url: str, count: int, requests: int, explain: bool) -> int:
-    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    if await seeded(dsn, count):
-        print(f"reusing the {count:,} tasks seeded before", flush=True)
-    else:
-        print(f"seeding {count:,} tasks and their history with COPY ...", flush=True)
-        print(f"  seeded in {await seed(dsn, count):.1f} s", flush=True)
+    dsn = await ensure_seeded(url, count)
     plan = Plan(count)
     rng = random.Random(7)
     rows: dict[str, tuple[dict[str, float], dict[str, float] | None, float]] = {}

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
-from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import api_server, fresh_database, install_uvloop, keep_name, summary, timed
-from seeding import ADMIN_TOKEN, admins_task, seed, seeded
+from seeding import ADMIN_TOKEN, admins_task, ensure_seeded
 
 TOKEN = ADMIN_TOKEN
 TARGET_P99_MS = 20.0
@@ -36,12 +35,7 @@ TIME_LIMIT_S = 900
 
 
 async def measure(url: str, count: int, requests: int) -> int:
-    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    if await seeded(dsn, count):
-        print(f"reusing the {count:,} tasks seeded before", flush=True)
-    else:
-        print(f"seeding {count:,} tasks with COPY ...", flush=True)
-        print(f"  seeded in {await seed(dsn, count, history=False):.1f} s", flush=True)
+    dsn = await ensure_seeded(url, count, history=False)
     rng = random.Random(7)
     db = await asyncpg.connect(dsn)
     try:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+from sqlalchemy.engine import make_url
 
 ADMIN_TOKEN = "bench-admin-token-0123456789"
 SPAN = timedelta(days=30)
@@ -233,3 +234,15 @@ async def seeded(dsn: str, count: int) -> bool:
     if found not in (0, count):
         raise SystemExit(f"the kept database holds {found:,} tasks, not {count:,}: use another --keep")
     return found == count
+
+
+async def ensure_seeded(url: str, count: int, *, history: bool = True) -> str:
+    """Seed the database at `url` (SQLAlchemy's form) unless a kept one holds this seed already; its
+    asyncpg DSN."""
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    if await seeded(dsn, count):
+        print(f"reusing the {count:,} tasks seeded before", flush=True)
+    else:
+        print(f"seeding {count:,} tasks{' and their history' if history else ''} with COPY ...", flush=True)
+        print(f"  seeded in {await seed(dsn, count, history=history):.1f} s", flush=True)
+    return dsn
