@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_api import load, pct
 from harness import api_server, fresh_database, install_uvloop, keep_name, summary, timed
-from seeding import ADMIN_TOKEN, Plan, client_token, ensure_seeded
+from seeding import ADMIN_TOKEN, SEARCH_SQL, Plan, client_token, ensure_seeded, order_id
 
 from service import stats
 from service.api.schemas import encode_cursor
@@ -64,7 +64,6 @@ TIMELINE_SQL = """
         FROM task_events WHERE task_pk = $1 AND type = 'transition' AND clip_id IS NULL
     ) AS spans WHERE seconds IS NOT NULL GROUP BY to_status
 """
-SEARCH_SQL = "SELECT * FROM tasks WHERE metadata @> $1::jsonb ORDER BY id DESC LIMIT $2"
 
 
 def list_sql(client: bool, keyset: bool) -> str:
@@ -198,12 +197,12 @@ async def measure(url: str, count: int, requests: int, explain: bool) -> int:
             # Issue 12: the order id lookup.
             async def by_order() -> None:
                 n = rng.randrange(count)
-                body = await get_json("/api/v1/tasks", None, {"metadata.order_id": f"O-{n:07d}"})
+                body = await get_json("/api/v1/tasks", None, {"metadata.order_id": order_id(n)})
                 assert len(body["items"]) == 1, body
 
             async def bare_order() -> None:
                 found = await db.fetch(
-                    SEARCH_SQL, json.dumps({"order_id": f"O-{rng.randrange(count):07d}"}), 51
+                    SEARCH_SQL, json.dumps({"order_id": order_id(rng.randrange(count))}), 51
                 )
                 assert len(found) == 1
 

@@ -27,7 +27,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import api_server, fresh_database, install_uvloop, keep_name, summary, timed
-from seeding import ADMIN_TOKEN, admins_task, ensure_seeded
+from seeding import ADMIN_TOKEN, SEARCH_SQL, admins_task, ensure_seeded, order_id
 
 TOKEN = ADMIN_TOKEN
 TARGET_P99_MS = 20.0
@@ -45,7 +45,7 @@ async def measure(url: str, count: int, requests: int) -> int:
         ):
 
             async def by_metadata() -> None:
-                order = f"O-{rng.randrange(count):07d}"
+                order = order_id(rng.randrange(count))
                 async with http.get(f"{base}/api/v1/tasks", params={"metadata.order_id": order}) as response:
                     body = await response.json()
                     assert response.status == 200, body
@@ -57,16 +57,14 @@ async def measure(url: str, count: int, requests: int) -> int:
                     await response.read()
                     assert response.status == 200
 
-            # LIMIT as a parameter, as the API sends it: with a literal one, the generic plan Postgres
-            # switches to after five executions of a prepared statement scans the primary key instead.
-            sql = "SELECT * FROM tasks WHERE metadata @> $1::jsonb ORDER BY id DESC LIMIT $2"
-
             async def bare_sql() -> None:
-                found = await db.fetch(sql, json.dumps({"order_id": f"O-{rng.randrange(count):07d}"}), 51)
+                found = await db.fetch(
+                    SEARCH_SQL, json.dumps({"order_id": order_id(rng.randrange(count))}), 51
+                )
                 assert len(found) == 1
 
             plan = await db.fetch(
-                "EXPLAIN (ANALYZE, COSTS OFF) " + sql, json.dumps({"order_id": "O-0000042"}), 51
+                "EXPLAIN (ANALYZE, COSTS OFF) " + SEARCH_SQL, json.dumps({"order_id": order_id(42)}), 51
             )
             print("plan of the lookup:")
             for line in plan:
