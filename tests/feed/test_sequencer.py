@@ -35,8 +35,8 @@ async def connect(database_url: str) -> asyncpg.Connection:
     return await asyncpg.connect(database_url.replace("+asyncpg", ""))
 
 
-async def read_after(db: asyncpg.Connection, column: str, after: int) -> list[int]:
-    """What a reader paging by `column` gets: the event ids after `after`, in that column's order."""
+async def read_after(db: asyncpg.Connection, column: str, after: int) -> list[tuple[int, int]]:
+    """What a reader paging by `column` gets: (event id, position) after `after`, in that column's order."""
     rows = await db.fetch(
         f"SELECT id, {column} AS position FROM task_events WHERE {column} > $1 ORDER BY {column}",
         after,
