@@ -19,6 +19,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 from sqlalchemy.engine import make_url
 
+from service.vocabulary import TERMINAL_STATUSES
+
 ADMIN_TOKEN = "bench-admin-token-0123456789"
 SPAN = timedelta(days=30)
 STEP = 100_000
@@ -29,7 +31,6 @@ NEWEST = (
     ("complete", 460), ("failed", 25), ("timed_out", 10), ("cancelled", 5),
     ("in_progress", 250), ("queued", 150), ("submitted", 100),
 )  # fmt: skip
-LIVE = frozenset({"in_progress", "queued", "submitted"})
 KINDS = (("music", 80), ("lyrics", 15), ("stems", 5))
 # Client i (1-based) has CLIENT_WEIGHTS[i - 1] per 100 tasks; the rest are the admin's (client_id NULL).
 CLIENT_WEIGHTS = (30, 20, 15, 10, 8, 7, 5, 3)
@@ -89,7 +90,7 @@ def _tasks(plan: Plan, start: int, stop: int) -> Iterator[tuple[object, ...]]:
     rng = random.Random(start)
     for n in range(start, stop):
         status, created = plan.statuses[n], plan.created(n)
-        live = status in LIVE
+        live = status not in TERMINAL_STATUSES
         finished = None if live else created + timedelta(seconds=rng.uniform(40, 300))
         client = plan.client(n)
         metadata = {"order_id": order_id(n), "shop": f"shop-{n % 20}", "customer": f"c-{n % 50_000}"}
@@ -115,7 +116,7 @@ def _events(plan: Plan, start: int, stop: int) -> Iterator[tuple[object, ...]]:
         pk = n + 1
         # (from, to, clip): task-level transitions up to the task's status, then clips' for a live one.
         steps: list[tuple[str | None, str, str | None]] = [(None, "submitted", None)]
-        if status not in LIVE:
+        if status in TERMINAL_STATUSES:
             steps += [("submitted", "in_progress", None), ("in_progress", status, None)]
         elif status != "submitted":
             steps += [("submitted", status, None), (None, status, "c1")]
@@ -138,7 +139,7 @@ def _deliveries(plan: Plan, start: int, stop: int) -> Iterator[tuple[object, ...
     rng = random.Random(start + 1)
     for n in range(start, stop):
         client = plan.client(n)
-        if client not in HOOKED_CLIENTS or plan.statuses[n] in LIVE:
+        if client not in HOOKED_CLIENTS or plan.statuses[n] not in TERMINAL_STATUSES:
             continue
         status, created = _draw(DELIVERY_STATUSES, 1, rng)[0], plan.created(n) + timedelta(seconds=60)
         yield (
