@@ -37,7 +37,14 @@ from service.errors import Conflict, InvalidInput, NotFound, ServiceError
 from service.models import Task
 from service.runtime import Runtime
 from service.tracking import repository
-from service.tracking.service import Registration, cancel_task, poll_task, register_new, register_tasks
+from service.tracking.service import (
+    Registration,
+    cancel_task,
+    poll_task,
+    register_again,
+    register_new,
+    register_tasks,
+)
 from service.vocabulary import EventSource, TaskKind, TaskStatus
 from service.webhooks.ssrf import check_hook_url
 
@@ -94,20 +101,19 @@ async def create_task(
     registration = Registration(
         data.task_id, data.kind, data.notify_hook, data.notify_format, data.metadata, data.relay
     )
-    settings = runtime.settings
     new = await register_new(
-        session, [registration], client_id=owner.client_id, default_relay=owner.relay, settings=settings
+        session,
+        [registration],
+        client_id=owner.client_id,
+        default_relay=owner.relay,
+        settings=runtime.settings,
     )
     task = new.get(data.task_id)
     created = task is not None
     if task is None:
+        # The insert found it registered (tasks are never deleted): lock it and apply what changed.
         await begin_transaction(session)
-        (result,) = await register_tasks(
-            session, [registration], client_id=owner.client_id, default_relay=owner.relay, settings=settings
-        )
-        if isinstance(result, Conflict):
-            raise result
-        task, created = result
+        task = await register_again(session, owner.client_id, registration)
     return Response(await registered_out(session, owner, task, created), status_code=201 if created else 200)
 
 

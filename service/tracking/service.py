@@ -851,7 +851,7 @@ async def register_tasks(
             results.append((task, True))
             continue
         try:
-            results.append((await _register_again(session, client_id, registration), False))
+            results.append((await register_again(session, client_id, registration), False))
         except Conflict as refused:
             results.append(refused)
     return results
@@ -880,7 +880,7 @@ async def register_task(
     return result
 
 
-async def _register_again(session: AsyncSession, client_id: int | None, given: Registration) -> Task:
+async def register_again(session: AsyncSession, client_id: int | None, given: Registration) -> Task:
     """The same task again: 200 with the existing one, whose hook, format and metadata a non-null value
     given now replaces (no event); a different kind or relay is a Conflict."""
     # A concurrent registration may still be committing: the row lock waits for it.
