@@ -4,6 +4,7 @@ same process answers again, its pooled connections (closed by the restart) repla
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,10 @@ async def test_requests_answer_503_while_postgres_is_down_then_200_once_it_is_ba
                     http, "POST", f"{api}/tasks", json={"task_id": f"before-{name}"}, headers=headers
                 )
                 assert status == 201
-                # Several at once: the pool holds several connections, each closed by the restart.
-                for _ in range(4):
-                    status, _, _ = await answer(http, "GET", f"{api}/tasks/before-{name}", headers=headers)
-                    assert status == 200
+                # Several at once, so the pool holds several connections, each closed by the restart (one
+                # after another, the requests would all reuse one).
+                reads = [answer(http, "GET", f"{api}/tasks/before-{name}", headers=headers) for _ in range(4)]
+                assert [status for status, _, _ in await asyncio.gather(*reads)] == [200] * 4
 
             cluster.stop("fast")
 
