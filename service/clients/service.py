@@ -208,7 +208,8 @@ _TAKE_UP_TO = (
     "WHERE id = $1 FOR UPDATE) "
     f"UPDATE clients SET bucket_tokens = c.available - least({_COUNT}, floor(c.available)), "
     "bucket_at = clock_timestamp() FROM c WHERE clients.id = c.id "
-    f"RETURNING CAST(least({_COUNT}, floor(c.available)) AS integer) AS granted, c.available, c.rate"
+    f"RETURNING CAST(least({_COUNT}, floor(c.available)) AS integer) AS granted, "
+    "greatest(0, 1 - c.available) / c.rate AS wait_s"
 )
 # Why the take found nothing: an unknown token, or (rarely, so in a statement of its own) an empty bucket.
 _REFUSED = (
@@ -250,4 +251,4 @@ async def take_up_to(
     how many seconds until one would be."""
     row = await db.fetchrow(_TAKE_UP_TO, client_id, count, default_rate)
     assert row is not None  # the caller's own client: revoking it does not delete its row
-    return int(row["granted"]), max(0.0, 1 - row["available"]) / row["rate"]
+    return int(row["granted"]), float(row["wait_s"])
