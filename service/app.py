@@ -135,6 +135,7 @@ def create_app(settings: Settings, *, role: Role = "all") -> Litestar:
     the health routes; `all` does both. Raises ConfigError for a role the settings cannot run."""
     check_role(settings, role)
     run_jobs = role in JOB_ROLES
+    serves_api = role != "worker"  # a worker answers only the health routes, so no OpenAPI document
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -168,7 +169,7 @@ def create_app(settings: Settings, *, role: Role = "all") -> Litestar:
 
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     routes: list[Any] = [*HEALTH_ROUTES]
-    if role != "worker":
+    if serves_api:
         routes += [
             *CALLBACK_ROUTES,
             *DASHBOARD_ROUTES,
@@ -204,16 +205,16 @@ def create_app(settings: Settings, *, role: Role = "all") -> Litestar:
         request_max_body_size=REQUEST_MAX_BODY_BYTES,
         # Logging is configured once by the CLI (structlog); Litestar's own config would override it.
         logging_config=None,
-        openapi_config=None
-        if role == "worker"
-        else OpenAPIConfig(
+        openapi_config=OpenAPIConfig(
             title="sunotrack",
             version="0.1.0",
             path="/schema",
             components=Components(security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}),
             security=[{"bearer": []}],
-        ),
+        )
+        if serves_api
+        else None,
     )
-    if role != "worker":  # a worker serves no API, so no OpenAPI document
+    if serves_api:
         document_contract(app, relays=list(settings.relays))
     return app
