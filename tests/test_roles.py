@@ -10,7 +10,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 from standardwebhooks import Webhook
@@ -20,6 +19,7 @@ from service.cli import main
 from service.config import ConfigError, Role, Settings
 from service.runtime import engine_pool_size
 from service.upstream.fake import FakeRelay, Lifecycle
+from tests.api.test_tasks import db_rows
 from tests.conftest import RELAY_KEY, TEST_WEBHOOK_SECRET, LiveServer, auth_headers, free_port, wait_until
 from tests.webhooks.conftest import Receiver
 
@@ -36,11 +36,8 @@ def with_relay(make_settings: Callable[..., Settings], relay: FakeRelay) -> Call
 
 
 async def scalar(database_url: str, query: str) -> int:
-    connection = await asyncpg.connect(database_url.replace("+asyncpg", ""))
-    try:
-        return int(await connection.fetchval(query))
-    finally:
-        await connection.close()
+    ((value,),) = await db_rows(database_url, query)
+    return int(value)
 
 
 async def connections(database_url: str) -> int:
