@@ -124,8 +124,8 @@ async def list_tasks(
         query = query.where(Task.id < before_pk)
     if len(search.statuses) > 1:
         # Newest first of each status from its own range of ix_tasks_status_id, then merged: with
-        # `status IN (...)` the planner reads and sorts every match (at a million tasks, complete and
-        # failed together: 960,000 rows for a page of 50).
+        # `status IN (...)` the planner reads and sorts every match for a page (docs/design.md, "Search
+        # and stats").
         each = replace(search, statuses=())
         newest = union_all(
             *(_search(query.where(Task.status == status), each) for status in search.statuses)
