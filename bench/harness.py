@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import os
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -16,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -152,3 +154,92 @@ def keep_name(value: str) -> str:
     if not re.fullmatch(r"[a-z0-9_]{1,40}", value):
         raise ValueError(value)
     return value
+
+
+# --- load from wrk -----------------------------------------------------------------------------------
+
+WRK_SCRIPT = Path(__file__).with_name("wrk_load.lua")
+
+
+def require_wrk() -> str:
+    """wrk's path, or SystemExit saying how to get it: the API benchmarks' load comes from wrk (C, a few
+    percent of a core at these rates), not from a Python client that would eat a core of the two."""
+    found = shutil.which("wrk")
+    if found is None:
+        raise SystemExit(
+            "this benchmark needs wrk, the HTTP load generator, which is not installed: "
+            "`apt-get install -y wrk` (Debian's package), then run it again"
+        )
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """What one wrk run measured: calls answered (each with the expected status), over `seconds`, their
+    latency percentiles (ms), and the CPU seconds wrk itself used."""
+
+    calls: int
+    seconds: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    generator_cpu_s: float
+
+    @property
+    def per_s(self) -> float:
+        return self.calls / self.seconds
+
+
+async def wrk_load(
+    base: str,
+    path: str,
+    *,
+    mode: str,
+    connections: int,
+    seconds: float,
+    expect: int,
+    token: str | None = None,
+    ids: list[str] | None = None,
+    prefix: str = "",
+    batch: int = 1,
+) -> Load:
+    """`connections` clients of wrk, each sending its next call as soon as the last is answered, for
+    `seconds`. mode "get": GET base + path + a random one of `ids`; "post": POST base + path
+    {"task_id": new id}; "batch": POST base + path {"tasks": [`batch` new ids]}. New ids are
+    `prefix`-<thread>-<n>. Any status but `expect`, a socket error or a timeout ends the benchmark
+    (SystemExit) with the first unexpected answer."""
+    wrk = require_wrk()
+    with tempfile.NamedTemporaryFile("w", prefix="wrk-ids-", suffix=".txt") as id_file:
+        id_file.write("".join(f"{task_id}\n" for task_id in ids or []))
+        id_file.flush()
+        given = id_file.name if mode == "get" else prefix
+        argv = [wrk, "-t", "1", "-c", str(connections), "-d", f"{max(1, round(seconds))}s"]
+        argv += ["--timeout", "30s", "-s", str(WRK_SCRIPT), base, "--"]
+        argv += [mode, path, token or "-", str(expect), given, str(batch)]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # In a thread: asyncio's own subprocesses need a child watcher that uvloop's policy lacks.
+        process = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, check=False)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    text, err = process.stdout, process.stderr
+    figures = next((line.split()[1:] for line in text.splitlines() if line.startswith("wrk_load ")), None)
+    if process.returncode != 0 or figures is None:
+        raise SystemExit(f"wrk failed ({process.returncode}): {err[-2000:]}{text[-2000:]}")
+    values = {key: int(value) for key, value in (field.split("=") for field in figures)}
+    sample = next(line for line in text.splitlines() if line.startswith("wrk_load_sample"))
+    if values["unexpected"] or values["socket_errors"] or values["timeouts"]:
+        raise SystemExit(
+            f"wrk {mode} {path}: {values['unexpected']} answers not {expect}, "
+            f"{values['socket_errors']} socket errors, {values['timeouts']} timeouts; "
+            f"first unexpected: {sample.removeprefix('wrk_load_sample').strip()[:400]}"
+        )
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return Load(
+        calls=values["requests"] * batch,
+        seconds=values["duration_us"] / 1e6,
+        p50_ms=values["p50_us"] / 1000,
+        p90_ms=values["p90_us"] / 1000,
+        p99_ms=values["p99_us"] / 1000,
+        max_ms=values["max_us"] / 1000,
+        generator_cpu_s=cpu,
+    )
