@@ -174,6 +174,11 @@ class Settings(BaseSettings):
     callback_token: SecretStr | None = Field(default=None, validation_alias="SUNOTRACK_CALLBACK_TOKEN")
     # Registrations per second of a client created without --rate; bursts may reach twice that.
     client_rate: float = Field(default=100.0, gt=0, le=1e6, validation_alias="SUNOTRACK_CLIENT_RATE")
+    # How long a process keeps a client's token, once looked up, for calls that take nothing from its
+    # bucket: a token revoked or rotated elsewhere still reads there for at most this long.
+    token_cache_s: float = Field(
+        default=2.0, ge=0, le=60, allow_inf_nan=False, validation_alias="SUNOTRACK_TOKEN_CACHE_S"
+    )
     # Where the relay reaches us: the relay front then asks it to call back instead of the client.
     public_url: str | None = Field(default=None, validation_alias="SUNOTRACK_PUBLIC_URL")
 

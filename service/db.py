@@ -102,15 +102,20 @@ class RequestConnection:
     or the handler's session) and returned once the request's unit of work is over, so a request costs
     one checkout whatever it does (docs/design.md, "One connection per request")."""
 
-    __slots__ = ("_connection", "_engine")
+    __slots__ = ("_checkout", "_connection", "_engine")
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._connection: AsyncConnection | None = None
+        # Litestar resolves a route's independent dependencies concurrently (the session, the owner):
+        # the first to ask checks out, the others wait for that one connection.
+        self._checkout = asyncio.Lock()
 
     async def get(self) -> AsyncConnection:
         if self._connection is None:
-            self._connection = await self._engine.connect()
+            async with self._checkout:
+                if self._connection is None:
+                    self._connection = await self._engine.connect()
         return self._connection
 
     async def fetchrow(self, query: str, *args: Any) -> Any:

@@ -15,6 +15,7 @@ import aiohttp
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.clients.service import TokenCache
 from service.config import ConfigError, Role, Settings
 from service.db import (
     SessionMaker,
@@ -86,6 +87,8 @@ class Runtime:
     scheduler: AsyncIOScheduler
     # Identifies this process in logs and leases (host:pid:random).
     instance_id: str
+    # Clients' tokens looked up lately, for calls that take nothing from a bucket (api.auth).
+    tokens: TokenCache
     # Relay callbacks' polls in flight in this process (api.callbacks): each holds a pooled connection.
     callback_polls: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(CALLBACK_POLLS))
 
@@ -142,6 +145,7 @@ async def open_runtime(settings: Settings, *, role: Role = "all") -> AsyncIterat
             relays=relays,
             scheduler=scheduler,
             instance_id=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
+            tokens=TokenCache(settings.token_cache_s),
         )
     finally:
         if scheduler.running:

@@ -4,7 +4,8 @@ The guard runs before anything else a route does (its body is not even read yet)
 valid token is a 401 whatever else is wrong with it. The admin token is compared in memory; a client's
 is looked up in one autocommit statement on the request's connection, before its transaction begins,
 which on a registration also takes from the client's rate-limit bucket, so a refused registration costs
-nothing more and the bucket's row lock is held for that statement only.
+nothing more and the bucket's row lock is held for that statement only. Other calls may find the token
+in the process's cache instead (SUNOTRACK_TOKEN_CACHE_S: docs/design.md, "The token cache").
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ from litestar.di import NamedDependency
 from litestar.exceptions import NotAuthorizedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.params import QueryParameter
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api.connection import request_connection
-from service.clients.service import ADMIN, Caller, authenticate, get_client
+from service.clients.service import ADMIN, Caller, authenticate, client_ref
 from service.errors import Forbidden, InvalidInput, RateLimited
 from service.runtime import Runtime
 
@@ -47,6 +47,7 @@ async def require_token(connection: ASGIConnection[Any, Any, Any, Any], handler:
         token,
         take=1 if registers else 0,
         default_rate=runtime.settings.client_rate,
+        cache=runtime.tokens,
     )
     if found is None:
         raise NotAuthorizedException("invalid bearer token in the Authorization header")
@@ -104,11 +105,12 @@ ClientQuery = Annotated[
 
 
 async def provide_owner(
-    caller: NamedDependency[Caller], session: NamedDependency[AsyncSession], client: ClientQuery = None
+    request: Request[Any, Any, Any], caller: NamedDependency[Caller], client: ClientQuery = None
 ) -> Owner:
+    """Without a session (a read that needs none makes none): the admin's ?client= by the driver."""
     if client is None or client == caller.name:
         return Owner(caller, caller.client_id, every_client=caller.is_admin, relay=caller.relay)
     if not caller.is_admin:
         raise InvalidInput("client: only the admin token addresses another client's tasks")
-    found = await get_client(session, client)
-    return Owner(caller, found.id, every_client=False, relay=found.relay)
+    client_id, relay = await client_ref(request_connection(request), client)
+    return Owner(caller, client_id, every_client=False, relay=relay)

@@ -43,22 +43,33 @@ async def read_client(name: ClientNamePath, session: DbSession, caller: AppCalle
 @post(
     "/api/v1/clients/{name:str}/revoke",
     status_code=200,
-    summary="Revoke a client's token at once; its tasks keep being tracked and delivered",
+    summary="Revoke a client's token; its tasks keep being tracked and delivered",
+    description="The token stops working at once through this process, and within "
+    "SUNOTRACK_TOKEN_CACHE_S (default 2 s) through every other.",
 )
-async def revoke_client(name: ClientNamePath, session: DbSession, caller: AppCaller) -> ClientOut:
+async def revoke_client(
+    name: ClientNamePath, session: DbSession, runtime: AppRuntime, caller: AppCaller
+) -> ClientOut:
     require_admin(caller)
     client = await service.revoke_client(session, name)
+    runtime.tokens.clear()
     return client_out(client, await service.task_count(session, client))
 
 
 @post(
     "/api/v1/clients/{name:str}/rotate-token",
     status_code=200,
-    summary="A new token for a client (in this answer only); the old one stops working at once",
+    summary="A new token for a client (in this answer only); the old one stops working",
+    description="The old token stops working at once through this process, and within "
+    "SUNOTRACK_TOKEN_CACHE_S (default 2 s) through every other.",
 )
-async def rotate_token(name: ClientNamePath, session: DbSession, caller: AppCaller) -> TokenRotated:
+async def rotate_token(
+    name: ClientNamePath, session: DbSession, runtime: AppRuntime, caller: AppCaller
+) -> TokenRotated:
     require_admin(caller)
-    return await service.rotate_token(session, name)
+    rotated = await service.rotate_token(session, name)
+    runtime.tokens.clear()
+    return rotated
 
 
 @post(

@@ -16,7 +16,7 @@ from service.config import RELAY_NAME
 from service.errors import InvalidInput
 from service.models import Client, Clip, Delivery, DeliveryAttempt, Task, TaskEvent
 from service.redact import mask_credentials, mask_json
-from service.tracking.repository import clip_view
+from service.tracking.repository import clip_view, timeline_seconds
 from service.upstream.schemas import ClipView, Lyrics
 from service.vocabulary import DeliveryStatus, NotifyFormat, RelayHooks, TaskKind
 from service.webhooks.bodies import delivery_format
@@ -233,6 +233,35 @@ def task_out(task: Task, clips: list[Clip], client_names: dict[int, str] | None 
         else (None if task.client_id is None else client_names[task.client_id]),
         timeline=msgspec.UNSET,  # GET /tasks/{task_id} fills it in
     )
+
+
+# TaskOut's fields a tasks row holds as they are shown or as task_out starts from (by the same name);
+# the others are computed.
+TASK_VIEW_COLUMNS = tuple(
+    name for name in TaskOut.__struct_fields__ if name not in {"clips", "client", "timeline"}
+)
+_decode_clips = msgspec.json.Decoder(list[ClipView]).decode
+_decode_lyrics = msgspec.json.Decoder(Lyrics | None).decode
+_decode_object = msgspec.json.Decoder(dict[str, Any] | None).decode
+_decode_timeline = msgspec.json.Decoder(dict[str, float] | None).decode
+
+
+def task_view_out(row: Any, *, shows_client: bool) -> TaskOut:
+    """A row of repository.task_view_statement(TASK_VIEW_COLUMNS) as task_out shows the task (its JSON
+    columns are text, as the statement gives them), with its timeline."""
+    hook = row["notify_hook"]
+    metadata, lyrics, clips = row["metadata"], row["lyrics"], row["clips"]
+    values = {name: row[name] for name in TASK_VIEW_COLUMNS}
+    values.update(
+        notify_hook=None if hook is None else mask_credentials(hook),
+        notify_format=delivery_format(row["notify_format"], row["notify_hook_source"]),
+        metadata=None if metadata is None else _decode_object(metadata),
+        lyrics=None if lyrics is None else _decode_lyrics(lyrics),
+        clips=[] if clips is None else _decode_clips(clips),
+        client=row["client_name"] if shows_client else msgspec.UNSET,
+        timeline=timeline_seconds(None if row["timeline"] is None else _decode_timeline(row["timeline"])),
+    )
+    return TaskOut(**values)
 
 
 def event_out(event: TaskEvent) -> EventOut:

@@ -18,6 +18,7 @@ from service.api.schemas import (
     METADATA_MAX_BYTES,
     TASK_ID_MAX_LENGTH,
     TASK_ID_PATTERN,
+    TASK_VIEW_COLUMNS,
     BatchItem,
     BatchOut,
     EventList,
@@ -30,6 +31,7 @@ from service.api.schemas import (
     event_out,
     parse_time,
     task_out,
+    task_view_out,
 )
 from service.clients.service import known_relay, take_up_to
 from service.db import begin_transaction
@@ -183,19 +185,16 @@ async def register_batch(
     return BatchOut(items=[item for item in items if item is not None])
 
 
-@get(
-    "/api/v1/tasks/{task_id:str}",
-    summary="One task with its clips and the time it spent in each status",
-    opt={AUTOCOMMIT: True},
-)
-async def read_task(task_id: TaskIdPath, session: DbSession, owner: TaskOwner) -> TaskOut:
-    found = await repository.get_task_with_timeline(session, owner.client_id, task_id)
-    if found is None:
+_READ_TASK = repository.task_view_statement(TASK_VIEW_COLUMNS)
+
+
+@get("/api/v1/tasks/{task_id:str}", summary="One task with its clips and the time it spent in each status")
+async def read_task(request: Request[Any, Any, Any], task_id: TaskIdPath, owner: TaskOwner) -> TaskOut:
+    """One statement by the driver, no session (docs/design.md, "GET a task in one statement")."""
+    row = await request_connection(request).fetchrow(_READ_TASK, task_id, owner.client_id)
+    if row is None:
         raise not_tracked(task_id)
-    task, timeline = found
-    out = await load_task_out(session, owner, task)
-    out.timeline = timeline
-    return out
+    return task_view_out(row, shows_client=owner.shows_client)
 
 
 TimeQuery = Annotated[

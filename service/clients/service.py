@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -122,14 +123,26 @@ async def create_client(
     return ClientIssued(name=name, token=token, webhook_secret=secret, relay=relay)
 
 
+def no_such_client(name: str) -> NotFound:
+    return NotFound(f"client {name!r} does not exist", extra={"client": name})
+
+
 async def get_client(session: AsyncSession, name: str, *, for_update: bool = False) -> Client:
     query = select(Client).where(Client.name == name)
     if for_update:
         query = query.with_for_update()
     client = (await session.execute(query)).scalar_one_or_none()
     if client is None:
-        raise NotFound(f"client {name!r} does not exist", extra={"client": name})
+        raise no_such_client(name)
     return client
+
+
+async def client_ref(db: RequestConnection, name: str) -> tuple[int, str]:
+    """A client's id and relay by its name, revoked or not, by the driver (a request's ?client=)."""
+    row = await db.fetchrow("SELECT id, relay FROM clients WHERE name = $1", name)
+    if row is None:
+        raise no_such_client(name)
+    return row["id"], row["relay"]
 
 
 async def list_clients(session: AsyncSession) -> list[tuple[Client, int]]:
@@ -218,12 +231,47 @@ _REFUSED = (
 )
 
 
+class TokenCache:
+    """Clients found by their token's digest, each kept `ttl_s` from its lookup (docs/design.md, "The
+    token cache"): a call that takes nothing from the client's bucket then costs no statement. Only
+    tokens found are kept (an unknown one is looked up every time, so guessing fills nothing), at most
+    `max_size` of them."""
+
+    __slots__ = ("_found", "_max_size", "_ttl_s")
+
+    def __init__(self, ttl_s: float, max_size: int = 10_000) -> None:
+        self._ttl_s = ttl_s
+        self._max_size = max_size
+        self._found: dict[bytes, tuple[float, Caller]] = {}
+
+    def get(self, digest: bytes) -> Caller | None:
+        kept = self._found.get(digest)
+        if kept is None:
+            return None
+        if kept[0] <= time.monotonic():
+            del self._found[digest]
+            return None
+        return kept[1]
+
+    def put(self, digest: bytes, caller: Caller) -> None:
+        if self._ttl_s <= 0:
+            return
+        if len(self._found) >= self._max_size:
+            self._found.pop(next(iter(self._found)))  # the oldest lookup
+        self._found[digest] = (time.monotonic() + self._ttl_s, caller)
+
+    def clear(self) -> None:
+        """After a revocation or rotation through this process: it stops its own at once."""
+        self._found.clear()
+
+
 async def authenticate(
-    db: RequestConnection, token: str, *, take: int = 0, default_rate: float
+    db: RequestConnection, token: str, *, take: int = 0, default_rate: float, cache: TokenCache
 ) -> tuple[Caller, float | None] | None:
     """The client this bearer token belongs to (None: unknown or revoked), and, when `take` > 0,
     whether its rate allows that many registrations now: None when it does (they are taken), else how
-    many seconds until it would.
+    many seconds until it would. A take always goes to Postgres (the bucket is shared by every
+    replica); a lookup alone may be answered by `cache`.
 
     Looked up by its SHA-256: how long the index search takes depends on the hash, which nobody can
     steer towards a stored one; the final comparison is constant-time all the same.
@@ -232,6 +280,9 @@ async def authenticate(
     if take:
         row = await db.fetchrow(_AUTHENTICATE_AND_TAKE, digest, take, default_rate)
     else:
+        cached = cache.get(digest)
+        if cached is not None:
+            return cached, None
         row = await db.fetchrow(_AUTHENTICATE, digest)
     refused = row is None and take > 0
     if refused:
@@ -240,6 +291,8 @@ async def authenticate(
         return None
     caller = Caller(client_id=row["id"], name=row["name"], relay=row["relay"])
     if not refused:
+        if not take:
+            cache.put(digest, caller)
         return caller, None
     return caller, float(row["wait_s"])
 

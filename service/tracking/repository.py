@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import msgspec
-from sqlalchemy import ColumnElement, Row, Select, Table, literal_column, select, text, union_all
+from sqlalchemy import ColumnElement, Row, Select, Table, select, text, union_all
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import aliased
@@ -137,10 +137,8 @@ async def list_tasks(
 
 
 # Seconds the task spent in each status it went through, the current one up to now (a terminal status
-# accrues nothing), as a JSON object: a column of the task's own row, so GET /tasks/{task_id} reads both
-# in one statement.
-_TIMELINE = literal_column(
-    f"""(SELECT jsonb_object_agg(to_status, seconds) FROM (
+# accrues nothing), as a JSON object: a column of the task's own row.
+_TIMELINE = f"""(SELECT jsonb_object_agg(to_status, seconds) FROM (
         SELECT to_status, sum(seconds)::float8 AS seconds FROM (
             SELECT to_status,
                    extract(epoch FROM coalesce(lead(at) OVER (ORDER BY seq),
@@ -150,21 +148,34 @@ _TIMELINE = literal_column(
         ) AS spans
         WHERE seconds IS NOT NULL
         GROUP BY to_status
-    ) AS statuses)""",  # noqa: S608
-    type_=JSONB,
+    ) AS statuses)"""  # noqa: S608
+# A clip as the task JSON shows it, built by Postgres: ClipView's fields, each its column (`id`: clip_id).
+_CLIP_VIEW = ", ".join(
+    f"'{name}', {'clip_id' if name == 'id' else name}" for name in ClipView.__struct_fields__
 )
 
 
-async def get_task_with_timeline(
-    session: AsyncSession, client_id: int | None, task_id: str
-) -> tuple[Task, dict[str, float]] | None:
-    """get_task, with the seconds the task spent in each status."""
-    query = select(Task, _TIMELINE).where(Task.task_id == task_id, owned_by(client_id))
-    row = (await session.execute(query)).one_or_none()
-    if row is None:
-        return None
-    task, timeline = row
-    return task, {status: round(seconds, 3) for status, seconds in (timeline or {}).items()}
+def task_view_statement(columns: Sequence[str]) -> str:
+    """GET /tasks/{task_id} in one statement, for the driver (docs/design.md, "GET a task in one
+    statement"): `columns` of the task ($1: its task id; $2: its client's id, NULL for the admin's), its
+    client's name (`client_name`), its clips as a JSON array of ClipView objects in position order
+    (`clips`, NULL for none) and its timeline (`timeline`, NULL before its first transition). JSON comes
+    as text, for msgspec to decode into the shapes it is shown in."""
+    shown = [
+        f"{name}::text AS {name}" if isinstance(_TASKS.c[name].type, JSONB) else name for name in columns
+    ]
+    return (
+        f"SELECT {', '.join(shown)}, "  # noqa: S608
+        "(SELECT name FROM clients WHERE clients.id = tasks.client_id) AS client_name, "
+        f"(SELECT json_agg(json_build_object({_CLIP_VIEW}) ORDER BY position)::text FROM clips "
+        "WHERE task_pk = tasks.id) AS clips, "
+        f"{_TIMELINE}::text AS timeline "
+        "FROM tasks WHERE task_id = $1 AND client_id IS NOT DISTINCT FROM $2"
+    )
+
+
+def timeline_seconds(timeline: dict[str, float] | None) -> dict[str, float]:
+    return {status: round(seconds, 3) for status, seconds in (timeline or {}).items()}
 
 
 async def list_events(session: AsyncSession, task_pk: int, *, after_seq: int = 0) -> list[TaskEvent]:

@@ -118,6 +118,38 @@ async def test_a_rotated_token_replaces_the_old_one_at_once(api: httpx.AsyncClie
         assert (await new.get("/api/v1/tasks")).status_code == 200
 
 
+async def test_a_token_revoked_through_another_replica_stops_within_the_cache_bound(
+    make_settings: Callable[..., Settings], live_server: Callable[..., LiveServer]
+) -> None:
+    """A replica keeps a token it looked up for SUNOTRACK_TOKEN_CACHE_S, for calls that register
+    nothing (docs/design.md, "The token cache"): revoked through another replica, the token still reads
+    there until that long after the lookup, never longer, and registers nothing from the start."""
+    cache_s = 3.0
+    settings = make_settings(SUNOTRACK_TOKEN_CACHE_S=str(cache_s))
+    revoking, reading = live_server(settings), live_server(settings)
+    async with httpx.AsyncClient(base_url=revoking.base_url, headers=auth_headers(), timeout=30) as admin:
+        issued = await create(admin, "shop-a")
+        async with httpx.AsyncClient(
+            base_url=reading.base_url, headers=auth_headers(issued["token"]), timeout=30
+        ) as shop:
+            looked_up = time.monotonic()
+            assert (await shop.get("/api/v1/tasks")).status_code == 200
+            assert (await admin.post("/api/v1/clients/shop-a/revoke")).status_code == 200
+
+            read_while_kept = await shop.get("/api/v1/tasks")
+            registered = await shop.post("/api/v1/tasks", json={"task_id": "t-1"})
+
+            async def refused() -> bool:
+                return (await shop.get("/api/v1/tasks")).status_code == 401
+
+            await wait_until(refused, timeout=cache_s + 10, what="the revoked token refused")
+            stopped_after = time.monotonic() - looked_up
+
+    assert read_while_kept.status_code == 200
+    assert registered.status_code == 401
+    assert stopped_after <= cache_s + 1, stopped_after
+
+
 async def test_a_rotated_secret_says_until_when_the_old_one_signs(api: httpx.AsyncClient) -> None:
     issued = await create(api, "shop-a")
 

@@ -419,3 +419,55 @@ async def test_a_callback_sends_each_client_tracking_the_task_its_own_webhook(
         assert {other: verifies(secret, received) for other, secret in secrets.items()} == {
             other: other == name for other in secrets
         }
+
+
+async def test_a_task_reads_as_the_list_shows_it(api: httpx.AsyncClient, fake_relay: FakeRelay) -> None:
+    """GET /tasks/{task_id} is one statement of its own, apart from the list's read (docs/design.md,
+    "GET a task in one statement"): each task, with clips, lyrics, metadata or a hook with a password,
+    by the admin and by a client, reads the same through both, bar the timeline only GET shows."""
+    music = fake_relay.add_task(lifecycle=Lifecycle.MUSIC_SUCCESS)
+    lyrics = fake_relay.add_task(lifecycle=Lifecycle.LYRICS)
+    failed = fake_relay.add_task(lifecycle=Lifecycle.MUSIC_FAILURE)
+    fresh = fake_relay.add_task(lifecycle=Lifecycle.NEVER_FINISHES)
+    metadata = {
+        "order_id": "A-1001",
+        "price": 12.5,
+        "n": 10**20,
+        "tags": ["x", None, True],
+        "deep": {"é": "ü"},
+    }
+    registrations = [
+        {"task_id": music, "metadata": metadata, "notify_hook": "http://user:s3cret@127.0.0.1:9/hook"},
+        {"task_id": lyrics, "kind": "lyrics"},
+        {"task_id": failed, "notify_format": "relay"},
+    ]
+    for registration in registrations:
+        assert (await api.post("/api/v1/tasks", json=registration)).status_code == 201
+    for task_id in (music, lyrics, failed):
+        for _ in range(5):
+            await api.post(f"/api/v1/tasks/{task_id}/refresh")
+    issued = (await api.post("/api/v1/clients", json={"name": "shop"})).json()
+    async with httpx.AsyncClient(
+        base_url=api.base_url, headers=auth_headers(issued["token"]), timeout=30
+    ) as shop:
+        assert (await shop.post("/api/v1/tasks", json={"task_id": fresh})).status_code == 201
+        await shop.post(f"/api/v1/tasks/{fresh}/refresh")
+        views = {
+            "admin": (api, {}, [music, lyrics, failed]),
+            "admin, ?client=shop": (api, {"client": "shop"}, [fresh]),
+            "client": (shop, {}, [fresh]),
+        }
+        for view, (client, params, task_ids) in views.items():
+            listed = {
+                item["task_id"]: item
+                for item in (await client.get("/api/v1/tasks", params=params)).json()["items"]
+            }
+            for task_id in task_ids:
+                read = (await client.get(f"/api/v1/tasks/{task_id}", params=params)).json()
+                assert isinstance(read.pop("timeline"), dict)
+                assert (view, read) == (view, listed[task_id])
+
+    shown = (await api.get(f"/api/v1/tasks/{music}")).json()
+    assert (shown["status"], len(shown["clips"]), shown["metadata"]) == ("complete", 2, metadata)
+    assert shown["notify_hook"] == "http://user:***@127.0.0.1:9/hook"
+    assert (await api.get(f"/api/v1/tasks/{lyrics}")).json()["lyrics"] is not None
