@@ -147,7 +147,14 @@ class RequestConnection:
 
 
 async def _driver(connection: AsyncConnection) -> asyncpg.Connection:
-    driver: asyncpg.Connection = (await connection.get_raw_connection()).driver_connection
+    sync = connection.sync_connection
+    if sync is not None and not sync.closed and not sync.invalidated:
+        # It holds its pooled connection: reaching it cannot reconnect, so it needs no greenlet (what
+        # get_raw_connection() spawns for every call, twice a request).
+        pooled = sync.connection
+    else:
+        pooled = await connection.get_raw_connection()
+    driver: asyncpg.Connection = pooled.driver_connection
     return driver
 
 
