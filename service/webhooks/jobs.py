@@ -49,6 +49,9 @@ log = structlog.get_logger()
 
 STOP_GRACE_S = 5.0
 WRITE_RETRIES = 3
+# While sends are in flight, a few results are moments away: the flush waits this long for them, so one
+# write settles many (docs/design.md, "Fair delivery claims").
+FLUSH_LINGER_S = 0.005
 
 
 async def start_dispatcher(runtime: Runtime) -> Dispatcher:
@@ -363,6 +366,8 @@ class Dispatcher:
         while True:
             await self._results_ready.wait()
             self._results_ready.clear()
+            if len(self._results) < self._min_claim and self._in_flight and not self._closing:
+                await asyncio.sleep(FLUSH_LINGER_S)
             batch, self._results = self._results, []
             if batch:
                 await self._write(batch)
