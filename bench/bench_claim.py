@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import fresh_database
 
-from service.webhooks.repository import _CLAIM, CLAIM_SESSION, Quotas, claim_due_deliveries
+from service.webhooks.repository import CLAIM_SESSION, Quotas, claim_due_deliveries
 
 BACKLOG_HOOK = "http://backlog.example:8080/hook"
 NEW_HOOK = "https://fresh.example/hook"
@@ -64,6 +64,25 @@ async def seed(connection: asyncpg.Connection, backlog: int) -> None:
     )
 
 
+async def explain_claim(connection: asyncpg.Connection) -> list[asyncpg.Record]:
+    """EXPLAIN ANALYZE of the claim with the arguments claim_due_deliveries passes (taken from its call,
+    so they cannot drift from the statement's)."""
+    explained: list[asyncpg.Record] = []
+
+    class Explaining:
+        async def fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
+            explained.extend(await connection.fetch("EXPLAIN (ANALYZE, BUFFERS) " + query, *args))
+            return await connection.fetch(query, *args)
+
+        async def execute(self, query: str, *args: object) -> str:
+            return str(await connection.execute(query, *args))
+
+    await claim_due_deliveries(
+        Explaining(), limit=64, lease_s=3600, breaker_failures=20, probe_s=16, quotas=Quotas(8, 48)
+    )
+    return explained
+
+
 async def timed(claim: object, claims: int) -> list[float]:
     took = []
     for _ in range(claims):
@@ -88,23 +107,7 @@ async def run(args: argparse.Namespace) -> None:
             )
             hosts = sorted({d.host for d in first.deliveries})
             print(f"first claim: {len(first.deliveries)} rows from {hosts}")
-            plan = await connection.fetch(
-                "EXPLAIN (ANALYZE, BUFFERS) " + _CLAIM,
-                64,
-                3600.0,
-                20,
-                16.0,
-                8,
-                [],
-                [],
-                [],
-                [],
-                [],
-                [],
-                [],
-                48,
-                True,
-            )
+            plan = await explain_claim(connection)
             for row in plan:
                 line = row[0]
                 if line.startswith(("Planning Time", "Execution Time")):
