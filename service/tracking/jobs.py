@@ -2,10 +2,11 @@
 
 The APScheduler job only ticks. Each tick starts a drain unless one is still running; the drain runs
 a few workers, each looping claim -> poll -> record over one page (up to 16 batch requests' worth of
-tasks) until nothing is due; the claims sweep the live tasks in id order. No task list lives in
-memory: each page is claimed by a transaction that keeps its rows locked until the answers are
-recorded, so any number of processes can run this safely and a crashed one's tasks are free again as
-soon as its connections drop.
+tasks) until nothing is due; the claims sweep the live tasks in id order. While no live task is due
+for a while, a tick reads only the tasks registered since it looked ahead (docs/design.md, "The idle
+poller"). No task list lives in memory: each page is claimed by a transaction that keeps its rows
+locked until the answers are recorded, so any number of processes can run this safely and a crashed
+one's tasks are free again as soon as its connections drop.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -26,9 +28,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from service.config import Settings
+from service.db import database_unavailable
 from service.metrics import CLAIM_LAG, POLL_TICK, POLLS, UPSTREAM_ERRORS
 from service.runtime import Runtime
-from service.tracking.repository import ClaimedTask, PollClaim
+from service.tracking.repository import ClaimedTask, PollClaim, look_ahead
 from service.tracking.service import (
     PollResult,
     claim_polls,
@@ -94,6 +97,15 @@ class _Connections:
             await connection.close()
 
 
+@dataclass(frozen=True, slots=True)
+class _Horizon:
+    """No live task of the relay was due before `until` (monotonic) when the feed's last number was
+    `mark`: until then only the tasks registered after `mark` need reading."""
+
+    until: float
+    mark: int
+
+
 class Poller:
     def __init__(
         self,
@@ -135,7 +147,13 @@ class Poller:
         # Claims sweep the live tasks by id: each page starts after the last id the previous one took,
         # and a short page ends the sweep. One claim at a time (docs/design.md, "The poller's claim").
         self._sweep_after = 0
+        # Whose claims the cursor is for: the look-ahead mark of the drain that set it (None: a sweep).
+        self._cursor_since: int | None = None
         self._claiming = asyncio.Lock()
+        self._horizon: _Horizon | None = None
+        # The last sweep polled something: sweep again rather than look ahead (which would find work).
+        self._busy = False
+        self._database_down = False
         self._drain_task: asyncio.Task[int] | None = None
         self._stopping = False
         self.job: Job | None = None
@@ -174,23 +192,68 @@ class Poller:
     async def drain(self) -> int:
         """Poll everything due now; returns how many task polls were recorded."""
         started = time.perf_counter()
+        try:
+            since = await self._since()
+        except Exception as exc:  # logged; the next tick tries again
+            self._failed(exc)
+            return 0
+        if since != self._cursor_since:
+            self._sweep_after, self._cursor_since = 0, since
         async with asyncio.TaskGroup() as group:
-            crew = _Crew(group, self._worker, self.workers)
+            crew = _Crew(group, self._worker, self.workers, since)
             crew.top_up()
+        if since is None:
+            self._busy = crew.polled > 0 or crew.failed
         POLL_TICK.observe(time.perf_counter() - started)
         return crew.polled
+
+    async def _since(self) -> int | None:
+        """The feed mark of the look-ahead in force, after which claims read only the tasks registered
+        (None: sweep every live task). Looks ahead again once it has run out, unless the last sweep
+        found work: one aggregate over the live tasks tells when the next is due."""
+        now = time.monotonic()
+        if self._horizon is not None and now < self._horizon.until:
+            return self._horizon.mark
+        self._horizon = None
+        if self._busy:
+            return None
+        async with self._connections.transaction() as session:
+            ahead = await look_ahead(session, relay=self._relay.name)
+        self._recovered()
+        if ahead.due_in_s is not None and ahead.due_in_s <= 0:
+            return None  # due now, or held by a page in flight (whose rollback would leave it due)
+        # Never further ahead than the longest poll interval: a change this cannot see (a write by
+        # hand) then waits no longer than an unchanging task does.
+        limit_s = self._settings.poll_max_interval_s
+        wait_s = limit_s if ahead.due_in_s is None else min(ahead.due_in_s, limit_s)
+        self._horizon = _Horizon(now + wait_s, ahead.mark)
+        return ahead.mark
+
+    def _failed(self, exc: BaseException) -> None:
+        """Log a page's (or look-ahead's) failure; a database outage once, however many ticks it lasts."""
+        if not database_unavailable(exc):
+            log.error("poll.page_failed", exc_info=exc)
+        elif not self._database_down:
+            self._database_down = True
+            log.warning("poll.database_unavailable", relay=self._relay.name, error=type(exc).__name__)
+
+    def _recovered(self) -> None:
+        if self._database_down:
+            self._database_down = False
+            log.info("poll.database_recovered", relay=self._relay.name)
 
     async def _worker(self, crew: _Crew) -> None:
         try:
             while not self._stopping:
                 try:
                     claimed = await self._poll_page(crew)
-                except Exception:
+                except Exception as exc:
                     # Rolled back: the page's tasks are due again, for the next tick. No more workers
                     # this drain: a failing database should not be hammered at the speed of a loop.
-                    log.exception("poll.page_failed")
+                    self._failed(exc)
                     crew.failed = True
                     return
+                self._recovered()
                 crew.polled += claimed
                 if claimed < self._page_size:  # nothing more is due, or others hold the rest
                     return
@@ -214,6 +277,7 @@ class Poller:
                     after=after,
                     limit=self._page_size,
                     settings=self._settings,
+                    since=crew.since,
                 )
                 full = len(claim.tasks) == self._page_size
                 self._sweep_after = max(task.id for task in claim.tasks) if full else 0
@@ -285,14 +349,20 @@ class Poller:
 class _Crew:
     """A drain's workers: how many run, what they polled, whether one failed, and whether a sweep from
     the lowest id came back short (every due task was claimed: the other workers need not read the
-    live tasks again to find that out)."""
+    live tasks again to find that out). `since`: the look-ahead mark its claims read after (None:
+    they sweep every live task)."""
 
     def __init__(
-        self, group: asyncio.TaskGroup, worker: Callable[[_Crew], Coroutine[Any, Any, None]], size: int
+        self,
+        group: asyncio.TaskGroup,
+        worker: Callable[[_Crew], Coroutine[Any, Any, None]],
+        size: int,
+        since: int | None,
     ) -> None:
         self._group = group
         self._worker = worker
         self.size = size
+        self.since = since
         self.active = 0
         self.polled = 0
         self.failed = False

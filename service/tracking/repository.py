@@ -18,7 +18,7 @@ from sqlalchemy.orm import aliased
 from service.db import database_now, recordset, recordset_value, rows_as
 from service.models import LIVE, TASK_TRANSITION, Client, Clip, Task, TaskEvent
 from service.upstream.schemas import ClipContent, ClipView, Lyrics
-from service.vocabulary import DEFAULT_RELAY, TaskStatus
+from service.vocabulary import DEFAULT_RELAY, EventSource, TaskStatus
 
 
 def owned_by(client_id: int | None) -> ColumnElement[bool]:
@@ -363,13 +363,34 @@ async def lock_task_states(
 # change nothing (the common case): then recording that answer writes nothing at all. The row locks
 # taken by `due` are the lease, held until the caller's transaction ends; a crashed process's locks go
 # with its connection. It sweeps the live tasks in id order from a cursor (the last id the previous
-# page claimed): docs/design.md, "The poller's claim".
-_CLAIM = text(
-    f"""
-    WITH due AS MATERIALIZED (
+# page claimed): docs/design.md, "The poller's claim". Within a look-ahead (look_ahead) it reads only
+# the tasks registered since (`watched`): docs/design.md, "The idle poller".
+_WATCHED = f"""
+    registered AS MATERIALIZED (
+        SELECT t.id, t.task_id, t.shared FROM tasks AS t
+        WHERE t.id = ANY(ARRAY(
+            -- Feed numbers are given in commit order: a registration committed after the look-ahead's
+            -- snapshot is numbered above its mark, or not numbered yet.
+            SELECT task_pk FROM task_events WHERE feed_id > :since AND source = '{EventSource.REGISTER.value}'
+            UNION ALL
+            SELECT task_pk FROM task_events WHERE feed_id IS NULL AND source = '{EventSource.REGISTER.value}'
+        )) AND t.relay = :relay
+    ),
+    -- With the other clients' records of a shared one: the claim polls (and reschedules) them together.
+    watched AS MATERIALIZED (
+        SELECT id FROM registered
+        UNION
+        SELECT id FROM tasks
+        WHERE task_id = ANY(ARRAY(SELECT task_id FROM registered WHERE shared)) AND relay = :relay
+    ),"""  # noqa: S608
+
+
+def _claim_sql(watched: str = "", scope: str = "") -> str:
+    return f"""
+    WITH {watched} due AS MATERIALIZED (
         SELECT ctid, id, task_id, shared, next_poll_at, poll_interval_s
         FROM tasks
-        WHERE {LIVE} AND relay = :relay AND id > :after AND next_poll_at <= now()
+        WHERE {LIVE} AND relay = :relay AND id > :after AND next_poll_at <= now() {scope}
         ORDER BY id
         LIMIT :limit
         FOR UPDATE SKIP LOCKED
@@ -413,7 +434,37 @@ _CLAIM = text(
            claimed.*, locked.poll_interval_s
     FROM (VALUES (1)) AS one LEFT JOIN (claimed JOIN locked USING (id)) ON true
     """  # noqa: S608
+
+
+_CLAIM = text(_claim_sql())
+_CLAIM_WATCHED = text(_claim_sql(_WATCHED, "AND id = ANY(ARRAY(SELECT id FROM watched))"))
+
+# When the relay's next live task is due (NULL: none is live), and the feed's last number, in one
+# snapshot: a registration this does not see is numbered above that mark (docs/design.md, "The idle
+# poller"). Rows a page holds locked count with their committed (due) next_poll_at.
+_LOOK_AHEAD = text(
+    f"""
+    SELECT extract(epoch FROM now())::float8 AS now_epoch,
+           extract(epoch FROM (
+               SELECT min(next_poll_at) FROM tasks WHERE {LIVE} AND relay = :relay
+           ))::float8 AS next_epoch,
+           (SELECT coalesce(max(feed_id), 0) FROM task_events WHERE feed_id IS NOT NULL) AS mark
+    """  # noqa: S608
 )
+
+
+class LookAhead(NamedTuple):
+    """How many seconds from now the relay's next live task is due (None: none is live; 0 or less:
+    one is due, or held by a page in flight), and the feed's last number at that moment."""
+
+    due_in_s: float | None
+    mark: int
+
+
+async def look_ahead(db: AsyncSession | AsyncConnection, *, relay: str) -> LookAhead:
+    row = (await db.execute(_LOOK_AHEAD, {"relay": relay})).one()
+    due_in_s = None if row.next_epoch is None else row.next_epoch - row.now_epoch
+    return LookAhead(due_in_s, int(row.mark))
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,13 +486,16 @@ async def claim_due_tasks(
     after: int,
     limit: int,
     schedule: UnchangedSchedule,
+    since: int | None = None,
 ) -> PollClaim:
     """Lock up to `limit` due tasks of `relay` with ids above `after` (skipping rows others hold,
     never waiting on them), with the other clients' records of the same relay tasks, and schedule
-    their next poll as if nothing will change; see _CLAIM."""
+    their next poll as if nothing will change; see _CLAIM. `since`, a look-ahead's mark: only among
+    the tasks registered after it (and the other records of the same relay tasks)."""
     result = await db.execute(
-        _CLAIM,
+        _CLAIM if since is None else _CLAIM_WATCHED,
         {
+            "since": since,
             "relay": relay,
             "after": after,
             "limit": limit,

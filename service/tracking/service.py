@@ -550,11 +550,13 @@ async def claim_polls(
     after: int = 0,
     limit: int,
     settings: Settings,
+    since: int | None = None,
 ) -> PollClaim:
     """Lock up to `limit` due tasks of `relay` with ids above `after` for polling (and the other
     clients' records of the same relay tasks), in the session's transaction: the caller keeps it open
     until record_polls() has recorded the answers. Each row is already scheduled as if its answer will
-    change nothing (see repository._CLAIM): the backoff of _Recorder._schedule() for that case."""
+    change nothing (see repository._CLAIM): the backoff of _Recorder._schedule() for that case.
+    `since`: only among the tasks registered after this feed mark (a look-ahead's)."""
     schedule = UnchangedSchedule(
         min_s=settings.poll_min_interval_s,
         max_s=settings.poll_max_interval_s,
@@ -562,7 +564,9 @@ async def claim_polls(
         jitter=POLL_JITTER,
         deadline_s=settings.task_deadline_s,
     )
-    return await repository.claim_due_tasks(session, relay=relay, after=after, limit=limit, schedule=schedule)
+    return await repository.claim_due_tasks(
+        session, relay=relay, after=after, limit=limit, schedule=schedule, since=since
+    )
 
 
 async def record_polls(
