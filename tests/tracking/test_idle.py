@@ -45,10 +45,13 @@ async def rest(tracking: Tracking, task_id: str, seconds: float = 3600) -> None:
         )
 
 
-async def looking_ahead(poller: Poller) -> object:
+async def looking_ahead(tracking: Tracking) -> object:
     """Drain with nothing due: the poller looks ahead (after one more sweep, if the last one found
     work). Returns the look-ahead, to check it is still the one in force (the task was found within
-    it, not by a sweep after it)."""
+    it, not by a sweep after it). Numbers the feed first, as a process's sequencer would have: the
+    tasks registered so far are then behind the look-ahead's mark."""
+    await number_all(tracking.engine)
+    poller = tracking.poller
     for _ in range(2):
         assert await poller.drain() == 0
         if poller._horizon is not None:
@@ -75,7 +78,7 @@ async def test_tasks_registered_during_a_look_ahead_are_polled_when_due(
     await tracking.register(resting)
     await rest(tracking, resting)
     poller = tracking.poller
-    horizon = await looking_ahead(poller)
+    horizon = await looking_ahead(tracking)
 
     unnumbered, numbered = steady(fake_relay), steady(fake_relay)
     await tracking.register(unnumbered)  # no sequencer runs here: its event is not numbered yet
@@ -103,8 +106,7 @@ async def test_a_registration_committed_after_a_later_one_is_polled(
         )  # fmt: skip
         await tracking.register(late)
         await rest(tracking, late)
-        assert await number_all(tracking.engine) == 1  # the late one's event
-        horizon = await looking_ahead(tracking.poller)
+        horizon = await looking_ahead(tracking)
     [(early_pk,)] = await tracking.fetch("SELECT id FROM tasks WHERE task_id = :id", id=early)
     [(late_pk,)] = await tracking.fetch("SELECT id FROM tasks WHERE task_id = :id", id=late)
     assert early_pk < late_pk
@@ -124,7 +126,7 @@ async def test_a_task_another_process_rescheduled_is_polled_once_that_process_is
     resting = steady(fake_relay)
     await here.register(resting)
     await rest(here, resting)
-    horizon = await looking_ahead(here.poller)
+    horizon = await looking_ahead(here)
 
     task_id = steady(fake_relay)
     await here.register(task_id)
@@ -173,7 +175,7 @@ async def test_a_shared_record_polled_with_a_new_one_is_polled_in_its_own_turn(
     await tracking.register(task_id)
     await polled_again(tracking, tracking.poller, task_id)
     await rest(tracking, task_id)
-    horizon = await looking_ahead(tracking.poller)
+    horizon = await looking_ahead(tracking)
 
     await tracking.register(task_id, client_id=client_id)
     await polled_again(tracking, tracking.poller, task_id, client_id=client_id)
@@ -192,7 +194,7 @@ async def test_a_look_ahead_ends_when_the_next_task_is_due(
     task_id = steady(fake_relay)
     await tracking.register(task_id)
     await rest(tracking, task_id, seconds=0.5)
-    await looking_ahead(tracking.poller)
+    await looking_ahead(tracking)
 
     await polled_again(tracking, tracking.poller, task_id)
 
@@ -207,7 +209,7 @@ async def test_a_change_no_tick_can_see_waits_no_longer_than_the_longest_interva
     task_id = steady(fake_relay)
     await tracking.register(task_id)
     await rest(tracking, task_id)
-    await looking_ahead(tracking.poller)
+    await looking_ahead(tracking)
     async with transaction(tracking.sessions) as session:
         await session.execute(text("UPDATE tasks SET next_poll_at = now()"))
 
