@@ -9,11 +9,12 @@ dead or pending; an attempt for each delivery of the last two days.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -184,6 +185,24 @@ async def _without_indexes(db: asyncpg.Connection, table: str) -> list[str]:
     return [row["definition"] for row in rows]
 
 
+Rows = Callable[[int, int], Iterator[tuple[object, ...]]]
+
+
+async def _copy(db: asyncpg.Connection, table: str, columns: list[str], rows: Rows, count: int) -> None:
+    """COPY rows(start, stop) for 0..count in steps into `table`, its plain indexes built afterwards."""
+    definitions = await _without_indexes(db, table)
+    for start in range(0, count, STEP):
+        records = list(rows(start, min(count, start + STEP)))
+        await db.copy_records_to_table(table, records=records, columns=columns)
+    for definition in definitions:
+        await db.execute(definition)
+    # Identity columns given explicit values: the next generated one follows the seeded rows.
+    await db.execute(
+        f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), coalesce(max(id), 0) + 1, false)"
+        f" FROM {table}"
+    )
+
+
 async def seed(dsn: str, count: int, *, history: bool = True) -> float:
     """COPY `count` tasks in (and, with `history`, their events, clients, deliveries and attempts)."""
     started = time.perf_counter()
@@ -207,17 +226,7 @@ async def seed(dsn: str, count: int, *, history: bool = True) -> float:
                 ("delivery_attempts", ATTEMPT_COLUMNS, _attempts),
             ]
         for table, columns, rows in tables:
-            definitions = await _without_indexes(db, table)
-            for start in range(0, count, STEP):
-                records = list(rows(plan, start, min(count, start + STEP)))
-                await db.copy_records_to_table(table, records=records, columns=columns)
-            for definition in definitions:
-                await db.execute(definition)
-            # Identity columns given explicit values: the next generated one follows the seeded rows.
-            await db.execute(
-                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), coalesce(max(id), 0) + 1, false)"
-                f" FROM {table}"
-            )
+            await _copy(db, table, columns, functools.partial(rows, plan), count)
         await db.execute(
             "SELECT setval(pg_get_serial_sequence('clients', 'id'), max(id) + 1, false) FROM clients"
         )
@@ -257,3 +266,42 @@ async def ensure_seeded(url: str, count: int, *, history: bool = True) -> str:
         print(f"seeding {count:,} tasks{' and their history' if history else ''} with COPY ...", flush=True)
         print(f"  seeded in {await seed(dsn, count, history=history):.1f} s", flush=True)
     return dsn
+
+
+LIVE_TASK_COLUMNS = [
+    "id", "task_id", "kind", "status", "created_at", "updated_at", "next_poll_at", "poll_interval_s",
+    "last_polled_at", "poll_count", "last_seq",
+]  # fmt: skip
+REGISTER_EVENT_COLUMNS = ["id", "task_pk", "seq", "at", "type", "to_status", "source", "feed_id"]
+
+
+async def seed_live(dsn: str, count: int, *, due_after_s: float, spread_s: float) -> float:
+    """COPY `count` live tasks of the default relay, none due for `due_after_s` (their next polls spread
+    over the following `spread_s`), each with its registration event numbered in the feed: a backlog
+    that is waiting, for the idle tick benchmark (bench_idle.py)."""
+    started = time.perf_counter()
+    now = datetime.now(UTC)
+    rng = random.Random(7)
+
+    def tasks(start: int, stop: int) -> Iterator[tuple[object, ...]]:
+        for n in range(start, stop):
+            due = now + timedelta(seconds=due_after_s + rng.uniform(0, spread_s))
+            yield (n + 1, f"live-{n:07d}", "music", "in_progress", now, now, due, 60.0, now, 20, 1)
+
+    def events(start: int, stop: int) -> Iterator[tuple[object, ...]]:
+        for n in range(start, stop):
+            yield (n + 1, n + 1, 1, now, "transition", "submitted", "register", n + 1)
+
+    tables: list[tuple[str, list[str], Rows]] = [
+        ("tasks", LIVE_TASK_COLUMNS, tasks),
+        ("task_events", REGISTER_EVENT_COLUMNS, events),
+    ]
+    db = await asyncpg.connect(dsn)
+    try:
+        await db.execute("SET maintenance_work_mem = '512MB'")
+        for table, columns, rows in tables:
+            await _copy(db, table, columns, rows, count)
+        await db.execute("VACUUM ANALYZE")
+    finally:
+        await db.close()
+    return time.perf_counter() - started

@@ -193,6 +193,12 @@ class Poller:
         """Poll everything due now; returns how many task polls were recorded."""
         started = time.perf_counter()
         try:
+            return await self._drain()
+        finally:
+            POLL_TICK.observe(time.perf_counter() - started)  # a failed one too
+
+    async def _drain(self) -> int:
+        try:
             since = await self._since()
         except Exception as exc:  # logged; the next tick tries again
             self._failed(exc)
@@ -204,7 +210,6 @@ class Poller:
             crew.top_up()
         if since is None:
             self._busy = crew.polled > 0 or crew.failed
-        POLL_TICK.observe(time.perf_counter() - started)
         return crew.polled
 
     async def _since(self) -> int | None:
