@@ -6,7 +6,7 @@ import asyncio
 import operator
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -118,18 +118,29 @@ class RequestConnection:
                     self._connection = await self._engine.connect()
         return self._connection
 
+    async def driver(self) -> asyncpg.Connection:
+        """The connection's driver, for statements SQLAlchemy need not see (run outside any session)."""
+        return await _driver(await self.get())
+
     async def fetchrow(self, query: str, *args: Any) -> Any:
         """One statement on its own (autocommit), on the driver: before the request's transaction
         begins, and without SQLAlchemy on the way. A connection Postgres closed while it sat in the pool
         (a restart: nothing pings at checkout) is dropped and the statement tried on the next one; the
         pool replaces each with a new connection, which fails at once while Postgres is away."""
+        return await self._retried("fetchrow", query, args)
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]:
+        """fetchrow's rows, all of them (the same autocommit and retry)."""
+        rows: list[Any] = await self._retried("fetch", query, args)
+        return rows
+
+    async def _retried(self, method: str, query: str, args: tuple[Any, ...]) -> Any:
         pool = self._engine.pool
         tries = (pool.size() if isinstance(pool, QueuePool) else 0) + 1
         for tried in range(1, tries + 1):
-            connection = await self.get()
-            driver = await _driver(connection)
+            driver = await self.driver()
             try:
-                return await driver.fetchrow(query, *args)
+                return await getattr(driver, method)(query, *args)
             except (asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.exceptions.InterfaceError):
                 if tried == tries or not driver.is_closed():
                     raise
@@ -296,6 +307,22 @@ def rows_as(keys: Sequence[str], rows: Iterable[Sequence[Any]], shape: type[_Sha
         raise LookupError(f"{shape.__name__}: the result has no column {', '.join(missing)}")
     pick = operator.itemgetter(*(list(keys).index(name) for name in fields))
     return [make(pick(row)) for row in rows]
+
+
+class Columns:
+    """A driver row (asyncpg's Record) read by attribute, as the ORM object of the same columns is: one
+    shape function (service.api.schemas.task_out) serves both. The row's keys are the attribute names."""
+
+    __slots__ = ("_row",)
+
+    def __init__(self, row: Mapping[str, Any]) -> None:
+        self._row = row
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._row[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 def sql_type(column: Column[Any]) -> str:

@@ -231,7 +231,7 @@ async def stems(
             default_relay=caller.relay, notify_hook=None, notify_format=None, metadata=None,
             settings=settings,
         )  # fmt: skip
-        await record_snapshot(session, snapshot, source=EventSource.API, settings=settings, pks=[task.id])
+        await record_snapshot(session, snapshot, source=EventSource.API, settings=settings, pks=[task["id"]])
         view = (await relay_views(session, caller.client_id, [clip_id]))[clip_id]
     return Response(render_stems(view.clips, _last_answer(view, runtime)), media_type=_JSON)
 

@@ -6,6 +6,7 @@ import base64
 import binascii
 import enum
 import re
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -13,6 +14,7 @@ import msgspec
 from litestar import Request
 
 from service.config import RELAY_NAME
+from service.db import Columns
 from service.errors import InvalidInput
 from service.models import Client, Clip, Delivery, DeliveryAttempt, Task, TaskEvent
 from service.redact import mask_credentials, mask_json
@@ -218,8 +220,11 @@ class FeedPage(msgspec.Struct):
     next_after: int
 
 
-def task_out(task: Task, clips: list[Clip], client_names: dict[int, str] | None = None) -> TaskOut:
-    """`client_names` (by client id) for the admin's view, which names each task's client."""
+def task_out(
+    task: Task | Columns, clips: Sequence[Clip | Columns], client_names: Mapping[int, str] | None = None
+) -> TaskOut:
+    """`client_names` (by client id) for the admin's view, which names each task's client. A task or
+    clip read by the driver comes as Columns (service.db) of the model's attribute names."""
     return _filled(
         TaskOut,
         task,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeGuard
 
 import msgspec
 from litestar import Request, Response, delete, get, post
@@ -34,14 +35,16 @@ from service.api.schemas import (
     task_view_out,
 )
 from service.clients.service import known_relay, take_up_to
-from service.db import begin_transaction
+from service.db import Columns
 from service.errors import Conflict, InvalidInput, NotFound, ServiceError
 from service.models import Task
 from service.runtime import Runtime
 from service.tracking import repository
 from service.tracking.service import (
     Registration,
+    TaskRow,
     cancel_task,
+    clips_of,
     poll_task,
     register_again,
     register_new,
@@ -57,12 +60,10 @@ async def load_task_out(session: AsyncSession, owner: Owner, task: Task) -> Task
     return task_out(task, clips[task.id], names)
 
 
-async def registered_out(session: AsyncSession, owner: Owner, task: Task, created: bool) -> TaskOut:
-    """A task just registered has no clips: its JSON needs no other query (bar the admin's client name)."""
-    if not created:
-        return await load_task_out(session, owner, task)
-    names = await repository.client_names(session, [task]) if owner.shows_client else None
-    return task_out(task, [], names)
+def registered_out(owner: Owner, task: TaskRow, clips: Sequence[Columns]) -> TaskOut:
+    """A registered task's JSON from its driver row (which names its client, for the admin's view)."""
+    names = {task["client_id"]: task["client_name"]} if owner.shows_client and task["client_id"] else {}
+    return task_out(Columns(task), clips, names if owner.shows_client else None)
 
 
 def not_tracked(task_id: str) -> NotFound:
@@ -91,39 +92,41 @@ async def check_registration(runtime: Runtime, data: RegisterTask, owner: Owner)
     "/api/v1/tasks",
     status_code=201,
     summary="Start tracking a relay task",
-    opt={REGISTERS: True, AUTOCOMMIT: True},
+    opt={REGISTERS: True},
 )
 async def create_task(
-    data: JSONBody[RegisterTask], session: DbSession, runtime: AppRuntime, owner: TaskOwner
+    request: Request[Any, Any, Any], data: JSONBody[RegisterTask], runtime: AppRuntime, owner: TaskOwner
 ) -> Response[TaskOut]:
-    """A new task is one statement, committed on its own (docs/design.md, "Registration in one
-    statement"); only a task registered before takes a transaction, its row locked while its hook,
-    format or metadata is replaced."""
+    """A new task is one statement by the driver, committed on its own (docs/design.md, "Registration
+    in one statement"); only a task registered before takes a transaction, its row locked while its
+    hook, format or metadata is replaced."""
     await check_registration(runtime, data, owner)
     registration = Registration(
         data.task_id, data.kind, data.notify_hook, data.notify_format, data.metadata, data.relay
     )
+    db = request_connection(request)
     new = await register_new(
-        session,
+        db.fetch,
         [registration],
         client_id=owner.client_id,
         default_relay=owner.relay,
         settings=runtime.settings,
     )
     task = new.get(data.task_id)
-    created = task is not None
-    if task is None:
-        # The insert found it registered (tasks are never deleted): lock it and apply what changed.
-        await begin_transaction(session)
-        task = await register_again(session, owner.client_id, registration)
-    return Response(await registered_out(session, owner, task, created), status_code=201 if created else 200)
+    if task is not None:
+        return Response(registered_out(owner, task, []), status_code=201)
+    # The insert found it registered (tasks are never deleted): lock it and apply what changed.
+    driver = await db.driver()
+    async with driver.transaction():
+        task = await register_again(driver.fetch, owner.client_id, registration)
+        clips = await clips_of(driver.fetch, [task["id"]])
+    return Response(registered_out(owner, task, clips[task["id"]]), status_code=200)
 
 
 @post("/api/v1/tasks/batch", status_code=200, summary="Start tracking up to 500 relay tasks at once")
 async def register_batch(
     request: Request[Any, Any, Any],
     data: JSONBody[RegisterBatch],
-    session: DbSession,
     runtime: AppRuntime,
     owner: TaskOwner,
 ) -> BatchOut:
@@ -145,14 +148,11 @@ async def register_batch(
         else:
             valid.append((index, registration))
     granted = len(valid)
+    db = request_connection(request)
     if owner.caller.client_id is not None and valid:
-        # Before the session's first statement, so outside its transaction: the bucket's row lock is
-        # held for this statement only.
+        # Before the registrations' transaction: the bucket's row lock is held for this statement only.
         granted, wait_s = await take_up_to(
-            request_connection(request),
-            owner.caller.client_id,
-            len(valid),
-            default_rate=runtime.settings.client_rate,
+            db, owner.caller.client_id, len(valid), default_rate=runtime.settings.client_rate
         )
         if granted == 0:
             raise rate_limited(owner.caller, wait_s)
@@ -160,29 +160,33 @@ async def register_batch(
         detail = f"client {owner.caller.name!r} is over its registration rate"
         items[index] = BatchItem(task_id=registration.task_id, status_code=429, detail=detail)
     registering = valid[:granted]
-    results = await register_tasks(
-        session,
-        [
-            Registration(r.task_id, r.kind, r.notify_hook, r.notify_format, r.metadata, r.relay)
-            for _index, r in registering
-        ],
-        client_id=owner.client_id,
-        default_relay=owner.relay,
-        settings=runtime.settings,
-    )
-    answered = [result for result in results if not isinstance(result, Conflict)]
-    tasks = [task for task, _created in answered]
-    # Only tasks registered before may have clips: one query for them all.
-    clips = await repository.clips_by_task(session, [task.id for task, created in answered if not created])
-    names = await repository.client_names(session, tasks) if owner.shows_client else None
+    driver = await db.driver()
+    async with driver.transaction():
+        results = await register_tasks(
+            driver.fetch,
+            [
+                Registration(r.task_id, r.kind, r.notify_hook, r.notify_format, r.metadata, r.relay)
+                for _index, r in registering
+            ],
+            client_id=owner.client_id,
+            default_relay=owner.relay,
+            settings=runtime.settings,
+        )
+        # Only tasks registered before may have clips: one query for them all.
+        again = [task["id"] for task, created in filter(_answered, results) if not created]
+        clips = await clips_of(driver.fetch, again)
     for (index, registration), result in zip(registering, results, strict=True):
         if isinstance(result, Conflict):
             items[index] = BatchItem(task_id=registration.task_id, status_code=409, detail=result.detail)
             continue
         task, created = result
-        out = task_out(task, clips.get(task.id, []), names)
-        items[index] = BatchItem(task_id=task.task_id, status_code=201 if created else 200, task=out)
+        out = registered_out(owner, task, clips.get(task["id"], []))
+        items[index] = BatchItem(task_id=task["task_id"], status_code=201 if created else 200, task=out)
     return BatchOut(items=[item for item in items if item is not None])
+
+
+def _answered(result: tuple[TaskRow, bool] | Conflict) -> TypeGuard[tuple[TaskRow, bool]]:
+    return not isinstance(result, Conflict)
 
 
 _READ_TASK = repository.task_view_statement(TASK_VIEW_COLUMNS)

@@ -15,7 +15,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import aliased
 
-from service.db import database_now, recordset, recordset_value, rows_as
+from service.db import Columns, database_now, recordset, recordset_value, rows_as
 from service.models import LIVE, TASK_TRANSITION, Client, Clip, Task, TaskEvent
 from service.upstream.schemas import ClipContent, ClipView, Lyrics
 from service.vocabulary import DEFAULT_RELAY, EventSource, TaskStatus
@@ -211,8 +211,9 @@ class ClipState(ClipContent, kw_only=True):
 _CLIP_CONTENT = ClipContent.__struct_fields__
 
 
-def clip_view(clip: ClipState | Clip) -> ClipView:
-    """A stored clip (as the recorder holds it, or as the ORM loads it) as the task JSON shows it."""
+def clip_view(clip: ClipState | Clip | Columns) -> ClipView:
+    """A stored clip (as the recorder holds it, as the ORM loads it, or a driver row of the model's
+    attribute names) as the task JSON shows it."""
     return ClipView(
         id=clip.clip_id,
         status=None if clip.status is None else TaskStatus(clip.status),

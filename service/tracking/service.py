@@ -13,21 +13,20 @@ import asyncio
 import hashlib
 import operator
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import msgspec
 import structlog
-from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.config import Settings
-from service.db import database_now
+from service.db import Columns
 from service.errors import Conflict, NotFound, UpstreamUnavailable
 from service.metrics import ANOMALIES, TRANSITIONS
-from service.models import Task
+from service.models import Clip, Task
 from service.redact import mask_secret
 from service.tracking import repository
 from service.tracking.repository import (
@@ -764,98 +763,126 @@ class Registration:
     relay: str | None = None
 
 
-_TASK_COLUMNS = ", ".join(f'"{column.name}"' for column in Task.__table__.c)
+# A task row as registration returns it: each column under its attribute name (service.db.Columns reads
+# it as a Task), and its client's name, which only the admin's view shows.
+_TASK_ROW = ", ".join(
+    [f't."{column.name}" AS {key}' for key, column in Task.__mapper__.columns.items()]
+    + ["(SELECT c.name FROM clients c WHERE c.id = t.client_id) AS client_name"]
+)
 # Every new task of a call and its registration event in one statement (docs/design.md, "Registration
 # in one statement"). Polls are scheduled by the database's clock only ("One clock"). A task another
 # client already polls on the same relay is `shared`: the claims then poll both records together.
-_REGISTER = text(
-    f"""
+# $1-$6: the registrations' columns as arrays, $7 the client (NULL: the admin), $8 the poll interval.
+_REGISTER = f"""
 WITH given AS (
     SELECT * FROM unnest(
-        CAST(:task_ids AS text[]), CAST(:kinds AS text[]), CAST(:relays AS text[]),
-        CAST(:hooks AS text[]), CAST(:formats AS text[]), CAST(:metadata AS text[])
+        CAST($1 AS text[]), CAST($2 AS text[]), CAST($3 AS text[]),
+        CAST($4 AS text[]), CAST($5 AS text[]), CAST($6 AS text[])
     ) WITH ORDINALITY AS g(task_id, kind, relay, notify_hook, notify_format, metadata, ord)
 ), created AS (
     INSERT INTO tasks (task_id, client_id, relay, shared, kind, status, notify_hook, notify_hook_source,
                        notify_format, metadata, last_seq, created_at, updated_at, next_poll_at,
                        poll_interval_s)
-    SELECT g.task_id, CAST(:client_id AS bigint), g.relay,
+    SELECT g.task_id, CAST($7 AS bigint), g.relay,
            EXISTS (SELECT FROM tasks o WHERE o.task_id = g.task_id AND o.relay = g.relay
-                   AND o.client_id IS DISTINCT FROM CAST(:client_id AS bigint)
+                   AND o.client_id IS DISTINCT FROM CAST($7 AS bigint)
                    AND o.next_poll_at IS NOT NULL),
-           g.kind, :status, g.notify_hook, CASE WHEN g.notify_hook IS NOT NULL THEN :hook_source END,
+           g.kind, '{TaskStatus.SUBMITTED}', g.notify_hook,
+           CASE WHEN g.notify_hook IS NOT NULL THEN '{HookSource.CLIENT}' END,
            g.notify_format, CAST(g.metadata AS jsonb), 1, now(), now(),
-           now() + make_interval(secs => :interval), :interval
+           now() + make_interval(secs => CAST($8 AS double precision)), CAST($8 AS double precision)
     FROM given g ORDER BY g.ord
     ON CONFLICT (task_id, client_id) DO NOTHING
     RETURNING *
 ), registered AS (
     INSERT INTO task_events (task_pk, seq, at, type, from_status, to_status, source)
-    SELECT id, 1, created_at, :event_type, NULL, :status, :event_source FROM created
+    SELECT id, 1, created_at, '{EventType.TRANSITION}', NULL, '{TaskStatus.SUBMITTED}',
+           '{EventSource.REGISTER}'
+    FROM created
 )
-SELECT {_TASK_COLUMNS} FROM created
+SELECT {_TASK_ROW} FROM created t
+"""  # noqa: S608  (every interpolation is a constant of ours)
+_OWN_TASK = "t.task_id = $1 AND t.client_id IS NOT DISTINCT FROM CAST($2 AS bigint)"
+_LOCK_TASK = f"SELECT {_TASK_ROW} FROM tasks t WHERE {_OWN_TASK} FOR UPDATE"  # noqa: S608
+# $3-$6: the hook, its source, the format and the metadata (JSON) as they are to be.
+_REPLACE = f"""
+UPDATE tasks t SET notify_hook = $3, notify_hook_source = $4, notify_format = $5,
+                   metadata = CAST($6 AS jsonb), updated_at = now()
+WHERE {_OWN_TASK} RETURNING {_TASK_ROW}
 """  # noqa: S608
-).columns(*Task.__table__.c)
+# A task row and the statements that read it: by the driver (asyncpg Records) or through a session
+# (row mappings), both indexed by column name.
+TaskRow = Mapping[str, Any]
+Fetch = Callable[..., Awaitable[Sequence[TaskRow]]]
 
 
 def _json(value: dict[str, Any]) -> str:
     return msgspec.json.encode(value).decode()
 
 
+def session_fetch(session: AsyncSession) -> Fetch:
+    """`Fetch` in the session's transaction, for callers that hold one (the relay front, tests)."""
+
+    async def fetch(query: str, *args: Any) -> Sequence[TaskRow]:
+        connection = await session.connection()
+        rows = (await connection.exec_driver_sql(query, args)).mappings().all()
+        return cast("Sequence[TaskRow]", rows)
+
+    return fetch
+
+
 async def register_new(
-    session: AsyncSession,
+    fetch: Fetch,
     registrations: Sequence[Registration],
     *,
     client_id: int | None = None,
     default_relay: str = DEFAULT_RELAY,
     settings: Settings,
-) -> dict[str, Task]:
+) -> dict[str, TaskRow]:
     """The tasks of `registrations` the client had not registered, each created with its registration
     event, in one statement (atomic on its own, so it may run outside a transaction); by task id."""
     if not registrations:
         return {}
-    params = {
-        "task_ids": [r.task_id for r in registrations],
-        "kinds": [r.kind for r in registrations],
-        "relays": [r.relay or default_relay for r in registrations],
-        "hooks": [r.notify_hook for r in registrations],
-        "formats": [r.notify_format for r in registrations],
-        "metadata": [None if r.metadata is None else _json(r.metadata) for r in registrations],
-        "client_id": client_id,
-        "status": TaskStatus.SUBMITTED.value,
-        "hook_source": HookSource.CLIENT.value,
-        "interval": settings.poll_min_interval_s,
-        "event_type": EventType.TRANSITION.value,
-        "event_source": EventSource.REGISTER.value,
-    }
-    rows = await session.scalars(select(Task).from_statement(_REGISTER), params)
-    return {task.task_id: task for task in rows}
+    rows = await fetch(
+        _REGISTER,
+        [r.task_id for r in registrations],
+        [r.kind for r in registrations],
+        [r.relay or default_relay for r in registrations],
+        [r.notify_hook for r in registrations],
+        [r.notify_format for r in registrations],
+        [None if r.metadata is None else _json(r.metadata) for r in registrations],
+        client_id,
+        settings.poll_min_interval_s,
+    )
+    return {row["task_id"]: row for row in rows}
 
 
 async def register_tasks(
-    session: AsyncSession,
+    fetch: Fetch,
     registrations: Sequence[Registration],
     *,
     client_id: int | None = None,
     default_relay: str = DEFAULT_RELAY,
     settings: Settings,
-) -> list[tuple[Task, bool] | Conflict]:
-    """Start tracking each task for a client (None: the admin), in order: (task, created) for each, or
-    the Conflict refusing it. Registering the same task again (in this call too) is idempotent.
+) -> list[tuple[TaskRow, bool] | Conflict]:
+    """Start tracking each task for a client (None: the admin), in order: (task row, created) for each,
+    or the Conflict refusing it. Registering the same task again (in this call too) is idempotent.
+    `fetch` runs in one transaction: a task registered before is locked while its hook, format or
+    metadata is replaced.
 
     New tasks cost one statement together; only a task registered before takes statements of its own.
     A refused one wrote nothing, so the caller may go on with the others in the same transaction."""
     created = await register_new(
-        session, registrations, client_id=client_id, default_relay=default_relay, settings=settings
+        fetch, registrations, client_id=client_id, default_relay=default_relay, settings=settings
     )
-    results: list[tuple[Task, bool] | Conflict] = []
+    results: list[tuple[TaskRow, bool] | Conflict] = []
     for registration in registrations:
         task = created.pop(registration.task_id, None)
         if task is not None:
             results.append((task, True))
             continue
         try:
-            results.append((await register_again(session, client_id, registration), False))
+            results.append((await register_again(fetch, client_id, registration), False))
         except Conflict as refused:
             results.append(refused)
     return results
@@ -873,43 +900,71 @@ async def register_task(
     notify_format: str | None,
     metadata: dict[str, Any] | None,
     settings: Settings,
-) -> tuple[Task, bool]:
-    """One registration (register_tasks); returns (task, created), or raises its Conflict."""
+) -> tuple[TaskRow, bool]:
+    """One registration (register_tasks) in the session's transaction; returns (task row, created), or
+    raises its Conflict."""
     registration = Registration(task_id, kind, notify_hook, notify_format, metadata, relay)
     (result,) = await register_tasks(
-        session, [registration], client_id=client_id, default_relay=default_relay, settings=settings
+        session_fetch(session),
+        [registration],
+        client_id=client_id,
+        default_relay=default_relay,
+        settings=settings,
     )
     if isinstance(result, Conflict):
         raise result
     return result
 
 
-async def register_again(session: AsyncSession, client_id: int | None, given: Registration) -> Task:
+async def register_again(fetch: Fetch, client_id: int | None, given: Registration) -> TaskRow:
     """The same task again: 200 with the existing one, whose hook, format and metadata a non-null value
-    given now replaces (no event); a different kind or relay is a Conflict."""
+    given now replaces (no event); a different kind or relay is a Conflict. `fetch` runs in a
+    transaction, which holds the task's row lock until it ends."""
     # A concurrent registration may still be committing: the row lock waits for it.
-    existing = await repository.get_task(session, client_id, given.task_id, for_update=True)
-    assert existing is not None
+    (existing,) = await fetch(_LOCK_TASK, given.task_id, client_id)
     for name, value in (("kind", given.kind), ("relay", given.relay)):
-        registered = getattr(existing, name)
+        registered = existing[name]
         if value is not None and registered != value:
             raise Conflict(
                 f"task_id {given.task_id!r} is already registered with {name} {registered!r}, not {value!r}",
                 extra={"task_id": given.task_id, name: registered},
             )
-    changed = False
     # A hook given at registration replaces one adopted from the relay, and the relay's never replaces it.
-    replacements: tuple[tuple[str, object], ...] = (
-        ("notify_hook", given.notify_hook),
-        ("notify_hook_source", None if given.notify_hook is None else HookSource.CLIENT),
-        ("notify_format", given.notify_format),
-        ("client_metadata", given.metadata),
+    replacements: dict[str, Any] = {
+        "notify_hook": given.notify_hook,
+        "notify_hook_source": None if given.notify_hook is None else HookSource.CLIENT.value,
+        "notify_format": given.notify_format,
+        "client_metadata": given.metadata,
+    }
+    wanted = {
+        name: existing[name] if replacement is None else replacement
+        for name, replacement in replacements.items()
+    }
+    if all(wanted[name] == existing[name] for name in replacements):
+        return existing
+    metadata = wanted["client_metadata"]
+    (replaced,) = await fetch(
+        _REPLACE,
+        given.task_id,
+        client_id,
+        wanted["notify_hook"],
+        wanted["notify_hook_source"],
+        wanted["notify_format"],
+        None if metadata is None else _json(metadata),
     )
-    for attribute, replacement in replacements:
-        if replacement is not None and getattr(existing, attribute) != replacement:
-            setattr(existing, attribute, replacement)
-            changed = True
-    if changed:
-        existing.updated_at = await database_now(session)
-        await session.flush()
-    return existing
+    return replaced
+
+
+_CLIP_ROW = ", ".join(f'"{column.name}" AS {key}' for key, column in Clip.__mapper__.columns.items())
+_CLIPS_OF = (
+    f"SELECT {_CLIP_ROW} FROM clips WHERE task_pk = ANY(CAST($1 AS bigint[])) ORDER BY task_pk, position"  # noqa: S608
+)
+
+
+async def clips_of(fetch: Fetch, task_pks: Sequence[int]) -> dict[int, list[Columns]]:
+    """The clips of tasks registered before (a new task has none), each task's in first-seen order."""
+    grouped: dict[int, list[Columns]] = {pk: [] for pk in task_pks}
+    if task_pks:
+        for row in await fetch(_CLIPS_OF, list(task_pks)):
+            grouped[row["task_pk"]].append(Columns(row))
+    return grouped
