@@ -66,6 +66,13 @@ def registered_out(owner: Owner, task: TaskRow, clips: Sequence[Columns]) -> Tas
     return task_out(Columns(task), clips, names if owner.shows_client else None)
 
 
+def app_runtime(request: Request[Any, Any, Any]) -> Runtime:
+    """The runtime without the dependency: each dependency beside `owner` costs the registration routes
+    a task group (docs/design.md, "Registration figures")."""
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
 def not_tracked(task_id: str) -> NotFound:
     return NotFound(f"task {task_id!r} is not tracked", extra={"task_id": task_id})
 
@@ -95,11 +102,12 @@ async def check_registration(runtime: Runtime, data: RegisterTask, owner: Owner)
     opt={REGISTERS: True},
 )
 async def create_task(
-    request: Request[Any, Any, Any], data: JSONBody[RegisterTask], runtime: AppRuntime, owner: TaskOwner
+    request: Request[Any, Any, Any], data: JSONBody[RegisterTask], owner: TaskOwner
 ) -> Response[TaskOut]:
     """A new task is one statement by the driver, committed on its own (docs/design.md, "Registration
     in one statement"); only a task registered before takes a transaction, its row locked while its
     hook, format or metadata is replaced."""
+    runtime = app_runtime(request)
     await check_registration(runtime, data, owner)
     registration = Registration(
         data.task_id, data.kind, data.notify_hook, data.notify_format, data.metadata, data.relay
@@ -127,12 +135,12 @@ async def create_task(
 async def register_batch(
     request: Request[Any, Any, Any],
     data: JSONBody[RegisterBatch],
-    runtime: AppRuntime,
     owner: TaskOwner,
 ) -> BatchOut:
     """Each item answers as the single route would, in request order, all in one transaction. A client
     takes one registration per valid item from its rate bucket: those the bucket cannot cover now are
     429 items, and a batch it covers none of is a 429 (docs/design.md, "The batch route")."""
+    runtime = app_runtime(request)
     items: list[BatchItem | None] = [None] * len(data.tasks)
     valid: list[tuple[int, RegisterTask]] = []
     for index, raw in enumerate(data.tasks):
