@@ -6,11 +6,10 @@ import asyncio
 import operator
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
@@ -308,15 +307,6 @@ def rows_as(keys: Sequence[str], rows: Iterable[Sequence[Any]], shape: type[_Sha
         raise LookupError(f"{shape.__name__}: the result has no column {', '.join(missing)}")
     pick = operator.itemgetter(*(list(keys).index(name) for name in fields))
     return [make(pick(row)) for row in rows]
-
-
-class Columns(SimpleNamespace):
-    """A driver row (asyncpg's Record) read by attribute, as the ORM object of the same columns is: one
-    shape function (service.api.schemas.task_out) serves both. The row's keys are the attribute names;
-    copied into attributes, which read three times faster than a __getattr__ over the row would."""
-
-    def __init__(self, row: Mapping[str, Any]) -> None:
-        super().__init__(**row)
 
 
 def sql_type(column: Column[Any]) -> str:

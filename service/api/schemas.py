@@ -6,7 +6,6 @@ import base64
 import binascii
 import enum
 import re
-from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -14,7 +13,6 @@ import msgspec
 from litestar import Request
 
 from service.config import RELAY_NAME
-from service.db import Columns
 from service.errors import InvalidInput
 from service.models import Client, Clip, Delivery, DeliveryAttempt, Task, TaskEvent
 from service.redact import mask_credentials, mask_json
@@ -220,11 +218,8 @@ class FeedPage(msgspec.Struct):
     next_after: int
 
 
-def task_out(
-    task: Task | Columns, clips: Sequence[Clip | Columns], client_names: Mapping[int, str] | None = None
-) -> TaskOut:
-    """`client_names` (by client id) for the admin's view, which names each task's client. A task or
-    clip read by the driver comes as Columns (service.db) of the model's attribute names."""
+def task_out(task: Task, clips: list[Clip], client_names: dict[int, str] | None = None) -> TaskOut:
+    """`client_names` (by client id) for the admin's view, which names each task's client."""
     return _filled(
         TaskOut,
         task,
@@ -252,9 +247,10 @@ _decode_object = msgspec.json.Decoder(dict[str, Any] | None).decode
 _decode_timeline = msgspec.json.Decoder(dict[str, float] | None).decode
 
 
-def task_view_out(row: Any, *, shows_client: bool) -> TaskOut:
+def task_view_out(row: Any, *, shows_client: bool, timeline: bool = True) -> TaskOut:
     """A row of repository.task_view_statement(TASK_VIEW_COLUMNS) as task_out shows the task (its JSON
-    columns are text, as the statement gives them), with its timeline."""
+    columns are text, as the statement gives them), with its timeline unless not asked for (a
+    registration's answer has none: its row may have no `timeline`)."""
     hook = row["notify_hook"]
     metadata, lyrics, clips = row["metadata"], row["lyrics"], row["clips"]
     values = {name: row[name] for name in TASK_VIEW_COLUMNS}
@@ -265,7 +261,9 @@ def task_view_out(row: Any, *, shows_client: bool) -> TaskOut:
         lyrics=None if lyrics is None else _decode_lyrics(lyrics),
         clips=[] if clips is None else _decode_clips(clips),
         client=row["client_name"] if shows_client else msgspec.UNSET,
-        timeline=timeline_seconds(None if row["timeline"] is None else _decode_timeline(row["timeline"])),
+        timeline=timeline_seconds(None if row["timeline"] is None else _decode_timeline(row["timeline"]))
+        if timeline
+        else msgspec.UNSET,
     )
     return TaskOut(**values)
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Any, TypeGuard
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, delete, get, post
@@ -35,7 +34,6 @@ from service.api.schemas import (
     task_view_out,
 )
 from service.clients.service import known_relay, take_up_to
-from service.db import Columns
 from service.errors import Conflict, InvalidInput, NotFound, ServiceError
 from service.models import Task
 from service.runtime import Runtime
@@ -44,7 +42,6 @@ from service.tracking.service import (
     Registration,
     TaskRow,
     cancel_task,
-    clips_of,
     poll_task,
     register_again,
     register_new,
@@ -60,10 +57,8 @@ async def load_task_out(session: AsyncSession, owner: Owner, task: Task) -> Task
     return task_out(task, clips[task.id], names)
 
 
-def registered_out(owner: Owner, task: TaskRow, clips: Sequence[Columns]) -> TaskOut:
-    """A registered task's JSON from its driver row (which names its client, for the admin's view)."""
-    names = {task["client_id"]: task["client_name"]} if owner.shows_client and task["client_id"] else {}
-    return task_out(Columns(task), clips, names if owner.shows_client else None)
+def registered_out(owner: Owner, task: TaskRow) -> TaskOut:
+    return task_view_out(task, shows_client=owner.shows_client, timeline=False)
 
 
 def app_runtime(request: Request[Any, Any, Any]) -> Runtime:
@@ -122,13 +117,12 @@ async def create_task(
     )
     task = new.get(data.task_id)
     if task is not None:
-        return Response(registered_out(owner, task, []), status_code=201)
+        return Response(registered_out(owner, task), status_code=201)
     # The insert found it registered (tasks are never deleted): lock it and apply what changed.
     driver = await db.driver()
     async with driver.transaction():
         task = await register_again(driver.fetch, owner.client_id, registration)
-        clips = await clips_of(driver.fetch, [task["id"]])
-    return Response(registered_out(owner, task, clips[task["id"]]), status_code=200)
+    return Response(registered_out(owner, task), status_code=200)
 
 
 @post("/api/v1/tasks/batch", status_code=200, summary="Start tracking up to 500 relay tasks at once")
@@ -180,21 +174,14 @@ async def register_batch(
             default_relay=owner.relay,
             settings=runtime.settings,
         )
-        # Only tasks registered before may have clips: one query for them all.
-        again = [task["id"] for task, created in filter(_answered, results) if not created]
-        clips = await clips_of(driver.fetch, again)
     for (index, registration), result in zip(registering, results, strict=True):
         if isinstance(result, Conflict):
             items[index] = BatchItem(task_id=registration.task_id, status_code=409, detail=result.detail)
             continue
         task, created = result
-        out = registered_out(owner, task, clips.get(task["id"], []))
+        out = registered_out(owner, task)
         items[index] = BatchItem(task_id=task["task_id"], status_code=201 if created else 200, task=out)
     return BatchOut(items=[item for item in items if item is not None])
-
-
-def _answered(result: tuple[TaskRow, bool] | Conflict) -> TypeGuard[tuple[TaskRow, bool]]:
-    return not isinstance(result, Conflict)
 
 
 _READ_TASK = repository.task_view_statement(TASK_VIEW_COLUMNS)

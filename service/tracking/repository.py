@@ -15,7 +15,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import aliased
 
-from service.db import Columns, database_now, recordset, recordset_value, rows_as
+from service.db import database_now, recordset, recordset_value, rows_as
 from service.models import LIVE, TASK_TRANSITION, Client, Clip, Task, TaskEvent
 from service.upstream.schemas import ClipContent, ClipView, Lyrics
 from service.vocabulary import DEFAULT_RELAY, EventSource, TaskStatus
@@ -155,17 +155,22 @@ _CLIP_VIEW = ", ".join(
 )
 
 
+def task_view_columns(columns: Sequence[str], table: str) -> list[str]:
+    """`columns` of `table` (an alias of tasks) as a task view row has them: JSON as text."""
+    return [
+        f"{table}.{name}::text AS {name}" if isinstance(_TASKS.c[name].type, JSONB) else f"{table}.{name}"
+        for name in columns
+    ]
+
+
 def task_view_statement(columns: Sequence[str]) -> str:
     """GET /tasks/{task_id} in one statement, for the driver (docs/design.md, "GET a task in one
     statement"): `columns` of the task ($1: its task id; $2: its client's id, NULL for the admin's), its
     client's name (`client_name`), its clips as a JSON array of ClipView objects in position order
     (`clips`, NULL for none) and its timeline (`timeline`, NULL before its first transition). JSON comes
     as text, for msgspec to decode into the shapes it is shown in."""
-    shown = [
-        f"{name}::text AS {name}" if isinstance(_TASKS.c[name].type, JSONB) else name for name in columns
-    ]
     return (
-        f"SELECT {', '.join(shown)}, "  # noqa: S608
+        f"SELECT {', '.join(task_view_columns(columns, 'tasks'))}, "  # noqa: S608
         "(SELECT name FROM clients WHERE clients.id = tasks.client_id) AS client_name, "
         f"(SELECT json_agg(json_build_object({_CLIP_VIEW}) ORDER BY position)::text FROM clips "
         "WHERE task_pk = tasks.id) AS clips, "
@@ -211,9 +216,8 @@ class ClipState(ClipContent, kw_only=True):
 _CLIP_CONTENT = ClipContent.__struct_fields__
 
 
-def clip_view(clip: ClipState | Clip | Columns) -> ClipView:
-    """A stored clip (as the recorder holds it, as the ORM loads it, or a driver row of the model's
-    attribute names) as the task JSON shows it."""
+def clip_view(clip: ClipState | Clip) -> ClipView:
+    """A stored clip (as the recorder holds it, or as the ORM loads it) as the task JSON shows it."""
     return ClipView(
         id=clip.clip_id,
         status=None if clip.status is None else TaskStatus(clip.status),

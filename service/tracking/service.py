@@ -23,10 +23,9 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.config import Settings
-from service.db import Columns
 from service.errors import Conflict, NotFound, UpstreamUnavailable
 from service.metrics import ANOMALIES, TRANSITIONS
-from service.models import Clip, Task
+from service.models import Task
 from service.redact import mask_secret
 from service.tracking import repository
 from service.tracking.repository import (
@@ -763,11 +762,15 @@ class Registration:
     relay: str | None = None
 
 
-# A task row as registration returns it: each column under its attribute name (service.db.Columns reads
-# it as a Task), and its client's name, which only the admin's view shows.
-_TASK_ROW = ", ".join(
-    [f't."{column.name}" AS {key}' for key, column in Task.__mapper__.columns.items()]
-    + ["(SELECT c.name FROM clients c WHERE c.id = t.client_id) AS client_name"]
+# A task as registration answers it: the row of repository.task_view_statement (every column, JSON as
+# text, its client's name, its clips), without the timeline. A new task has no clips.
+_EVERY_COLUMN = [column.name for column in Task.__table__.c]
+_NEW_TASK_VIEW = ", ".join(
+    [
+        *repository.task_view_columns(_EVERY_COLUMN, "t"),
+        "NULL::text AS clips",
+        "(SELECT c.name FROM clients c WHERE c.id = t.client_id) AS client_name",
+    ]
 )
 # Every new task of a call and its registration event in one statement (docs/design.md, "Registration
 # in one statement"). Polls are scheduled by the database's clock only ("One clock"). A task another
@@ -795,7 +798,7 @@ WITH given AS ({{given}}), created AS (
            '{EventSource.REGISTER}'
     FROM created
 )
-SELECT {_TASK_ROW} FROM created t
+SELECT {_NEW_TASK_VIEW} FROM created t
 """  # noqa: S608  (every interpolation is a constant of ours)
 _REGISTER = _REGISTER_GIVEN.format(
     given="""SELECT * FROM unnest(
@@ -812,12 +815,15 @@ _REGISTER_ONE = _REGISTER_GIVEN.format(
         CAST($6 AS text) AS metadata, 1 AS ord"""
 )
 _OWN_TASK = "t.task_id = $1 AND t.client_id IS NOT DISTINCT FROM CAST($2 AS bigint)"
-_LOCK_TASK = f"SELECT {_TASK_ROW} FROM tasks t WHERE {_OWN_TASK} FOR UPDATE"  # noqa: S608
+_REPLACED = ("kind", "relay", "notify_hook", "notify_hook_source", "notify_format", "metadata")
+_LOCK_TASK = f"SELECT {', '.join(_REPLACED)} FROM tasks t WHERE {_OWN_TASK} FOR UPDATE"  # noqa: S608
 # $3-$6: the hook, its source, the format and the metadata (JSON) as they are to be.
+# A task registered before, as task_view_statement shows it (its timeline is left out of the answer).
+_TASK_AGAIN = repository.task_view_statement(_EVERY_COLUMN)
 _REPLACE = f"""
 UPDATE tasks t SET notify_hook = $3, notify_hook_source = $4, notify_format = $5,
                    metadata = CAST($6 AS jsonb), updated_at = now()
-WHERE {_OWN_TASK} RETURNING {_TASK_ROW}
+WHERE {_OWN_TASK}
 """  # noqa: S608
 # A task row and the statements that read it: by the driver (asyncpg Records) or through a session
 # (row mappings), both indexed by column name.
@@ -945,37 +951,22 @@ async def register_again(fetch: Fetch, client_id: int | None, given: Registratio
         "notify_hook": given.notify_hook,
         "notify_hook_source": None if given.notify_hook is None else HookSource.CLIENT.value,
         "notify_format": given.notify_format,
-        "client_metadata": given.metadata,
+        "metadata": given.metadata,
     }
     wanted = {
         name: existing[name] if replacement is None else replacement
         for name, replacement in replacements.items()
     }
-    if all(wanted[name] == existing[name] for name in replacements):
-        return existing
-    metadata = wanted["client_metadata"]
-    (replaced,) = await fetch(
-        _REPLACE,
-        given.task_id,
-        client_id,
-        wanted["notify_hook"],
-        wanted["notify_hook_source"],
-        wanted["notify_format"],
-        None if metadata is None else _json(metadata),
-    )
-    return replaced
-
-
-_CLIP_ROW = ", ".join(f'"{column.name}" AS {key}' for key, column in Clip.__mapper__.columns.items())
-_CLIPS_OF = (
-    f"SELECT {_CLIP_ROW} FROM clips WHERE task_pk = ANY(CAST($1 AS bigint[])) ORDER BY task_pk, position"  # noqa: S608
-)
-
-
-async def clips_of(fetch: Fetch, task_pks: Sequence[int]) -> dict[int, list[Columns]]:
-    """The clips of tasks registered before (a new task has none), each task's in first-seen order."""
-    grouped: dict[int, list[Columns]] = {pk: [] for pk in task_pks}
-    if task_pks:
-        for row in await fetch(_CLIPS_OF, list(task_pks)):
-            grouped[row["task_pk"]].append(Columns(row))
-    return grouped
+    if any(wanted[name] != existing[name] for name in replacements):
+        metadata = wanted["metadata"]
+        await fetch(
+            _REPLACE,
+            given.task_id,
+            client_id,
+            wanted["notify_hook"],
+            wanted["notify_hook_source"],
+            wanted["notify_format"],
+            None if metadata is None else _json(metadata),
+        )
+    (view,) = await fetch(_TASK_AGAIN, given.task_id, client_id)
+    return view
