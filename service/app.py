@@ -102,8 +102,7 @@ async def provide_session(
     request: Request[Any, Any, Any], runtime: AppRuntime
 ) -> AsyncIterator[AsyncSession]:
     """The request owns the transaction: committed after the handler returns, rolled back if it raises.
-    A route marked AUTOCOMMIT runs each statement on its own until it begins one
-    (service.api.connection)."""
+    A route marked AUTOCOMMIT runs each statement on its own (service.api.connection)."""
     db = request_connection(request)
     connection = await db.get()
     if request.route_handler.opt.get(AUTOCOMMIT):

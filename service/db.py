@@ -169,18 +169,6 @@ async def _driver(connection: AsyncConnection) -> asyncpg.Connection:
     return driver
 
 
-async def begin_transaction(session: AsyncSession) -> None:
-    """From here on, the session's statements run in one transaction, which ends as the request's does:
-    for a request that runs in autocommit (service.api.connection.AUTOCOMMIT) and finds it needs more
-    than one statement after all. Nothing to do where the session already runs in a transaction."""
-    connection = await session.connection()
-    options = connection.sync_connection.get_execution_options() if connection.sync_connection else {}
-    if options.get("isolation_level") != "AUTOCOMMIT":
-        return
-    await session.commit()  # SQLAlchemy's bookkeeping only: in autocommit nothing reaches Postgres
-    await connection.execution_options(isolation_level=connection.default_isolation_level)
-
-
 async def database_now(session: AsyncSession) -> datetime:
     """The transaction's time on the database's clock: the one clock polls are scheduled by."""
     now: datetime = (await session.execute(text("SELECT now()"))).scalar_one()

@@ -20,8 +20,7 @@ from service.runtime import Runtime
 _KEY = "sunotrack_connection"
 # Route handlers with this in their `opt` run each statement on its own, without BEGIN and COMMIT (two
 # round trips fewer): reads (read committed gives each statement its own snapshot inside a transaction
-# too), and a write of one statement. One that needs a transaction after all begins it
-# (service.db.begin_transaction); it ends with the request's, as always.
+# too).
 AUTOCOMMIT = "autocommit"
 
 
