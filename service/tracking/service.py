@@ -820,10 +820,11 @@ _LOCK_TASK = f"SELECT {', '.join(_REPLACED)} FROM tasks t WHERE {_OWN_TASK} FOR 
 # $3-$6: the hook, its source, the format and the metadata (JSON) as they are to be.
 # A task registered before, as task_view_statement shows it (its timeline is left out of the answer).
 _TASK_AGAIN = repository.task_view_statement(_EVERY_COLUMN)
+# RETURNING: a session's result of a statement that returns no rows cannot be read as rows.
 _REPLACE = f"""
 UPDATE tasks t SET notify_hook = $3, notify_hook_source = $4, notify_format = $5,
                    metadata = CAST($6 AS jsonb), updated_at = now()
-WHERE {_OWN_TASK}
+WHERE {_OWN_TASK} RETURNING t.id
 """  # noqa: S608
 # A task row and the statements that read it: by the driver (asyncpg Records) or through a session
 # (row mappings), both indexed by column name.
