@@ -16,7 +16,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api import AppRuntime
-from service.api.auth import provide_caller, provide_owner, require_token
+from service.api.auth import RequireToken, provide_caller, provide_owner
 from service.api.callbacks import CALLBACK_ROUTES
 from service.api.clients import CLIENT_ROUTES
 from service.api.connection import AUTOCOMMIT, OneConnection, request_connection
@@ -182,7 +182,7 @@ def create_app(settings: Settings, *, role: Role = "all") -> Litestar:
                     *CLIENT_ROUTES,
                     *RELAY_FRONT_ROUTES,
                 ],
-                guards=[require_token],
+                middleware=[RequireToken()],
                 dependencies={
                     "caller": Provide(provide_caller, sync_to_thread=False),
                     "owner": Provide(provide_owner),

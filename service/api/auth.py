@@ -1,11 +1,12 @@
 """Who is asking, and whose tasks a request may see.
 
-The guard runs before anything else a route does (its body is not even read yet): a request without a
-valid token is a 401 whatever else is wrong with it. The admin token is compared in memory; a client's
-is looked up in one autocommit statement on the request's connection, before its transaction begins,
-which on a registration also takes from the client's rate-limit bucket, so a refused registration costs
-nothing more and the bucket's row lock is held for that statement only. Other calls may find the token
-in the process's cache instead (SUNOTRACK_TOKEN_CACHE_S: docs/design.md, "The token cache").
+The token check (RequireToken) runs before anything else a route does (its body is not even read
+yet): a request without a valid token is a 401 whatever else is wrong with it. The admin token is
+compared in memory; a client's is looked up in one autocommit statement on the request's connection,
+before its transaction begins, which on a registration also takes from the client's rate-limit
+bucket, so a refused registration costs nothing more and the bucket's row lock is held for that
+statement only. Other calls may find the token in the process's cache instead
+(SUNOTRACK_TOKEN_CACHE_S: docs/design.md, "The token cache").
 """
 
 from __future__ import annotations
@@ -16,34 +17,53 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from litestar import Request
-from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
+from litestar.enums import ScopeType
 from litestar.exceptions import NotAuthorizedException
-from litestar.handlers.base import BaseRouteHandler
+from litestar.middleware import ASGIMiddleware
 from litestar.params import QueryParameter
+from litestar.types import ASGIApp, Receive, Scope, Send
 
-from service.api.connection import request_connection
+from service.api.connection import request_connection, scope_connection
 from service.clients.service import ADMIN, Caller, authenticate, client_ref
 from service.errors import Forbidden, InvalidInput, RateLimited
 from service.runtime import Runtime
 
 # Route handlers with this in their `opt` take one registration from the client's bucket.
 REGISTERS = "registers"
+# Where RequireToken leaves the caller in the request's state.
+CALLER = "caller"
 
 
-async def require_token(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-    runtime: Runtime = connection.app.state.runtime
-    scheme, _sep, presented = connection.headers.get("authorization", "").partition(" ")
+class RequireToken(ASGIMiddleware):
+    """The token check of every route under the API's router, before anything else the route does.
+
+    A middleware rather than a Litestar guard: Litestar copies the route handler for every guard call,
+    and that copy and the guard's connection object were about 5 % of a GET's CPU (docs/design.md,
+    "Read figures"). Errors it raises become responses as every other (service.app.error_response).
+    """
+
+    scopes = (ScopeType.HTTP,)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        scope["state"][CALLER] = await identify(scope)
+        await next_app(scope, receive, send)
+
+
+async def identify(scope: Scope) -> Caller:
+    runtime: Runtime = scope["litestar_app"].state.runtime
+    # The first Authorization header, as Litestar's `headers.get` reads it (names arrive lower-cased).
+    header = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+    scheme, _sep, presented = header.decode("latin-1").partition(" ")
     token = presented.strip()
     if scheme.lower() != "bearer" or not token:
         raise NotAuthorizedException("missing bearer token in the Authorization header")
     admin = runtime.settings.admin_token
     if admin is not None and hmac.compare_digest(token.encode(), admin.get_secret_value().encode()):
-        connection.state.caller = ADMIN
-        return
-    registers = bool(handler.opt.get(REGISTERS))
+        return ADMIN
+    registers = bool(scope["route_handler"].opt.get(REGISTERS))
     found = await authenticate(
-        request_connection(connection),
+        scope_connection(scope),
         token,
         take=1 if registers else 0,
         default_rate=runtime.settings.client_rate,
@@ -54,7 +74,7 @@ async def require_token(connection: ASGIConnection[Any, Any, Any, Any], handler:
     caller, wait_s = found
     if wait_s is not None:
         raise rate_limited(caller, wait_s)
-    connection.state.caller = caller
+    return caller
 
 
 def rate_limited(caller: Caller, wait_s: float) -> RateLimited:
@@ -66,7 +86,12 @@ def rate_limited(caller: Caller, wait_s: float) -> RateLimited:
 
 
 def provide_caller(request: Request[Any, Any, Any]) -> Caller:
-    caller: Caller = request.state.caller
+    return request_caller(request)
+
+
+def request_caller(request: Request[Any, Any, Any]) -> Caller:
+    """Who is asking: set by RequireToken before the route's handler and dependencies run."""
+    caller: Caller = request.scope["state"][CALLER]
     return caller
 
 
@@ -114,3 +139,9 @@ async def provide_owner(
         raise InvalidInput("client: only the admin token addresses another client's tasks")
     client_id, relay = await client_ref(request_connection(request), client)
     return Owner(caller, client_id, every_client=False, relay=relay)
+
+
+async def request_owner(request: Request[Any, Any, Any], client: str | None) -> Owner:
+    """provide_owner without Litestar's dependency injection (two dependencies resolved per request),
+    for a hot route that declares `client: ClientQuery` itself, so its OpenAPI document is the same."""
+    return await provide_owner(request, request_caller(request), client)

@@ -38,5 +38,9 @@ class OneConnection(ASGIMiddleware):
 
 
 def request_connection(connection: ASGIConnection[Any, Any, Any, Any]) -> RequestConnection:
-    db: RequestConnection = connection.scope["state"][_KEY]
+    return scope_connection(connection.scope)
+
+
+def scope_connection(scope: Scope) -> RequestConnection:
+    db: RequestConnection = scope["state"][_KEY]
     return db

@@ -31,6 +31,8 @@ from litestar.openapi.spec import (
 )
 from litestar.types import Message, Scope
 
+from service.api.auth import RequireToken
+
 ERROR = "Error"
 COMPONENT = "#/components/schemas/{name}"
 _ERROR_SCHEMA = Schema(
@@ -168,7 +170,7 @@ def document_contract(app: Litestar, relays: Sequence[str]) -> None:
             key = (method.upper(), path)
             operations[key] = operation
             handler = handlers[key]
-            secured = bool(handler.resolve_guards())
+            secured = any(isinstance(layer, RequireToken) for layer in handler.resolve_middleware())
             operation.security = None if secured else []
             body = handler.opt.get(BODY)
             if body is not None:

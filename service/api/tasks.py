@@ -11,7 +11,7 @@ from litestar.params import FromQuery, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api import AppRuntime, DbSession, TaskIdPath, TaskOwner, task_scope
-from service.api.auth import REGISTERS, Owner, rate_limited
+from service.api.auth import REGISTERS, ClientQuery, Owner, rate_limited, request_owner
 from service.api.connection import AUTOCOMMIT, request_connection
 from service.api.schemas import (
     INT32_MAX,
@@ -188,8 +188,12 @@ _READ_TASK = repository.task_view_statement(TASK_VIEW_COLUMNS)
 
 
 @get("/api/v1/tasks/{task_id:str}", summary="One task with its clips and the time it spent in each status")
-async def read_task(request: Request[Any, Any, Any], task_id: TaskIdPath, owner: TaskOwner) -> TaskOut:
-    """One statement by the driver, no session (docs/design.md, "GET a task in one statement")."""
+async def read_task(
+    request: Request[Any, Any, Any], task_id: TaskIdPath, client: ClientQuery = None
+) -> TaskOut:
+    """One statement by the driver, no session, no dependencies (docs/design.md, "GET a task in one
+    statement", "Read figures")."""
+    owner = await request_owner(request, client)
     row = await request_connection(request).fetchrow(_READ_TASK, task_id, owner.client_id)
     if row is None:
         raise not_tracked(task_id)
