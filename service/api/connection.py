@@ -1,8 +1,8 @@
 """One pooled connection per request (docs/design.md, "One connection per request").
 
-The auth guard's token lookup and the handler's session share it, so a request checks out once. It is
-returned when the handler's unit of work ends (service.app.provide_session), or, whatever happened, when
-the request is over.
+The token check's lookup (service.api.auth) and the handler's session share it, so a request checks out
+once. It is returned when the handler's unit of work ends (service.app.provide_session), or, whatever
+happened, when the request is over.
 """
 
 from __future__ import annotations
