@@ -211,16 +211,20 @@ _AVAILABLE = (
     "greatest(0, extract(epoch FROM clock_timestamp() - coalesce(bucket_at, clock_timestamp()))))"
 )
 _COUNT = "CAST($2 AS integer)"
+# A take's commit does not wait for its WAL flush: the row lock it holds would otherwise order a
+# client's registrations one flush apart (docs/design.md, "The bucket's commit"). A crash may forget
+# the last takes, so a bucket may grant its burst again once after a database crash.
+_NO_FLUSH_WAIT = "(SELECT set_config('synchronous_commit', 'off', true)) AS no_flush_wait"
 _AUTHENTICATE_AND_TAKE = (
     f"UPDATE clients SET bucket_tokens = {_AVAILABLE} - {_COUNT}, bucket_at = clock_timestamp() "  # noqa: S608
-    f"WHERE {_ACTIVE} AND {_AVAILABLE} >= {_COUNT} RETURNING {_CLIENT}"
+    f"FROM {_NO_FLUSH_WAIT} WHERE {_ACTIVE} AND {_AVAILABLE} >= {_COUNT} RETURNING {_CLIENT}"
 )
 # A batch's take: as many of `count` as the bucket holds whole (service.api.tasks, register_batch).
 _TAKE_UP_TO = (
     f"WITH c AS (SELECT id, {_AVAILABLE} AS available, {_RATE} AS rate FROM clients "  # noqa: S608
     "WHERE id = $1 FOR UPDATE) "
     f"UPDATE clients SET bucket_tokens = c.available - least({_COUNT}, floor(c.available)), "
-    "bucket_at = clock_timestamp() FROM c WHERE clients.id = c.id "
+    f"bucket_at = clock_timestamp() FROM c, {_NO_FLUSH_WAIT} WHERE clients.id = c.id "
     f"RETURNING CAST(least({_COUNT}, floor(c.available)) AS integer) AS granted, "
     "greatest(0, 1 - c.available) / c.rate AS wait_s"
 )
