@@ -19,7 +19,7 @@ from service.api import AppRuntime
 from service.api.auth import RequireToken, provide_caller, provide_owner
 from service.api.callbacks import CALLBACK_ROUTES
 from service.api.clients import CLIENT_ROUTES
-from service.api.connection import AUTOCOMMIT, OneConnection, request_connection
+from service.api.connection import AUTOCOMMIT, OneConnection, request_connection, scope_runtime
 from service.api.contract import allow_every_method, document_contract
 from service.api.dashboard import DASHBOARD_ROUTES
 from service.api.deliveries import DELIVERY_ROUTES
@@ -120,8 +120,7 @@ async def provide_session(
 
 
 def provide_runtime(request: Request[Any, Any, Any]) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
+    return scope_runtime(request.scope)
 
 
 def provide_dispatcher(request: Request[Any, Any, Any]) -> Dispatcher | None:

@@ -24,10 +24,9 @@ from litestar.middleware import ASGIMiddleware
 from litestar.params import QueryParameter
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from service.api.connection import request_connection, scope_connection
+from service.api.connection import request_connection, scope_connection, scope_runtime
 from service.clients.service import ADMIN, Caller, authenticate, client_ref
 from service.errors import Forbidden, InvalidInput, RateLimited
-from service.runtime import Runtime
 
 # Route handlers with this in their `opt` take one registration from the client's bucket.
 REGISTERS = "registers"
@@ -51,7 +50,7 @@ class RequireToken(ASGIMiddleware):
 
 
 async def identify(scope: Scope) -> Caller:
-    runtime: Runtime = scope["litestar_app"].state.runtime
+    runtime = scope_runtime(scope)
     # The first Authorization header, as Litestar's `headers.get` reads it (names arrive lower-cased).
     header = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
     scheme, _sep, presented = header.decode("latin-1").partition(" ")
@@ -86,10 +85,6 @@ def rate_limited(caller: Caller, wait_s: float) -> RateLimited:
 
 
 def provide_caller(request: Request[Any, Any, Any]) -> Caller:
-    return request_caller(request)
-
-
-def request_caller(request: Request[Any, Any, Any]) -> Caller:
     """Who is asking: set by RequireToken before the route's handler and dependencies run."""
     caller: Caller = request.scope["state"][CALLER]
     return caller
@@ -144,4 +139,4 @@ async def provide_owner(
 async def request_owner(request: Request[Any, Any, Any], client: str | None) -> Owner:
     """provide_owner without Litestar's dependency injection (two dependencies resolved per request),
     for a hot route that declares `client: ClientQuery` itself, so its OpenAPI document is the same."""
-    return await provide_owner(request, request_caller(request), client)
+    return await provide_owner(request, provide_caller(request), client)

@@ -24,12 +24,18 @@ _KEY = "sunotrack_connection"
 AUTOCOMMIT = "autocommit"
 
 
+def scope_runtime(scope: Scope) -> Runtime:
+    """The app's runtime, built in its lifespan (service.app), from a request's scope: for the edge's
+    hot paths, which read it without a dependency (each costs a request a resolution step)."""
+    runtime: Runtime = scope["litestar_app"].state.runtime
+    return runtime
+
+
 class OneConnection(ASGIMiddleware):
     scopes = (ScopeType.HTTP,)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
-        runtime: Runtime = scope["litestar_app"].state.runtime
-        db = RequestConnection(runtime.engine)
+        db = RequestConnection(scope_runtime(scope).engine)
         scope.setdefault("state", {})[_KEY] = db
         try:
             await next_app(scope, receive, send)

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api import AppRuntime, DbSession, TaskIdPath, TaskOwner, task_scope
 from service.api.auth import REGISTERS, ClientQuery, Owner, rate_limited, request_owner
-from service.api.connection import AUTOCOMMIT, request_connection
+from service.api.connection import AUTOCOMMIT, request_connection, scope_runtime
 from service.api.schemas import (
     INT32_MAX,
     METADATA_MAX_BYTES,
@@ -61,13 +61,6 @@ def registered_out(owner: Owner, task: TaskRow) -> TaskOut:
     return task_view_out(task, shows_client=owner.shows_client, timeline=False)
 
 
-def app_runtime(request: Request[Any, Any, Any]) -> Runtime:
-    """The runtime without the dependency: each dependency beside `owner` costs the registration routes
-    a task group (docs/design.md, "Registration figures")."""
-    runtime: Runtime = request.app.state.runtime
-    return runtime
-
-
 def not_tracked(task_id: str) -> NotFound:
     return NotFound(f"task {task_id!r} is not tracked", extra={"task_id": task_id})
 
@@ -102,7 +95,7 @@ async def create_task(
     """A new task is one statement by the driver, committed on its own (docs/design.md, "Registration
     in one statement"); only a task registered before takes a transaction, its row locked while its
     hook, format or metadata is replaced."""
-    runtime = app_runtime(request)
+    runtime = scope_runtime(request.scope)
     await check_registration(runtime, data, owner)
     registration = Registration(
         data.task_id, data.kind, data.notify_hook, data.notify_format, data.metadata, data.relay
@@ -134,7 +127,7 @@ async def register_batch(
     """Each item answers as the single route would, in request order, all in one transaction. A client
     takes one registration per valid item from its rate bucket: those the bucket cannot cover now are
     429 items, and a batch it covers none of is a 429 (docs/design.md, "The batch route")."""
-    runtime = app_runtime(request)
+    runtime = scope_runtime(request.scope)
     items: list[BatchItem | None] = [None] * len(data.tasks)
     valid: list[tuple[int, RegisterTask]] = []
     for index, raw in enumerate(data.tasks):
