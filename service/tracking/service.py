@@ -807,8 +807,8 @@ _REGISTER = _REGISTER_GIVEN.format(
     ) WITH ORDINALITY AS g(task_id, kind, relay, notify_hook, notify_format, metadata, ord)"""
 )
 # One registration as scalars: Postgres then keeps one generic plan for the prepared statement. For
-# arrays its generic plan guesses ten rows, so it planned every call afresh: 610 µs of its CPU per
-# registration, 350 µs this way (docs/design.md, "Registration figures").
+# arrays its generic plan guesses ten rows, so it planned every call afresh (docs/design.md,
+# "Registration figures").
 _REGISTER_ONE = _REGISTER_GIVEN.format(
     given="""SELECT CAST($1 AS text) AS task_id, CAST($2 AS text) AS kind, CAST($3 AS text) AS relay,
         CAST($4 AS text) AS notify_hook, CAST($5 AS text) AS notify_format,

@@ -24,8 +24,8 @@ async def notify_dispatchers(session: AsyncSession) -> None:
 
 
 # One statement for a page's deliveries, the rows as arrays: each row's client key is joined from its
-# task here, where a per-row scalar subquery built by SQLAlchemy cost about 86 µs of Python a row
-# (docs/design.md, "The outbox insert"). Ids follow the notices' order: a task's transitions go out in it.
+# task here, not by a scalar subquery SQLAlchemy would build in Python for every row (docs/design.md,
+# "The outbox insert"). Ids follow the notices' order: a task's transitions go out in it.
 _ENQUEUE = text(
     """
     INSERT INTO deliveries (task_pk, event_seq, webhook_id, url, body, client_key)
