@@ -33,7 +33,7 @@ async def polls(tracking: Tracking, task_id: str, client_id: int | None = None) 
         task_id=task_id,
         client=client_id,
     )
-    return int(rows[0][0])
+    return int(rows[0].poll_count)
 
 
 async def rest(tracking: Tracking, task_id: str, seconds: float = 3600) -> None:
@@ -148,8 +148,10 @@ async def test_a_task_held_by_a_page_in_flight_is_polled_once_that_page_rolls_ba
     poller = tracking.poller
 
     async def due() -> bool:
-        rows = await tracking.fetch("SELECT next_poll_at <= now() FROM tasks WHERE task_id = :id", id=task_id)
-        return bool(rows[0][0])
+        rows = await tracking.fetch(
+            "SELECT next_poll_at <= now() AS due FROM tasks WHERE task_id = :id", id=task_id
+        )
+        return bool(rows[0].due)
 
     await wait_until(due, timeout=5)
     async with tracking.sessions() as dying, dying.begin():
