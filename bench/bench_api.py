@@ -1,9 +1,9 @@
 """The API's edge: registrations/s (single, 64 concurrent clients), tasks/s through the batch route,
 and GET /api/v1/tasks/{id} at 16 concurrent clients, each beside a bare baseline from the same run (a
 bare Litestar handler doing one asyncpg insert or select, served by the same uvicorn the same way), and
-the peak RSS of the `sunotrack serve` process. Every figure is by a client's token (a registration
-looks it up and takes from its rate bucket in Postgres every time, a read finds it in the process's
-token cache; the client's rate is high enough never to refuse); registrations and reads by the admin
+the peak RSS of the `sunotrack serve` process. Every figure is by a client's token (registrations take
+from its rate bucket in Postgres, up to 64 at a time for the process to spend, a read finds it in the
+process's token cache; the client's rate is high enough never to refuse); registrations and reads by the admin
 token follow. `--reads`: the GET figures alone.
 
 The server runs its jobs meanwhile: BENCH_LIVE_TASKS (default 1,000) live tasks of the fake relay, on a

@@ -7,6 +7,7 @@ they are: the dispatchers of every replica sign with them.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -34,6 +35,11 @@ DEFAULT_SECRET_GRACE_S = 86_400.0
 MAX_SECRET_GRACE_S = 30 * 86_400.0
 # A bucket holds this many seconds' worth of registrations: a client may burst to twice its rate.
 BURST_S = 2.0
+# A process may spend registrations it took from a client's bucket for this long after the take, and
+# takes at most this many seconds of the client's rate (and LEASE_MAX) at once: docs/design.md,
+# "Leased registrations".
+LEASE_S = 0.2
+LEASE_MAX = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,9 +221,18 @@ _COUNT = "CAST($2 AS integer)"
 # client's registrations one flush apart (docs/design.md, "The bucket's commit"). A crash may forget
 # the last takes, so a bucket may grant its burst again once after a database crash.
 _NO_FLUSH_WAIT = "(SELECT set_config('synchronous_commit', 'off', true)) AS no_flush_wait"
-_AUTHENTICATE_AND_TAKE = (
-    f"UPDATE clients SET bucket_tokens = {_AVAILABLE} - {_COUNT}, bucket_at = clock_timestamp() "  # noqa: S608
-    f"FROM {_NO_FLUSH_WAIT} WHERE {_ACTIVE} AND {_AVAILABLE} >= {_COUNT} RETURNING {_CLIENT}"
+# A registration's take, by the token: `count` ($2) registrations or none, and with them up to `want`
+# ($4) in all, at most LEASE_S of the client's rate, for the process to spend without a statement
+# (TokenCache.take: docs/design.md, "Leased registrations"). No row: an unknown or revoked token.
+_GRANTED = f"CASE WHEN floor(c.available) >= {_COUNT} THEN least(c.wanted, floor(c.available)) ELSE 0 END"
+_LEASE = (
+    f"WITH c AS (SELECT id, {_AVAILABLE} AS available, {_RATE} AS rate, greatest({_COUNT}, "  # noqa: S608
+    f"least(CAST($4 AS integer), floor({_RATE} * {LEASE_S}))) AS wanted FROM clients WHERE {_ACTIVE} "
+    "FOR UPDATE) "
+    f"UPDATE clients SET bucket_tokens = c.available - {_GRANTED}, bucket_at = clock_timestamp() "
+    f"FROM c, {_NO_FLUSH_WAIT} WHERE clients.id = c.id "
+    f"RETURNING clients.id, name, relay, token_sha256, CAST({_GRANTED} AS integer) AS granted, "
+    f"greatest(0, {_COUNT} - c.available) / c.rate AS wait_s"
 )
 # A batch's take: as many of `count` as the bucket holds whole (service.api.tasks, register_batch).
 _TAKE_UP_TO = (
@@ -228,25 +243,34 @@ _TAKE_UP_TO = (
     f"RETURNING CAST(least({_COUNT}, floor(c.available)) AS integer) AS granted, "
     "greatest(0, 1 - c.available) / c.rate AS wait_s"
 )
-# Why the take found nothing: an unknown token, or (rarely, so in a statement of its own) an empty bucket.
-_REFUSED = (
-    f"SELECT {_CLIENT}, greatest(0, {_COUNT} - {_AVAILABLE}) / {_RATE} AS wait_s "  # noqa: S608
-    f"FROM clients WHERE {_ACTIVE}"
-)
+
+
+@dataclass(slots=True)
+class _Lease:
+    """Registrations a process took from a client's bucket and has not spent yet."""
+
+    caller: Caller
+    left: int
+    until: float
+    spent: int = 0
 
 
 class TokenCache:
     """Clients found by their token's digest, each kept `ttl_s` from its lookup (docs/design.md, "The
     token cache"): a call that takes nothing from the client's bucket then costs no statement. Only
     tokens found are kept (an unknown one is looked up every time, so guessing fills nothing), at most
-    `max_size` of them."""
+    `max_size` of them. Registrations taken from a bucket ahead of need (leases, `take`) are kept here
+    too, as long as `ttl_s` allows and at most LEASE_S."""
 
-    __slots__ = ("_found", "_max_size", "_ttl_s")
+    __slots__ = ("_found", "_leases", "_max_size", "_refills", "_ttl_s")
 
     def __init__(self, ttl_s: float, max_size: int = 10_000) -> None:
         self._ttl_s = ttl_s
         self._max_size = max_size
         self._found: dict[bytes, tuple[float, Caller]] = {}
+        self._leases: dict[bytes, _Lease] = {}
+        # A take in flight per token: the process's other registrations by it wait for its lease.
+        self._refills: dict[bytes, asyncio.Future[None]] = {}
 
     def get(self, digest: bytes) -> Caller | None:
         kept = self._found.get(digest)
@@ -267,6 +291,53 @@ class TokenCache:
     def clear(self) -> None:
         """After a revocation or rotation through this process: it stops its own at once."""
         self._found.clear()
+        self._leases.clear()
+
+    def _want(self, last: _Lease | None, count: int) -> int:
+        """How many to take: twice what the last lease spent, if it ended lately (a busy token's leases
+        grow to LEASE_MAX, a trickle's stay at 2); only `count` while the cache keeps nothing."""
+        if self._ttl_s <= 0:
+            return count
+        if last is None or last.until < time.monotonic() - LEASE_S:
+            return 2 * count
+        return min(LEASE_MAX, max(count, 2 * last.spent))
+
+    async def take(
+        self, db: RequestConnection, digest: bytes, count: int, *, default_rate: float
+    ) -> tuple[Caller, float | None] | None:
+        """`count` registrations of the token's client: from the process's lease when it holds that
+        many, else by one statement that takes them from the bucket with up to twice what the last
+        lease spent for later calls. As `authenticate` answers."""
+        while True:
+            lease = self._leases.get(digest)
+            if lease is not None and lease.left >= count and lease.until > time.monotonic():
+                lease.left -= count
+                lease.spent += count
+                return lease.caller, None
+            refill = self._refills.get(digest)
+            if refill is None:
+                break
+            await asyncio.shield(refill)
+        refill = asyncio.get_running_loop().create_future()
+        self._refills[digest] = refill
+        try:
+            row = await db.fetchrow(_LEASE, digest, count, default_rate, self._want(lease, count))
+            if row is None or not hmac.compare_digest(row["token_sha256"], digest):
+                self._leases.pop(digest, None)
+                return None
+            caller = Caller(client_id=row["id"], name=row["name"], relay=row["relay"])
+            granted: int = row["granted"]
+            if granted < count:
+                return caller, float(row["wait_s"])
+            if self._ttl_s > 0:
+                if len(self._leases) >= self._max_size and digest not in self._leases:
+                    self._leases.pop(next(iter(self._leases)))
+                until = time.monotonic() + min(LEASE_S, self._ttl_s)
+                self._leases[digest] = _Lease(caller, granted - count, until, spent=count)
+            return caller, None
+        finally:
+            del self._refills[digest]
+            refill.set_result(None)
 
 
 async def authenticate(
@@ -274,31 +345,24 @@ async def authenticate(
 ) -> tuple[Caller, float | None] | None:
     """The client this bearer token belongs to (None: unknown or revoked), and, when `take` > 0,
     whether its rate allows that many registrations now: None when it does (they are taken), else how
-    many seconds until it would. A take always goes to Postgres (the bucket is shared by every
-    replica); a lookup alone may be answered by `cache`.
+    many seconds until it would. A take comes from the bucket every replica shares, through the
+    process's lease of it (`TokenCache.take`); a lookup alone may be answered by `cache`.
 
     Looked up by its SHA-256: how long the index search takes depends on the hash, which nobody can
     steer towards a stored one; the final comparison is constant-time all the same.
     """
     digest = token_digest(token)
     if take:
-        row = await db.fetchrow(_AUTHENTICATE_AND_TAKE, digest, take, default_rate)
-    else:
-        cached = cache.get(digest)
-        if cached is not None:
-            return cached, None
-        row = await db.fetchrow(_AUTHENTICATE, digest)
-    refused = row is None and take > 0
-    if refused:
-        row = await db.fetchrow(_REFUSED, digest, take, default_rate)
+        return await cache.take(db, digest, take, default_rate=default_rate)
+    cached = cache.get(digest)
+    if cached is not None:
+        return cached, None
+    row = await db.fetchrow(_AUTHENTICATE, digest)
     if row is None or not hmac.compare_digest(row["token_sha256"], digest):
         return None
     caller = Caller(client_id=row["id"], name=row["name"], relay=row["relay"])
-    if not refused:
-        if not take:
-            cache.put(digest, caller)
-        return caller, None
-    return caller, float(row["wait_s"])
+    cache.put(digest, caller)
+    return caller, None
 
 
 async def take_up_to(

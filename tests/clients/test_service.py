@@ -1,0 +1,121 @@
+"""A client's registrations taken from its rate bucket through a process's lease (TokenCache.take),
+against the suite's PostgreSQL by the driver, as the token check runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import asyncpg
+import pytest
+
+from service.clients.service import (
+    BURST_S,
+    LEASE_S,
+    TokenCache,
+    authenticate,
+    new_token,
+    new_webhook_secret,
+    token_digest,
+)
+from service.db import RequestConnection
+
+
+class Counted:
+    """A pool that counts the statements run through it (the token check's only use of the connection)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.statements = 0
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        self.statements += 1
+        return await self.pool.fetchrow(query, *args)
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    async with asyncpg.create_pool(database_url.replace("+asyncpg", ""), min_size=2, max_size=4) as made:
+        yield made
+
+
+async def client(pool: asyncpg.Pool, rate: float) -> str:
+    token = new_token()
+    await pool.execute(
+        "INSERT INTO clients (name, token_sha256, webhook_secret, relay, rate) "
+        "VALUES ($1, $2, $3, 'default', $4)",
+        f"shop-{token[-6:]}",
+        token_digest(token),
+        new_webhook_secret(),
+        rate,
+    )
+    return token
+
+
+async def register(db: Counted, token: str, cache: TokenCache) -> bool | None:
+    """One registration's take: True granted, False over the rate, None an unknown token."""
+    found = await authenticate(cast("RequestConnection", db), token, take=1, default_rate=100.0, cache=cache)
+    return None if found is None else found[1] is None
+
+
+async def test_a_busy_token_spends_leases_not_a_statement_each(pool: asyncpg.Pool) -> None:
+    """Each lease takes twice what the last one spent, up to LEASE_MAX: 200 registrations in a few
+    statements."""
+    token, db, cache = await client(pool, rate=1000), Counted(pool), TokenCache(ttl_s=2.0)
+
+    granted = [await register(db, token, cache) for _ in range(200)]
+
+    assert granted == [True] * 200
+    assert db.statements <= 10, db.statements
+
+
+async def test_concurrent_registrations_wait_for_one_take(pool: asyncpg.Pool) -> None:
+    token, db, cache = await client(pool, rate=1000), Counted(pool), TokenCache(ttl_s=2.0)
+
+    granted = await asyncio.gather(*(register(db, token, cache) for _ in range(64)))
+
+    assert granted == [True] * 64
+    assert db.statements <= 8, db.statements
+
+
+async def test_leases_grant_no_more_than_the_bucket_across_processes(pool: asyncpg.Pool) -> None:
+    """Two processes' caches taking in turn as fast as they can: together they grant the burst and the
+    rate for the time it lasted, never more (a lease only spends what its take took)."""
+    rate = 20.0
+    token = await client(pool, rate=rate)
+    processes = [(Counted(pool), TokenCache(ttl_s=2.0)) for _ in range(2)]
+    started = time.monotonic()
+
+    answers = [await register(db, token, cache) for _ in range(60) for db, cache in processes]
+
+    elapsed = time.monotonic() - started
+    assert answers.count(True) <= BURST_S * rate + rate * elapsed, (answers.count(True), elapsed)
+    assert answers.count(True) >= BURST_S * rate - 2 * int(rate * LEASE_S)  # at most a lease's rest lost each
+    assert answers[-1] is False
+
+
+async def test_a_revoked_token_registers_from_its_lease_for_at_most_lease_s(pool: asyncpg.Pool) -> None:
+    """Revoked through another process: this one spends what it took before, for at most LEASE_S after
+    the take (docs/design.md, "Leased registrations"), then its next take finds no token."""
+    token, db, cache = await client(pool, rate=1000), Counted(pool), TokenCache(ttl_s=2.0)
+    assert await register(db, token, cache)  # a take of two: one spent, one kept
+    taken_at = time.monotonic()
+    await pool.execute("UPDATE clients SET revoked_at = now() WHERE token_sha256 = $1", token_digest(token))
+
+    from_the_lease = await register(db, token, cache)
+    await asyncio.sleep(max(0.0, taken_at + LEASE_S - time.monotonic()))
+    after = await register(db, token, cache)
+
+    assert (from_the_lease, after) == (True, None)
+
+
+async def test_without_a_token_cache_every_registration_takes_in_postgres(pool: asyncpg.Pool) -> None:
+    token, db, cache = await client(pool, rate=1000), Counted(pool), TokenCache(ttl_s=0)
+
+    granted = [await register(db, token, cache) for _ in range(5)]
+    await pool.execute("UPDATE clients SET revoked_at = now() WHERE token_sha256 = $1", token_digest(token))
+    revoked = await register(db, token, cache)
+
+    assert (granted, revoked, db.statements) == ([True] * 5, None, 6)
