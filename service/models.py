@@ -155,8 +155,17 @@ class Task(Base):
         # update is HOT (docs/design.md, "The poller's claim"). Each relay's claims sweep its own tasks
         # (one poller per relay).
         Index("ix_tasks_live", "relay", "id", postgresql_where=text(LIVE)),
-        # One record per client (the admin's: NULL) of a task id; also finds every client's by task id.
-        UniqueConstraint("task_id", "client_id", postgresql_nulls_not_distinct=True),
+        # One record per client (the admin's: NULL) of a task id; also finds every client's by task id, and
+        # serves task_id_prefix as `LIKE 'prefix%'` whatever the database's collation (text_pattern_ops
+        # has `=` too): one index where there were two (docs/design.md, "Registration figures").
+        Index(
+            "uq_tasks_task_id_client_id",
+            "task_id",
+            "client_id",
+            unique=True,
+            postgresql_nulls_not_distinct=True,
+            postgresql_ops={"task_id": "text_pattern_ops"},
+        ),
         # The API's newest-first keyset listing (by id) filtered by status or kind; unfiltered uses the pkey.
         Index("ix_tasks_status_id", "status", "id"),
         Index("ix_tasks_kind_id", "kind", "id"),
@@ -164,15 +173,15 @@ class Task(Base):
         # A client's list by status: with (status, id) alone, a small client's rare status reads thousands
         # of other clients' rows per page (23 ms at a million tasks, bench/bench_reads.py).
         Index("ix_tasks_client_status_id", "client_id", "status", "id"),
-        # GET /tasks?metadata.<key>=<value> as `metadata @> '{"key": "value"}'` (docs/design.md, "Search").
+        # GET /tasks?metadata.<key>=<value> as `metadata @> '{"key": "value"}'` (docs/design.md, "Search"),
+        # which implies metadata IS NOT NULL: a task registered without metadata adds no entry.
         Index(
             "ix_tasks_metadata",
             "metadata",
             postgresql_using="gin",
             postgresql_ops={"metadata": "jsonb_path_ops"},
+            postgresql_where=text("metadata IS NOT NULL"),
         ),
-        # task_id_prefix as `LIKE 'prefix%'`, whatever the database's collation.
-        Index("ix_tasks_task_id_pattern", "task_id", postgresql_ops={"task_id": "text_pattern_ops"}),
         # /stats: what finished in the last hour or day, read from the index alone. Written once, when the
         # task becomes terminal.
         Index(
