@@ -239,7 +239,8 @@ async def poller_window(runtime: Runtime, seconds: float) -> float:
 
     Counted by the poller's own counter, in this process: a `sum(poll_count)` scanned the whole table
     inside the window, taking Postgres's CPU and holding back the pruning that keeps the claim's
-    updates HOT, more so the larger the table (docs/design.md, "Narrow task rows")."""
+    updates HOT, more so the larger the table (docs/design.md, "Polls at 200,000 tasks: the row's
+    width")."""
     [poller] = await start_pollers(runtime)
     start = polls_answered()
     await wait_until(lambda: _answered_more_than(start), TIME_LIMIT_S / 4)
