@@ -4,7 +4,7 @@ bare Litestar handler doing one asyncpg insert or select, served by the same uvi
 the peak RSS of the `sunotrack serve` process. Every figure is by a client's token (registrations take
 from its rate bucket in Postgres, up to 64 at a time for the process to spend, a read finds it in the
 process's token cache; the client's rate is high enough never to refuse); registrations and reads by the admin
-token follow. `--reads`: the GET figures alone.
+token follow. `--reads`: the GET figures alone; `--no-analyze`: no ANALYZE before them.
 
 The server runs its jobs meanwhile: BENCH_LIVE_TASKS (default 1,000) live tasks of the fake relay, on a
 relay of their own (`live`), are polled every 3 s throughout, and the line under each figure says how
@@ -45,6 +45,9 @@ RELAY_KEY = "bench-relay-key"
 SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
 # --reads: only the GET figures (and their bare select), on 2,000 tasks each registered untimed.
 READS_ONLY = "--reads" in sys.argv[1:]
+# --no-analyze: the GET figures without the ANALYZE before them, as a new database filled in seconds
+# serves them until autovacuum's first ANALYZE (docs/design.md, "Read figures").
+ANALYZE = "--no-analyze" not in sys.argv[1:]
 LIVE_TASKS = int(os.environ.get("BENCH_LIVE_TASKS", "1000"))
 LIVE_POLL_S = 3
 BATCH = 500
@@ -304,7 +307,7 @@ async def bench() -> None:
 
             async def measure(name: str, call: Callable[[], Awaitable[Load]]) -> None:
                 await feed_settled(url)
-                if name.startswith("GET"):
+                if name.startswith("GET") and ANALYZE:
                     await analyzed(url)
                 say(f"measuring {name}")
                 pid = bare_process.pid if name.startswith("bare") else serve.pid
@@ -392,7 +395,8 @@ async def bench() -> None:
 
     print(
         f"bench_api: {loop_name}, {SECONDS:g} s per figure, {LIVE_TASKS:,} live tasks polled every "
-        f"{LIVE_POLL_S} s, load average {load_before[0]:.1f} before, "
+        f"{LIVE_POLL_S} s{'' if ANALYZE else ', no ANALYZE before the reads'}, "
+        f"load average {load_before[0]:.1f} before, "
         f"{load_after[0]:.1f} after (2 cores)"
     )
     print(

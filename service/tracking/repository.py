@@ -137,14 +137,19 @@ async def list_tasks(
 
 
 # Seconds the task spent in each status it went through, the current one up to now (a terminal status
-# accrues nothing), as a JSON object: a column of the task's own row.
+# accrues nothing), as a JSON object: a column of the task's own row. The task's events are read by
+# task_pk alone behind OFFSET 0, so no plan can scan ix_task_events_transitions_at instead: without
+# column statistics (a new database filled in seconds) the planner took that partial index for tiny and
+# read every transition per GET (docs/design.md, "Read figures").
 _TIMELINE = f"""(SELECT jsonb_object_agg(to_status, seconds) FROM (
         SELECT to_status, sum(seconds)::float8 AS seconds FROM (
             SELECT to_status,
                    extract(epoch FROM coalesce(lead(at) OVER (ORDER BY seq),
                                                CASE WHEN tasks.next_poll_at IS NOT NULL THEN now() END) - at)
                        AS seconds
-            FROM task_events WHERE task_pk = tasks.id AND {TASK_TRANSITION}
+            FROM (SELECT seq, at, to_status, type, clip_id FROM task_events
+                  WHERE task_pk = tasks.id ORDER BY seq OFFSET 0) AS events
+            WHERE {TASK_TRANSITION}
         ) AS spans
         WHERE seconds IS NOT NULL
         GROUP BY to_status

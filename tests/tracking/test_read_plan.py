@@ -1,0 +1,63 @@
+"""GET /tasks/{id}'s statement on a new database filled in seconds (docs/design.md, "Read figures"):
+before the first ANALYZE its plan must still read one task's rows, not every task's. Autovacuum is off
+on the tables, so the window lasts the whole test."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+
+from service.api.schemas import TASK_VIEW_COLUMNS
+from service.config import Settings
+from service.tracking import repository
+from service.tracking.service import Registration, register_new
+
+TASKS = 3000
+BATCH = 500
+
+
+def event_rows_read(node: dict[str, Any]) -> int:
+    """Rows of task_events the plan's scans read, kept or filtered out, over every loop."""
+    read = 0
+    if node.get("Relation Name") == "task_events":
+        kept = node["Actual Rows"] + node.get("Rows Removed by Filter", 0)
+        read += int(kept * node["Actual Loops"])
+    return read + sum(event_rows_read(child) for child in node.get("Plans", []))
+
+
+@pytest.mark.parametrize("prepared", ["while empty", "after the fill"])
+async def test_a_get_reads_one_task_before_the_first_analyze(
+    database_url: str, make_settings: Callable[..., Settings], prepared: str
+) -> None:
+    """`while empty`: the plan cached by a connection that served GETs before the fill (Postgres keeps a
+    generic plan after five runs); `after the fill`: the generic plan made then, with no statistics."""
+    settings = make_settings()
+    statement = repository.task_view_statement(TASK_VIEW_COLUMNS)
+    connection = await asyncpg.connect(
+        make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    )
+    try:
+        for table in ("tasks", "task_events", "clips", "clients"):
+            await connection.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+        await connection.execute(f"PREPARE read_task(text, bigint) AS {statement}")
+        if prepared == "while empty":
+            for _ in range(10):
+                await connection.execute("EXECUTE read_task('none', NULL)")
+        for at in range(0, TASKS, BATCH):
+            registrations = [Registration(f"t{n}", "music") for n in range(at, at + BATCH)]
+            await register_new(connection.fetch, registrations, settings=settings)
+        if prepared == "after the fill":
+            await connection.execute("SET plan_cache_mode = force_generic_plan")
+        plan = await connection.fetchval(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE read_task('t1234', NULL)"
+        )
+        assert await connection.fetchval("SELECT count(*) FROM pg_stats WHERE tablename = 'task_events'") == 0
+    finally:
+        await connection.close()
+    # The task's one event (its registration), not the 3,000 tasks' (the partial index of transitions).
+    assert event_rows_read(json.loads(plan)[0]["Plan"]) == 1
