@@ -11,6 +11,11 @@ answers come back, so a newcomer finds a share of its client's slots and a quart
 free (a host that turns slow with its extra slots out holds them one answer long, never the newcomer's
 share), and a host that answers slowly never goes over its share (docs/design.md, "Fair delivery
 claims").
+
+Claim-ahead: a lane on a fast host may hold `ahead` more rows than its allowance, claimed but not yet
+sent, so a finished send starts the next with no claim round trip. Those rows hold no slot (a send
+starts only within the lane's and client's slots), so they count against their lane's quota only; a
+host that stops answering fast has its rows counted against its client too, until they are released.
 """
 
 from __future__ import annotations
@@ -80,6 +85,8 @@ class HostBook:
         self._hosts: dict[str, _Host] = {}
         self._lanes: Counter[Lane] = Counter()
         self._clients: Counter[int] = Counter()
+        # Rows claimed ahead of a slot, by lane (claimed, not yet sent).
+        self._ahead: Counter[Lane] = Counter()
 
     def share(self, host: str) -> int:
         state = self._hosts.get(host)
@@ -113,24 +120,71 @@ class HostBook:
     def client_free(self, client: int) -> int:
         return max(0, self.client_concurrency - self._clients[client])
 
-    def quotas(self) -> Quotas:
-        """What the next claim may take of each lane and client: their free slots."""
+    def quotas(self, ahead: int = 0) -> Quotas:
+        """What the next claim may take of each lane and client: their free slots, less the rows they
+        hold claimed ahead; a fast host's lane when alone `ahead` more, to be sent as its slots free."""
+        lanes = self._lanes.keys() | self._ahead.keys()
         return Quotas(
             lane_default=self.concurrency,
             client_default=self.client_concurrency,
             by_host={host: self._slow_share for host, state in self._hosts.items() if state.slow},
-            by_lane={lane: self.free(lane) for lane in self._lanes},
-            by_client={client: self.client_free(client) for client in self._clients},
+            by_lane={lane: max(0, self.free(lane) - self._ahead[lane]) for lane in lanes},
+            by_client={
+                client: max(0, self.client_free(client) - held) + room
+                for client, (held, room) in self._held_by_clients(ahead).items()
+            },
             alone_by_host={host: self.alone_share for host, state in self._hosts.items() if state.fast},
-            alone_by_lane={lane: self.alone_free(lane) for lane in self._lanes if self._fast(lane[1])},
+            alone_by_lane={
+                lane: max(0, self.alone_share + ahead - self._lanes[lane] - self._ahead[lane])
+                for lane in lanes
+                if self._fast(lane[1])
+            },
         )
 
-    def worth_a_claim(self, blocked: Blocked, lane: Lane) -> bool:
+    def _held_by_clients(self, ahead: int) -> dict[int, tuple[int, int]]:
+        """By client: the rows claimed ahead that count against it (those of hosts no longer answering
+        fast), and the room its fast lanes have left to claim ahead (their rows do not hold a slot)."""
+        held: Counter[int] = Counter({client: 0 for client in self._clients})
+        fast: Counter[int] = Counter()
+        for lane in self._lanes.keys() | self._ahead.keys():
+            if self._fast(lane[1]):
+                fast[lane[0]] += self._ahead[lane]
+                held[lane[0]] += 0
+            else:
+                held[lane[0]] += self._ahead[lane]
+        return {
+            client: (count, max(0, ahead - fast[client]) if client in fast else 0)
+            for client, count in held.items()
+        }
+
+    def ahead(self, lane: Lane) -> int:
+        return self._ahead[lane]
+
+    def claimed_ahead(self, lane: Lane) -> None:
+        self._ahead[lane] += 1
+
+    def unclaimed_ahead(self, lane: Lane, count: int = 1) -> None:
+        """`count` rows of `lane` claimed ahead were sent or released."""
+        self._ahead[lane] -= count
+        if self._ahead[lane] <= 0:
+            del self._ahead[lane]
+
+    def may_start(self, lane: Lane, *, alone: bool) -> bool:
+        """Whether a send of `lane` fits its slots now: its share, or its allowance when the last claim
+        found it alone, and its client's."""
+        allowance = self.alone_share if alone and self._fast(lane[1]) else self.share(lane[1])
+        return self._lanes[lane] < allowance and self._clients[lane[0]] < self.client_concurrency
+
+    def worth_a_claim(self, blocked: Blocked, lane: Lane, ahead: int = 0) -> bool:
         """Whether a send of `lane` finishing frees enough for a claim: half its share, or a quarter
-        of its client's, where the last claim left rows behind for want of them; a quarter of its
-        share when alone where it was the only lane left waiting (the next claim finds it alone)."""
+        of its client's, where the last claim left rows behind for want of them; where it was the only
+        lane left waiting (the next claim finds it alone), a quarter of its allowance when alone, or
+        half of `ahead` once it has rows claimed ahead."""
         if blocked.lanes == {lane} and not blocked.clients and self._fast(lane[1]):
-            return self.alone_free(lane) >= max(1, self.alone_share // 4)
+            held = self._lanes[lane] + self._ahead[lane]
+            if ahead:
+                return self.alone_share + ahead - held >= max(1, ahead // 2)
+            return self.alone_share - held >= max(1, self.alone_share // 4)
         return (lane in blocked.lanes and self.free(lane) >= max(1, self.share(lane[1]) // 2)) or (
             lane[0] in blocked.clients and self.client_free(lane[0]) >= max(1, self.client_concurrency // 4)
         )
@@ -139,8 +193,9 @@ class HostBook:
         self._lanes[lane] += 1
         self._clients[lane[0]] += 1
 
-    def finished(self, lane: Lane, duration_s: float) -> None:
-        """One attempt of `lane` is over, after `duration_s`; updates whether its host is slow."""
+    def finished(self, lane: Lane, duration_s: float) -> bool:
+        """One attempt of `lane` is over, after `duration_s`; updates whether its host is slow. True
+        when its host was answering fast and no longer is."""
         self._lanes[lane] -= 1
         if not self._lanes[lane]:
             del self._lanes[lane]
@@ -160,12 +215,14 @@ class HostBook:
         state.over_fast += duration_s > self._fast_s
         # Nearest-rank p90 of n samples is over a threshold when more than n - ceil(0.9 n) are.
         allowed = len(samples) - math.ceil(SLOW_PERCENTILE * len(samples))
+        was_fast = state.fast
         state.slow = len(samples) >= MIN_SAMPLES and state.over > allowed
         state.fast = not state.slow and state.over_fast <= allowed
+        return was_fast and not state.fast
 
     def forget_idle(self) -> None:
         horizon = time.monotonic() - FORGET_AFTER_S
-        busy = {host for _, host in self._lanes}
+        busy = {host for _, host in self._lanes | self._ahead}
         for host in [h for h, s in self._hosts.items() if h not in busy and s.last_seen < horizon]:
             del self._hosts[host]
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,6 +38,7 @@ from service.webhooks.repository import (
     Blocked,
     ClaimedDelivery,
     Driver,
+    Lane,
     claim_due_deliveries,
     count_paused_hosts,
     record_attempts,
@@ -52,6 +54,9 @@ WRITE_RETRIES = 3
 # While sends are in flight, a few results are moments away: the flush waits this long for them, so one
 # write settles many (docs/design.md, "Fair delivery claims").
 FLUSH_LINGER_S = 0.005
+# A row claimed ahead goes out only while its lease has the whole webhook timeout and this much left;
+# later it is released instead (another process may claim it once the lease ends).
+AHEAD_MARGIN_S = 0.5
 
 
 async def start_dispatcher(runtime: Runtime) -> Dispatcher:
@@ -118,12 +123,24 @@ class Dispatcher:
         self._stopping = False
         self._closing = False
         self._in_flight: dict[int, ClaimedDelivery] = {}
+        # Claim-ahead (docs/design.md, "Fair delivery claims"): rows claimed before their lane has a
+        # free slot, each with the loop time after which its lease no longer covers a send.
+        self._ahead: dict[Lane, deque[tuple[ClaimedDelivery, float]]] = {}
+        self._ahead_count = 0
+        self._ahead_s = runtime.settings.lease_s - runtime.settings.webhook_timeout_s - AHEAD_MARGIN_S
+
+        # The lane the last claim that found any due rows found alone: it may use its lone allowance.
+        self._alone: Lane | None = None
+        self._releases: set[asyncio.Task[None]] = set()
         self._hosts = HostBook(
             concurrency=runtime.settings.hook_host_concurrency,
             client_concurrency=runtime.settings.webhook_concurrency
             - runtime.settings.webhook_concurrency // 4,
             slow_s=runtime.settings.hook_slow_s,
         )
+        # A lone lane's buffer: two claims' worth, within its allowance (docs/design.md, "Fair delivery
+        # claims": one claim's worth drained before the next claim came back under load).
+        self._ahead_cap = min(2 * self._min_claim, self._hosts.alone_share) if self._ahead_s > 0 else 0
         # Lanes and clients the last claim left due rows of because they had no free slot: a send of
         # theirs finishing is worth a claim.
         self._blocked = Blocked()
@@ -203,7 +220,7 @@ class Dispatcher:
             for task in unfinished:
                 task.cancel()
             await asyncio.gather(*unfinished, return_exceptions=True)
-        unsent = list(self._in_flight.values())
+        unsent = list(self._in_flight.values()) + self._drop_ahead(lambda _: True)
         self._closing = True
         self._results_ready.set()
         await self._finish(self._loops["flush"])
@@ -213,6 +230,7 @@ class Dispatcher:
                     await release_claims(session, unsent)
             except DB_ERRORS as exc:
                 self._log.warning("webhooks.release_failed", count=len(unsent), error=str(exc))
+        await asyncio.gather(*self._releases, return_exceptions=True)
         self._loops["listen"].cancel()
         await asyncio.gather(self._loops["listen"], return_exceptions=True)
         await self._claim_db.close()
@@ -275,12 +293,19 @@ class Dispatcher:
             await self._wake.wait()
             self._wake.clear()
             while not self._stopping:
-                free = settings.webhook_concurrency - len(self._in_flight)
+                # Free slots, and room for a few rows claimed ahead of them.
+                free = (
+                    settings.webhook_concurrency
+                    - len(self._in_flight)
+                    + self._ahead_cap
+                    - min(self._ahead_count, self._ahead_cap)
+                )
                 # While sends are in flight, wait for a few slots rather than claiming rows one at a time.
                 if free < (self._min_claim if self._in_flight else 1):
                     self._slot_freed.clear()
                     await self._slot_freed.wait()
                     continue
+                send_by = asyncio.get_running_loop().time() + self._ahead_s
                 try:
                     claim = await claim_due_deliveries(
                         await self._claim_db.get(),
@@ -289,7 +314,7 @@ class Dispatcher:
                         breaker_failures=settings.hook_breaker_failures,
                         probe_s=settings.webhook_timeout_s + 1,
                         signs_admin=bool(self._keys),
-                        quotas=self._hosts.quotas(),
+                        quotas=self._hosts.quotas(self._ahead_cap),
                     )
                 except Exception as exc:
                     # The sweep wakes us again; the rows are unclaimed or come back with their lease.
@@ -302,14 +327,75 @@ class Dispatcher:
                 if claim.wake_at is not None:
                     self._wake_at(claim.wake_at)
                 self._blocked = claim.blocked
+                if claim.due_lanes:
+                    self._alone = claim.alone
                 for delivery in claim.deliveries:
-                    self._in_flight[delivery.id] = delivery
-                    self._hosts.started(delivery.lane)
-                    task = asyncio.create_task(self._send(delivery))
-                    self._sends.add(task)
-                    task.add_done_callback(self._sends.discard)
+                    if self._may_start(delivery.lane):
+                        self._start(delivery)
+                    else:
+                        self._ahead.setdefault(delivery.lane, deque()).append((delivery, send_by))
+                        self._ahead_count += 1
+                        self._hosts.claimed_ahead(delivery.lane)
                 if len(claim.deliveries) + claim.deferred < free:
                     break
+
+    def _may_start(self, lane: Lane) -> bool:
+        return (
+            not self._stopping
+            and len(self._in_flight) < self._settings.webhook_concurrency
+            and self._hosts.may_start(lane, alone=lane == self._alone)
+        )
+
+    def _start(self, delivery: ClaimedDelivery) -> None:
+        self._in_flight[delivery.id] = delivery
+        self._hosts.started(delivery.lane)
+        task = asyncio.create_task(self._send(delivery))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    def _start_ahead(self, lane: Lane) -> None:
+        """Send rows claimed ahead while their lanes have free slots, `lane`'s first; release those
+        whose lease no longer covers a send."""
+        now = asyncio.get_running_loop().time()
+        stale: list[ClaimedDelivery] = []
+        for each in (lane, *(other for other in self._ahead if other != lane)):
+            queue = self._ahead.get(each)
+            while queue and self._may_start(each):
+                delivery, send_by = queue.popleft()
+                self._ahead_count -= 1
+                self._hosts.unclaimed_ahead(each)
+                if now > send_by:
+                    stale.append(delivery)
+                else:
+                    self._start(delivery)
+            if queue is not None and not queue:
+                del self._ahead[each]
+        self._release(stale)
+
+    def _drop_ahead(self, which: Callable[[Lane], bool]) -> list[ClaimedDelivery]:
+        """Take the rows claimed ahead of the lanes `which` selects out of the buffer; returns them."""
+        dropped: list[ClaimedDelivery] = []
+        for lane in [lane for lane in self._ahead if which(lane)]:
+            queue = self._ahead.pop(lane)
+            self._ahead_count -= len(queue)
+            self._hosts.unclaimed_ahead(lane, len(queue))
+            dropped.extend(delivery for delivery, _ in queue)
+        return dropped
+
+    def _release(self, deliveries: list[ClaimedDelivery]) -> None:
+        """Hand rows back in the background: due at once, for this process's next claim or another's."""
+        if deliveries:
+            task = asyncio.create_task(self._release_now(deliveries))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
+
+    async def _release_now(self, deliveries: list[ClaimedDelivery]) -> None:
+        try:
+            async with transaction(self._runtime.sessions) as session:
+                await release_claims(session, deliveries)
+        except DB_ERRORS as exc:
+            # Their lease ends them: sent by whoever claims them then.
+            self._log.warning("webhooks.release_failed", count=len(deliveries), error=str(exc))
 
     async def _send(self, delivery: ClaimedDelivery) -> None:
         assert self._http is not None
@@ -325,10 +411,14 @@ class Dispatcher:
         settlement = settle(delivery, result, settings.webhook_retry_schedule)
         self._results.append((delivery, result, settlement))
         del self._in_flight[delivery.id]
-        self._hosts.finished(delivery.lane, result.duration_ms / 1000)
+        if self._hosts.finished(delivery.lane, result.duration_ms / 1000):
+            # No longer answering fast: its rows claimed ahead would wait for slots it no longer gets.
+            self._release(self._drop_ahead(lambda lane: lane[1] == delivery.host))
+        if self._ahead:
+            self._start_ahead(delivery.lane)
         # A lane (or client) with rows left waits for a few free slots, so that its claims take a few
         # rows at a time rather than one.
-        if self._hosts.worth_a_claim(self._blocked, delivery.lane):
+        if self._hosts.worth_a_claim(self._blocked, delivery.lane, self._ahead_cap):
             self._blocked = Blocked()
             self.wake()
         self._slot_freed.set()
@@ -398,6 +488,10 @@ class Dispatcher:
         for host, until in paused:
             self._log.warning("webhooks.host_paused", host=host, paused_until=until)
             self._wake_at(until)
+        if paused:
+            # Their rows claimed ahead go back too: the claim holds them until each pause ends.
+            hosts = {host for host, _ in paused}
+            self._release(self._drop_ahead(lambda lane: lane[1] in hosts))
         retries = [s.next_attempt_at for _, _, s in batch if s.next_attempt_at is not None]
         if retries:
             self._wake_at(min(retries))

@@ -94,6 +94,9 @@ class DeliveryClaim:
     deferred: int
     wake_at: datetime | None
     blocked: Blocked = field(default_factory=Blocked)
+    # How many lanes had due rows, and the lane when it was the only one (it got its quota when alone).
+    due_lanes: int = 0
+    alone: Lane | None = None
 
 
 class AttemptOutcome(NamedTuple):
@@ -224,7 +227,10 @@ _CLAIM = """
                     <= (SELECT count(*) FROM picked WHERE picked.client_key = taken.client_key)
             ) AS full_clients) AS blocked_clients,
             (SELECT count(*) FROM held) AS deferred,
-            (SELECT min(next_attempt_at) FROM held) AS wake_at
+            (SELECT min(next_attempt_at) FROM held) AS wake_at,
+            (SELECT count(*) FROM due) AS due_lanes,
+            (SELECT min(client_key) FROM due HAVING count(*) = 1) AS alone_key,
+            (SELECT min(host) FROM due HAVING count(*) = 1) AS alone_host
     )
     -- One row even when nothing was claimed: it carries the summary.
     SELECT c.*, t.task_id, cl.webhook_secret,
@@ -291,7 +297,8 @@ async def claim_due_deliveries(
         frozenset(zip(first["blocked_keys"] or (), first["blocked_hosts"] or (), strict=True)),
         frozenset(first["blocked_clients"] or ()),
     )
-    return DeliveryClaim(claimed, first["deferred"], first["wake_at"], blocked)
+    alone = (first["alone_key"], first["alone_host"]) if first["alone_host"] is not None else None
+    return DeliveryClaim(claimed, first["deferred"], first["wake_at"], blocked, first["due_lanes"], alone)
 
 
 def _outcome_column(name: str) -> str:

@@ -584,3 +584,94 @@ async def test_the_claim_takes_clients_in_turns_then_their_hosts(
         assert acme in claim.blocked.clients
     finally:
         await connection.close()
+
+
+async def held_leases(sessions: SessionMaker, url: str) -> int:
+    """How many of `url`'s deliveries are leased: out to the receiver or claimed ahead."""
+    async with transaction(sessions) as session:
+        query = text("SELECT count(*) FROM deliveries WHERE url = :url AND next_attempt_at > now()")
+        return int((await session.execute(query, {"url": url})).scalar_one())
+
+
+async def test_a_host_that_stops_answering_fast_hands_back_its_rows_claimed_ahead(
+    make_settings: Callable[..., Settings], sessions: SessionMaker
+) -> None:
+    """Claim-ahead: a lone fast lane holds rows claimed ahead of its slots, which do not count against
+    its client while its host answers fast. Once its answers turn slow they would (its share is back to
+    8, so they could not go out for a whole slow answer): they are released instead, and a newcomer of
+    the same client, registered then, still gets its webhooks within a second."""
+    gauge = Gauge()
+    answers: asyncio.Queue[None] = asyncio.Queue()
+    fast_again = asyncio.Event()
+
+    async def turns_slow(_: web.Request, call: int) -> web.StreamResponse:
+        with gauge.request():
+            if call > 100:
+                arrived = time.monotonic()
+                told = {asyncio.ensure_future(answers.get()), asyncio.ensure_future(fast_again.wait())}
+                await asyncio.wait(told, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+                for waiting in told:
+                    waiting.cancel()
+                # Slow by the book: over the 0.5 s a fast host answers within.
+                await asyncio.sleep(max(0.0, arrived + 0.6 - time.monotonic()))
+            gauge.answered += 1
+            return web.Response(text="ok")
+
+    turning = await Receiver(turns_slow).start()
+    fast = await Receiver().start()
+    settings = make_settings(**SHARES)
+    turning_host = f"http://127.0.0.1:{turning.port}"
+    turning_pks = [await add_task(sessions, f"turning-{n}", turning.url) for n in range(30)]
+    fast_pks = [await add_task(sessions, f"fast-{n}", fast.url) for n in range(30)]
+    committed: dict[str, float] = {}
+    try:
+        async with running_dispatcher(settings) as dispatcher:
+            await enqueue(
+                sessions,
+                [
+                    notice(pk, turning.url, task_id=f"turning-{n}", seq=seq)
+                    for seq in range(2, 12)
+                    for n, pk in enumerate(turning_pks)
+                ],
+            )
+
+            async def stuck_with_rows_claimed_ahead() -> bool:
+                return gauge.now == 40 and await held_leases(sessions, turning.url) > 40
+
+            await wait_until(stuck_with_rows_claimed_ahead, what="40 in flight and rows claimed ahead")
+
+            def share() -> int:
+                [view] = [view for view in dispatcher.hosts() if view.host == turning_host]
+                return view.share
+
+            # Slow answers, one at a time, until the host is no longer judged fast (its lone allowance
+            # gone).
+            while share() != 8:
+                answered = gauge.answered
+                answers.put_nowait(None)
+
+                async def one_more_answer(answered: int = answered) -> bool:
+                    return gauge.answered > answered
+
+                await wait_until(one_more_answer, what="one slow answer")
+
+            async def only_what_is_in_flight_held() -> bool:
+                return await held_leases(sessions, turning.url) == gauge.now
+
+            await wait_until(only_what_is_in_flight_held, timeout=2, what="the rows claimed ahead released")
+            await newcomer_webhooks(sessions, fast, fast_pks, committed)
+            fast_again.set()
+            rows = await settled(sessions, 330, timeout=60)
+    finally:
+        fast_again.set()
+        await turning.stop()
+        await fast.stop()
+
+    receipts = {json.loads(r.body)["data"]["task_id"]: r.at for r in fast.received}
+    latencies = [receipts[task_id] - at for task_id, at in committed.items()]
+    assert percentile(latencies, 0.95) < 1.0, sorted(latencies)
+    for url, receiver in {turning.url: turning, fast.url: fast}.items():
+        sent = Counter(receiver.ids())
+        assert set(sent) == {row.webhook_id for row in rows if row.url == url}
+        assert set(sent.values()) == {1}
+    assert {(row.status, row.attempts) for row in rows} == {("delivered", 1)}

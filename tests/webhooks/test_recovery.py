@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -229,3 +230,87 @@ async def test_a_paused_host_does_not_hold_up_other_hosts(
     assert held.next_attempt_at == until
     healthy = (await deliveries(sessions))[1]
     assert receiver.ids() == [healthy.webhook_id]
+
+
+async def leased(sessions: SessionMaker) -> int:
+    async with transaction(sessions) as session:
+        query = text("SELECT count(*) FROM deliveries WHERE next_attempt_at > now()")
+        return int((await session.execute(query)).scalar_one())
+
+
+async def test_stop_releases_the_rows_claimed_ahead_with_the_unsent_ones(
+    make_settings: Callable[..., Settings], sessions: SessionMaker
+) -> None:
+    """A lone fast lane holds rows claimed ahead of its slots; on stop none of them goes out and all
+    of them are due again at once, for another process, like the sends cut short."""
+    in_flight = 0
+    let_go = asyncio.Event()
+
+    async def stalls(_: web.Request, call: int) -> web.StreamResponse:
+        nonlocal in_flight
+        if call > 100:
+            in_flight += 1
+            await let_go.wait()
+        return web.Response(text="ok")
+
+    receiver = await Receiver(stalls).start()
+    settings = make_settings(SUNOTRACK_LEASE_S="30", SUNOTRACK_WEBHOOK_TIMEOUT_S="15")
+    pks = [await add_task(sessions, f"task-{n}", receiver.url) for n in range(30)]
+    try:
+        async with running_dispatcher(settings) as dispatcher:
+            await enqueue(sessions, [notice(pk, receiver.url, seq=s) for s in range(2, 12) for pk in pks])
+
+            async def stalled_with_rows_claimed_ahead() -> bool:
+                return in_flight == 40 and await leased(sessions) > 40
+
+            await wait_until(stalled_with_rows_claimed_ahead, what="40 stalled and rows claimed ahead")
+            await dispatcher.stop()  # the 40 stalled sends are cut short after the stop's grace
+        assert len(receiver.received) == 140
+        assert await leased(sessions) == 0
+        rows = await deliveries(sessions)
+        assert sum(row.status == "delivered" for row in rows) == 100
+        assert {row.attempts for row in rows if row.status != "delivered"} == {0}
+    finally:
+        let_go.set()
+        await receiver.stop()
+
+
+async def test_a_row_claimed_ahead_goes_out_only_while_its_lease_covers_the_send(
+    make_settings: Callable[..., Settings], sessions: SessionMaker
+) -> None:
+    """Every request must reach the receiver with its whole timeout (2 s) left on its lease (3 s), or
+    another process could claim it again mid-send. Four requests stall 1.5 s with the lane's four
+    slots, while rows claimed ahead wait behind them: those go back instead of out."""
+    lease_left: list[float] = []
+
+    async def stalls_a_while(request: web.Request, call: int) -> web.StreamResponse:
+        async with transaction(sessions) as session:
+            query = text(
+                "SELECT extract(epoch FROM next_attempt_at - now()) FROM deliveries WHERE webhook_id = :id"
+            )
+            lease_left.append(
+                float((await session.execute(query, {"id": request.headers["webhook-id"]})).scalar_one())
+            )
+        if 60 < call <= 64:
+            await asyncio.sleep(1.5)
+        return web.Response(text="ok")
+
+    receiver = await Receiver(stalls_a_while).start()
+    # Four slots for the lane alone (6 for its client less a share of 2), four rows claimed ahead.
+    settings = make_settings(
+        SUNOTRACK_LEASE_S="3",
+        SUNOTRACK_WEBHOOK_TIMEOUT_S="2",
+        SUNOTRACK_WEBHOOK_CONCURRENCY="8",
+        SUNOTRACK_HOOK_HOST_CONCURRENCY="2",
+    )
+    pks = [await add_task(sessions, f"task-{n}", receiver.url) for n in range(20)]
+    try:
+        async with running_dispatcher(settings):
+            await enqueue(sessions, [notice(pk, receiver.url, seq=s) for s in range(2, 7) for pk in pks])
+            rows = await settled(sessions, 100, timeout=30)
+    finally:
+        await receiver.stop()
+
+    assert min(lease_left) >= 2.0, sorted(lease_left)[:8]
+    assert Counter(receiver.ids()) == Counter({row.webhook_id: 1 for row in rows})
+    assert {(row.status, row.attempts) for row in rows} == {("delivered", 1)}
