@@ -111,12 +111,6 @@ class HostBook:
         state = self._hosts.get(host)
         return state is not None and state.fast
 
-    def alone_free(self, lane: Lane) -> int:
-        """What `lane` may take when the claim finds it alone: over its share only if its host is fast."""
-        if not self._fast(lane[1]):
-            return self.free(lane)
-        return max(0, self.alone_share - self._lanes[lane])
-
     def client_free(self, client: int) -> int:
         return max(0, self.client_concurrency - self._clients[client])
 
@@ -142,23 +136,21 @@ class HostBook:
         )
 
     def _held_by_clients(self, ahead: int) -> dict[int, tuple[int, int]]:
-        """By client: the rows claimed ahead that count against it (those of hosts no longer answering
-        fast), and the room its fast lanes have left to claim ahead (their rows do not hold a slot)."""
-        held: Counter[int] = Counter({client: 0 for client in self._clients})
-        fast: Counter[int] = Counter()
+        """By client with sends in flight or rows claimed ahead: the rows claimed ahead that count
+        against it (its hosts' that no longer answer fast), and the room its fast hosts' lanes have
+        left to claim ahead (their rows hold no slot)."""
+        held: Counter[int] = Counter()
+        fast: dict[int, int] = {}
         for lane in self._lanes.keys() | self._ahead.keys():
             if self._fast(lane[1]):
-                fast[lane[0]] += self._ahead[lane]
-                held[lane[0]] += 0
+                fast[lane[0]] = fast.get(lane[0], 0) + self._ahead[lane]
             else:
                 held[lane[0]] += self._ahead[lane]
+        clients = self._clients.keys() | held.keys() | fast.keys()
         return {
-            client: (count, max(0, ahead - fast[client]) if client in fast else 0)
-            for client, count in held.items()
+            client: (held[client], max(0, ahead - fast[client]) if client in fast else 0)
+            for client in clients
         }
-
-    def ahead(self, lane: Lane) -> int:
-        return self._ahead[lane]
 
     def claimed_ahead(self, lane: Lane) -> None:
         self._ahead[lane] += 1

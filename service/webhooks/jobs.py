@@ -128,7 +128,6 @@ class Dispatcher:
         self._ahead: dict[Lane, deque[tuple[ClaimedDelivery, float]]] = {}
         self._ahead_count = 0
         self._ahead_s = runtime.settings.lease_s - runtime.settings.webhook_timeout_s - AHEAD_MARGIN_S
-
         # The lane the last claim that found any due rows found alone: it may use its lone allowance.
         self._alone: Lane | None = None
         self._releases: set[asyncio.Task[None]] = set()
@@ -293,13 +292,9 @@ class Dispatcher:
             await self._wake.wait()
             self._wake.clear()
             while not self._stopping:
-                # Free slots, and room for a few rows claimed ahead of them.
-                free = (
-                    settings.webhook_concurrency
-                    - len(self._in_flight)
-                    + self._ahead_cap
-                    - min(self._ahead_count, self._ahead_cap)
-                )
+                # Free slots, less the rows waiting for them, and room for a few claimed ahead of them.
+                free = settings.webhook_concurrency + self._ahead_cap
+                free -= len(self._in_flight) + self._ahead_count
                 # While sends are in flight, wait for a few slots rather than claiming rows one at a time.
                 if free < (self._min_claim if self._in_flight else 1):
                     self._slot_freed.clear()
