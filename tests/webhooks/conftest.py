@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 
 from service.config import Settings
 from service.db import SessionMaker, create_engine, create_session_maker, transaction
@@ -182,6 +182,15 @@ async def attempts(sessions: SessionMaker, delivery_id: int) -> list[DeliveryAtt
     async with transaction(sessions) as session:
         query = select(DeliveryAttempt).where(DeliveryAttempt.delivery_id == delivery_id)
         return list((await session.execute(query.order_by(DeliveryAttempt.id))).scalars())
+
+
+async def leased(sessions: SessionMaker, url: str | None = None) -> int:
+    """How many deliveries (to `url`, or to any) are leased: out to their receiver or claimed ahead."""
+    async with transaction(sessions) as session:
+        query = select(func.count()).select_from(Delivery).where(Delivery.next_attempt_at > func.now())
+        if url is not None:
+            query = query.where(Delivery.url == url)
+        return int((await session.execute(query)).scalar_one())
 
 
 async def settled(sessions: SessionMaker, count: int, *, timeout: float = 10) -> list[Delivery]:

@@ -29,6 +29,7 @@ from tests.webhooks.conftest import (
     attempts,
     deliveries,
     enqueue,
+    leased,
     notice,
     running_dispatcher,
     settled,
@@ -586,13 +587,6 @@ async def test_the_claim_takes_clients_in_turns_then_their_hosts(
         await connection.close()
 
 
-async def held_leases(sessions: SessionMaker, url: str) -> int:
-    """How many of `url`'s deliveries are leased: out to the receiver or claimed ahead."""
-    async with transaction(sessions) as session:
-        query = text("SELECT count(*) FROM deliveries WHERE url = :url AND next_attempt_at > now()")
-        return int((await session.execute(query, {"url": url})).scalar_one())
-
-
 async def test_a_host_that_stops_answering_fast_hands_back_its_rows_claimed_ahead(
     make_settings: Callable[..., Settings], sessions: SessionMaker
 ) -> None:
@@ -636,7 +630,7 @@ async def test_a_host_that_stops_answering_fast_hands_back_its_rows_claimed_ahea
             )
 
             async def stuck_with_rows_claimed_ahead() -> bool:
-                return gauge.now == 40 and await held_leases(sessions, turning.url) > 40
+                return gauge.now == 40 and await leased(sessions, turning.url) > 40
 
             await wait_until(stuck_with_rows_claimed_ahead, what="40 in flight and rows claimed ahead")
 
@@ -656,7 +650,7 @@ async def test_a_host_that_stops_answering_fast_hands_back_its_rows_claimed_ahea
                 await wait_until(one_more_answer, what="one slow answer")
 
             async def only_what_is_in_flight_held() -> bool:
-                return await held_leases(sessions, turning.url) == gauge.now
+                return await leased(sessions, turning.url) == gauge.now
 
             await wait_until(only_what_is_in_flight_held, timeout=2, what="the rows claimed ahead released")
             await newcomer_webhooks(sessions, fast, fast_pks, committed)

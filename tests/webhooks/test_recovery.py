@@ -29,6 +29,7 @@ from tests.webhooks.conftest import (
     attempts,
     deliveries,
     enqueue,
+    leased,
     notice,
     running_dispatcher,
     settled,
@@ -232,12 +233,6 @@ async def test_a_paused_host_does_not_hold_up_other_hosts(
     assert receiver.ids() == [healthy.webhook_id]
 
 
-async def leased(sessions: SessionMaker) -> int:
-    async with transaction(sessions) as session:
-        query = text("SELECT count(*) FROM deliveries WHERE next_attempt_at > now()")
-        return int((await session.execute(query)).scalar_one())
-
-
 async def test_stop_releases_the_rows_claimed_ahead_with_the_unsent_ones(
     make_settings: Callable[..., Settings], sessions: SessionMaker
 ) -> None:
@@ -260,10 +255,14 @@ async def test_stop_releases_the_rows_claimed_ahead_with_the_unsent_ones(
         async with running_dispatcher(settings) as dispatcher:
             await enqueue(sessions, [notice(pk, receiver.url, seq=s) for s in range(2, 12) for pk in pks])
 
-            async def stalled_with_rows_claimed_ahead() -> bool:
-                return in_flight == 40 and await leased(sessions) > 40
+            async def forty_stalled() -> bool:
+                return in_flight == 40
 
-            await wait_until(stalled_with_rows_claimed_ahead, what="40 stalled and rows claimed ahead")
+            async def rows_claimed_ahead() -> bool:
+                return await leased(sessions) > 40
+
+            await wait_until(forty_stalled, what="40 requests stalled")
+            await wait_until(rows_claimed_ahead, what="rows claimed ahead")
             await dispatcher.stop()  # the 40 stalled sends are cut short after the stop's grace
         assert len(receiver.received) == 140
         assert await leased(sessions) == 0
