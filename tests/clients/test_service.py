@@ -93,7 +93,9 @@ async def test_leases_grant_no_more_than_the_bucket_across_processes(pool: async
     elapsed = time.monotonic() - started
     assert answers.count(True) <= BURST_S * rate + rate * elapsed, (answers.count(True), elapsed)
     assert answers.count(True) >= BURST_S * rate - 2 * int(rate * LEASE_S)  # at most a lease's rest lost each
-    assert answers[-1] is False
+    # The bucket ran dry. Not `answers[-1] is False`: a token refills every 1/rate s, so any one answer
+    # after the burst may be a grant.
+    assert False in answers
 
 
 async def test_a_revoked_token_registers_from_its_lease_for_at_most_lease_s(pool: asyncpg.Pool) -> None:
