@@ -352,7 +352,12 @@ async def test_run_fake_relay_serves_until_interrupted(session: aiohttp.ClientSe
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    code = f"from service.upstream.fake import run_fake_relay; run_fake_relay({port}, stage_s=0.05)"
+    # SIGINT's default action back first: a child inherits SIG_IGN from a run started in the background
+    # by a non-interactive shell, and the interrupt would never arrive.
+    code = (
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        f"from service.upstream.fake import run_fake_relay; run_fake_relay({port}, stage_s=0.05)"
+    )
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
