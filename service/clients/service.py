@@ -15,6 +15,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import msgspec
 from sqlalchemy import func, select
@@ -226,12 +227,12 @@ _NO_FLUSH_WAIT = "(SELECT set_config('synchronous_commit', 'off', true)) AS no_f
 # (TokenCache.take: docs/design.md, "Leased registrations"). No row: an unknown or revoked token.
 _GRANTED = f"CASE WHEN floor(c.available) >= {_COUNT} THEN least(c.wanted, floor(c.available)) ELSE 0 END"
 _LEASE = (
-    f"WITH c AS (SELECT id, {_AVAILABLE} AS available, {_RATE} AS rate, greatest({_COUNT}, "  # noqa: S608
+    f"WITH c AS (SELECT id AS taker, {_AVAILABLE} AS available, {_RATE} AS rate, greatest({_COUNT}, "  # noqa: S608
     f"least(CAST($4 AS integer), floor({_RATE} * {LEASE_S}))) AS wanted FROM clients WHERE {_ACTIVE} "
     "FOR UPDATE) "
     f"UPDATE clients SET bucket_tokens = c.available - {_GRANTED}, bucket_at = clock_timestamp() "
-    f"FROM c, {_NO_FLUSH_WAIT} WHERE clients.id = c.id "
-    f"RETURNING clients.id, name, relay, token_sha256, CAST({_GRANTED} AS integer) AS granted, "
+    f"FROM c, {_NO_FLUSH_WAIT} WHERE clients.id = c.taker "
+    f"RETURNING {_CLIENT}, CAST({_GRANTED} AS integer) AS granted, "
     f"greatest(0, {_COUNT} - c.available) / c.rate AS wait_s"
 )
 # A batch's take: as many of `count` as the bucket holds whole (service.api.tasks, register_batch).
@@ -322,10 +323,10 @@ class TokenCache:
         self._refills[digest] = refill
         try:
             row = await db.fetchrow(_LEASE, digest, count, default_rate, self._want(lease, count))
-            if row is None or not hmac.compare_digest(row["token_sha256"], digest):
+            caller = _found_caller(row, digest)
+            if caller is None:
                 self._leases.pop(digest, None)
                 return None
-            caller = Caller(client_id=row["id"], name=row["name"], relay=row["relay"])
             granted: int = row["granted"]
             if granted < count:
                 return caller, float(row["wait_s"])
@@ -357,12 +358,19 @@ async def authenticate(
     cached = cache.get(digest)
     if cached is not None:
         return cached, None
-    row = await db.fetchrow(_AUTHENTICATE, digest)
-    if row is None or not hmac.compare_digest(row["token_sha256"], digest):
+    caller = _found_caller(await db.fetchrow(_AUTHENTICATE, digest), digest)
+    if caller is None:
         return None
-    caller = Caller(client_id=row["id"], name=row["name"], relay=row["relay"])
     cache.put(digest, caller)
     return caller, None
+
+
+def _found_caller(row: Any, digest: bytes) -> Caller | None:
+    """The client of a row of `_CLIENT` found by a token's digest; None when no row (unknown or revoked).
+    The digest is compared again in constant time: the index search's timing is not."""
+    if row is None or not hmac.compare_digest(row["token_sha256"], digest):
+        return None
+    return Caller(client_id=row["id"], name=row["name"], relay=row["relay"])
 
 
 async def take_up_to(
