@@ -126,7 +126,6 @@ class Dispatcher:
         # Claim-ahead (docs/design.md, "Fair delivery claims"): rows claimed before their lane has a
         # free slot, each with the loop time after which its lease no longer covers a send.
         self._ahead: dict[Lane, deque[tuple[ClaimedDelivery, float]]] = {}
-        self._ahead_count = 0
         self._ahead_s = runtime.settings.lease_s - runtime.settings.webhook_timeout_s - AHEAD_MARGIN_S
         # The lane the last claim that found any due rows found alone: it may use its lone allowance.
         self._alone: Lane | None = None
@@ -294,7 +293,7 @@ class Dispatcher:
             while not self._stopping:
                 # Free slots, less the rows waiting for them, and room for a few claimed ahead of them.
                 free = settings.webhook_concurrency + self._ahead_cap
-                free -= len(self._in_flight) + self._ahead_count
+                free -= len(self._in_flight) + sum(map(len, self._ahead.values()))
                 # While sends are in flight, wait for a few slots rather than claiming rows one at a time.
                 if free < (self._min_claim if self._in_flight else 1):
                     self._slot_freed.clear()
@@ -329,7 +328,6 @@ class Dispatcher:
                         self._start(delivery)
                     else:
                         self._ahead.setdefault(delivery.lane, deque()).append((delivery, send_by))
-                        self._ahead_count += 1
                         self._hosts.claimed_ahead(delivery.lane)
                 if len(claim.deliveries) + claim.deferred < free:
                     break
@@ -357,7 +355,6 @@ class Dispatcher:
             queue = self._ahead.get(each)
             while queue and self._may_start(each):
                 delivery, send_by = queue.popleft()
-                self._ahead_count -= 1
                 self._hosts.unclaimed_ahead(each)
                 if now > send_by:
                     stale.append(delivery)
@@ -372,7 +369,6 @@ class Dispatcher:
         dropped: list[ClaimedDelivery] = []
         for lane in [lane for lane in self._ahead if which(lane)]:
             queue = self._ahead.pop(lane)
-            self._ahead_count -= len(queue)
             self._hosts.unclaimed_ahead(lane, len(queue))
             dropped.extend(delivery for delivery, _ in queue)
         return dropped
