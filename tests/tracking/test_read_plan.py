@@ -10,12 +10,12 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy.engine import make_url
 
 from service.api.schemas import TASK_VIEW_COLUMNS
 from service.config import Settings
 from service.tracking import repository
 from service.tracking.service import Registration, register_new
+from tests.conftest import _driver_url
 
 TASKS = 3000
 BATCH = 500
@@ -38,9 +38,7 @@ async def test_a_get_reads_one_task_before_the_first_analyze(
     generic plan after five runs); `after the fill`: the generic plan made then, with no statistics."""
     settings = make_settings()
     statement = repository.task_view_statement(TASK_VIEW_COLUMNS)
-    connection = await asyncpg.connect(
-        make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    )
+    connection = await asyncpg.connect(_driver_url(database_url))
     try:
         for table in ("tasks", "task_events", "clips", "clients"):
             await connection.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
