@@ -20,6 +20,7 @@ from sqlalchemy import select, text
 from service.config import Settings
 from service.db import SessionMaker, transaction
 from service.models import Delivery, HookHost
+from service.webhooks.bodies import TransitionNotice
 from service.webhooks.hosts import MIN_SAMPLES
 from service.webhooks.repository import Blocked, Quotas, claim_due_deliveries
 from tests.conftest import TEST_WEBHOOK_SECRET, LiveServer, auth_headers
@@ -87,6 +88,13 @@ async def newcomer_webhooks(
     await wait_until(fast_has_all, timeout=10, what="the fast receiver's webhooks")
 
 
+def backlog(url: str, name: str, pks: list[int]) -> list[TransitionNotice]:
+    """Ten transitions (seq 2-11) of each task, to `url`: a backlog the host's share cannot take at once."""
+    return [
+        notice(pk, url, task_id=f"{name}-{n}", seq=seq) for seq in range(2, 12) for n, pk in enumerate(pks)
+    ]
+
+
 def assert_fast_in_time_and_each_sent_once(
     fast: Receiver, committed: dict[str, float], receivers: list[Receiver], rows: list[Delivery]
 ) -> None:
@@ -129,14 +137,7 @@ async def test_a_slow_receiver_does_not_delay_a_fast_one_and_loses_or_repeats_no
     committed: dict[str, float] = {}
     try:
         async with running_dispatcher(settings):
-            await enqueue(
-                sessions,
-                [
-                    notice(pk, slow.url, task_id=f"slow-{n}", seq=seq)
-                    for seq in range(2, 12)
-                    for n, pk in enumerate(slow_pks)
-                ],
-            )
+            await enqueue(sessions, backlog(slow.url, "slow", slow_pks))
 
             async def slow_host_full() -> bool:
                 return gauge.now == 8
@@ -187,14 +188,7 @@ async def test_a_lone_fast_host_takes_the_free_slots_and_turning_slow_with_them_
     committed: dict[str, float] = {}
     try:
         async with running_dispatcher(settings):
-            await enqueue(
-                sessions,
-                [
-                    notice(pk, turning.url, task_id=f"turning-{n}", seq=seq)
-                    for seq in range(2, 12)
-                    for n, pk in enumerate(turning_pks)
-                ],
-            )
+            await enqueue(sessions, backlog(turning.url, "turning", turning_pks))
 
             async def stuck_with_its_extra_slots() -> bool:
                 return len(turning.received) > 100 and gauge.now == 40
@@ -618,14 +612,7 @@ async def test_a_host_that_stops_answering_fast_hands_back_its_rows_claimed_ahea
     committed: dict[str, float] = {}
     try:
         async with running_dispatcher(settings) as dispatcher:
-            await enqueue(
-                sessions,
-                [
-                    notice(pk, turning.url, task_id=f"turning-{n}", seq=seq)
-                    for seq in range(2, 12)
-                    for n, pk in enumerate(turning_pks)
-                ],
-            )
+            await enqueue(sessions, backlog(turning.url, "turning", turning_pks))
 
             async def stuck_with_rows_claimed_ahead() -> bool:
                 return gauge.now == 40 and await leased(sessions, turning.url) > 40
