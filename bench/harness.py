@@ -139,6 +139,25 @@ async def timed(call: Callable[[], Awaitable[object]], requests: int) -> list[fl
     return samples
 
 
+async def concurrent(
+    clients: int, seconds: float, call: Callable[[], Awaitable[object]]
+) -> tuple[float, list[float]]:
+    """`clients` callers, each making its next call as soon as the last returns, for `seconds`: calls/s
+    and each call's latency (ms). For calls wrk cannot make (each its own token, several statements)."""
+    samples: list[float] = []
+    deadline = time.monotonic() + seconds
+
+    async def caller() -> None:
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            await call()
+            samples.append((time.perf_counter() - started) * 1000)
+
+    began = time.monotonic()
+    await asyncio.gather(*(caller() for _ in range(clients)))
+    return len(samples) / (time.monotonic() - began), samples
+
+
 def summary(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
     return {
