@@ -8,8 +8,10 @@ figure that moves least), and the rate.
     uv run python bench/bench_registration_sql.py CHANGES.sql [turns]
 
 Env: CONNS (16), CALLS (3,000), BATCH (0: single registrations), SEED (60,000 tasks), ADMIN_B=1 (B
-registers as the admin, A as a client: CHANGES.sql may then be `SELECT 1`). Uses DATABASE_URL's server
-when set, else embedded PostgreSQL (bench.harness.fresh_database).
+registers as the admin, A as a client: CHANGES.sql may then be `SELECT 1`), STATEMENT_A / STATEMENT_B (a
+file whose text that side runs instead of the service's statement, with the same parameters: a changed
+statement against the service's, each with its schema). Uses DATABASE_URL's server when set, else
+embedded PostgreSQL (bench.harness.fresh_database).
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ CALLS = int(os.environ.get("CALLS", "3000"))
 CONNS = int(os.environ.get("CONNS", "16"))
 BATCH = int(os.environ.get("BATCH", "0"))
 ADMIN_B = bool(os.environ.get("ADMIN_B"))
+STATEMENTS = {
+    side: Path(os.environ[f"STATEMENT_{side}"]).read_text() if os.environ.get(f"STATEMENT_{side}") else None
+    for side in ("A", "B")
+}
 
 
 def cpu_s(pid: int) -> float:
@@ -68,6 +74,7 @@ async def turn(dsn: str, side: str) -> tuple[float, float]:
     pids = [await connection.fetchval("SELECT pg_backend_pid()") for connection in connections]
     size = max(BATCH, 1)
     run = time.time_ns()
+    statement = STATEMENTS[side] or (_REGISTER if BATCH else _REGISTER_ONE)
 
     async def register(connection: asyncpg.Connection, n: int) -> None:
         ids = [f"r-{side}-{run}-{n}-{i}" for i in range(size)]
@@ -75,12 +82,10 @@ async def turn(dsn: str, side: str) -> tuple[float, float]:
             async with connection.transaction():
                 nulls = [None] * size
                 await connection.fetch(
-                    _REGISTER, ids, ["music"] * size, ["default"] * size, nulls, nulls, nulls, client_id, 5.0
+                    statement, ids, ["music"] * size, ["default"] * size, nulls, nulls, nulls, client_id, 5.0
                 )
         else:
-            await connection.fetch(
-                _REGISTER_ONE, ids[0], "music", "default", None, None, None, client_id, 5.0
-            )
+            await connection.fetch(statement, ids[0], "music", "default", None, None, None, client_id, 5.0)
 
     for k, connection in enumerate(connections):  # each connection's plan cached before the clock starts
         for n in range(6):
@@ -114,6 +119,25 @@ async def bench(changes: list[str], turns: int) -> None:
                 )
         a, b = statistics.median(figures["A"]), statistics.median(figures["B"])
         print(f"median: A {a:,.0f} µs, B {b:,.0f} µs (B/A {b / a:.2f})")
+        # Each turn's B over its A, measured back to back: the box's load moves both alike.
+        paired = sorted(b / a for a, b in zip(figures["A"], figures["B"], strict=True))
+        if len(paired) >= 4:
+            low, mid, high = statistics.quantiles(paired, n=4)
+            print(f"B/A turn by turn: quartiles {low:.2f} / {mid:.2f} / {high:.2f}, B cheaper in ", end="")
+            print(f"{sum(ratio < 1 for ratio in paired)} of {len(paired)}")
+        for side, dsn in dsns.items():
+            print(f"{side}: {await counted(dsn)}")
+
+
+async def counted(dsn: str) -> str:
+    """Whether the side's kept counts still match its tasks (a changed statement must keep them exact)."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        tasks = await connection.fetchval("SELECT count(*) FROM tasks")
+        kept = await connection.fetchval("SELECT coalesce(sum(n), 0)::bigint FROM task_counts")
+    finally:
+        await connection.close()
+    return f"{tasks:,} tasks, {kept:,} counted" + ("" if tasks == kept else " (COUNTS DIFFER)")
 
 
 def main() -> None:
