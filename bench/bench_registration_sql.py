@@ -3,7 +3,8 @@ the SQL statements of a file (one per `;` at a line's end), each seeded with the
 alternating turns. A turn runs the registration statement (`tracking.service._REGISTER_ONE`, or the
 batch's `_REGISTER` with BATCH > 0 tasks a call, in a transaction) CALLS times over CONNS asyncpg
 connections, and prints the CPU its backends used per task (from /proc: whatever the box's load, the
-figure that moves least), and the rate.
+figure that moves least), and the rate; at the end the medians, each turn's B over its A (quartiles)
+and whether each side's kept counts still match its tasks.
 
     uv run python bench/bench_registration_sql.py CHANGES.sql [turns]
 
