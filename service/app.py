@@ -181,7 +181,7 @@ def create_app(settings: Settings, *, role: Role = "all") -> Litestar:
                     *CLIENT_ROUTES,
                     *RELAY_FRONT_ROUTES,
                 ],
-                middleware=[RequireToken()],
+                middleware=[RequireToken],
                 dependencies={
                     "caller": Provide(provide_caller, sync_to_thread=False),
                     "owner": Provide(provide_owner),
@@ -198,7 +198,7 @@ def create_app(settings: Settings, *, role: Role = "all") -> Litestar:
         },
         exception_handlers={Exception: error_response},
         request_class=CheckedRequest,
-        middleware=[OneConnection()],
+        middleware=[OneConnection],
         before_send=[allow_every_method],
         request_max_body_size=REQUEST_MAX_BODY_BYTES,
         # Logging is configured once by the CLI (structlog); Litestar's own config would override it.

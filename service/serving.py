@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 import uvicorn
 from litestar import Litestar
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from service.config import ConfigError
 
@@ -79,7 +80,12 @@ async def serving(
             lifespan="off",
             log_config=None,
             access_log=access_log,
+            # X-Forwarded-For and -Proto from a proxy on this host change only the client address
+            # and scheme in the scope, which only the access log reads (docs/design.md, "The layers
+            # of a request").
+            proxy_headers=access_log,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            http=_OneWriteHttp,
         )
     )
 
@@ -127,6 +133,46 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         self.listening.set()
+
+
+class _OneWrite:
+    """A connection's transport whose writes within one turn of the event loop go out as one: uvicorn
+    writes a response's status line and headers, then its body, two sends and two TCP segments where
+    one does (docs/design.md, "The layers of a request"). Closing it sends what is held first."""
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._held: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._held is None:
+            self._held = [data]
+            self._loop.call_soon(self.flush)
+        else:
+            self._held.append(data)
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        # A transport closing on its own (the peer went) takes no more: uvloop's would raise.
+        if held and not self._transport.is_closing():
+            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _OneWriteHttp(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+    """uvicorn's HTTP protocol over a _OneWrite transport."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(_OneWrite(transport))
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

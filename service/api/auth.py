@@ -20,7 +20,6 @@ from litestar import Request
 from litestar.di import NamedDependency
 from litestar.enums import ScopeType
 from litestar.exceptions import NotAuthorizedException
-from litestar.middleware import ASGIMiddleware
 from litestar.params import QueryParameter
 from litestar.types import ASGIApp, Receive, Scope, Send
 
@@ -34,19 +33,24 @@ REGISTERS = "registers"
 CALLER = "caller"
 
 
-class RequireToken(ASGIMiddleware):
+class RequireToken:
     """The token check of every route under the API's router, before anything else the route does.
 
     A middleware rather than a Litestar guard: Litestar copies the route handler for every guard call,
     and that copy and the guard's connection object were about 5 % of a GET's CPU (docs/design.md,
-    "Read figures"). Errors it raises become responses as every other (service.app.error_response).
+    "Read figures"); a plain ASGI one, as OneConnection. Errors it raises become responses as every
+    other (service.app.error_response).
     """
 
-    scopes = (ScopeType.HTTP,)
+    __slots__ = ("app",)
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
-        scope["state"][CALLER] = await identify(scope)
-        await next_app(scope, receive, send)
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == ScopeType.HTTP:
+            scope["state"][CALLER] = await identify(scope)
+        await self.app(scope, receive, send)
 
 
 async def identify(scope: Scope) -> Caller:

@@ -11,7 +11,6 @@ from typing import Any
 
 from litestar.connection import ASGIConnection
 from litestar.enums import ScopeType
-from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from service.db import RequestConnection
@@ -31,14 +30,24 @@ def scope_runtime(scope: Scope) -> Runtime:
     return runtime
 
 
-class OneConnection(ASGIMiddleware):
-    scopes = (ScopeType.HTTP,)
+class OneConnection:
+    """Every HTTP request's connection, returned when the request is over. A plain ASGI middleware
+    (Litestar's `ASGIMiddleware` base adds a wrapper and its bypass checks to every request: docs/design.md,
+    "The layers of a request")."""
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+    __slots__ = ("app",)
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await self.app(scope, receive, send)
+            return
         db = RequestConnection(scope_runtime(scope).engine)
-        scope.setdefault("state", {})[_KEY] = db
+        scope["state"][_KEY] = db
         try:
-            await next_app(scope, receive, send)
+            await self.app(scope, receive, send)
         finally:
             await db.release()
 

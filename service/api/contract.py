@@ -170,7 +170,7 @@ def document_contract(app: Litestar, relays: Sequence[str]) -> None:
             key = (method.upper(), path)
             operations[key] = operation
             handler = handlers[key]
-            secured = any(isinstance(layer, RequireToken) for layer in handler.resolve_middleware())
+            secured = RequireToken in handler.resolve_middleware()
             operation.security = None if secured else []
             body = handler.opt.get(BODY)
             if body is not None:

@@ -8,6 +8,8 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.params import FromQuery, JSONBody, QueryParameter
+from litestar.response.base import ASGIResponse
+from litestar.types import Receive, Scope, Send
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api import AppRuntime, DbSession, TaskIdPath, TaskOwner, task_scope
@@ -49,6 +51,37 @@ from service.tracking.service import (
 )
 from service.vocabulary import EventSource, TaskKind, TaskStatus
 from service.webhooks.ssrf import check_hook_url
+
+
+class TaskAnswer(Response[TaskOut]):
+    """A task as JSON, for the two hot routes: the body encoded once and the two ASGI messages built
+    here, with the headers Litestar gives a struct (content-type, content-length), without its
+    header mutations and checks on the way (docs/design.md, "The layers of a request")."""
+
+    def to_asgi_response(self, *_args: Any, **_kwargs: Any) -> ASGIResponse:
+        assert self.status_code is not None  # each route gives its own
+        return _Answer(self.status_code, _encode(self.content))
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+class _Answer(ASGIResponse):
+    """The two messages alone: none of ASGIResponse's other state is set or read."""
+
+    __slots__ = ("messages",)
+
+    def __init__(self, status_code: int, body: bytes) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        self.messages = (
+            {"type": "http.response.start", "status": status_code, "headers": headers},
+            {"type": "http.response.body", "body": body, "more_body": False},
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start, body = self.messages
+        await send(start)  # type: ignore[arg-type]
+        await send(body)  # type: ignore[arg-type]
 
 
 async def load_task_out(session: AsyncSession, owner: Owner, task: Task) -> TaskOut:
@@ -110,12 +143,12 @@ async def create_task(
     )
     task = new.get(data.task_id)
     if task is not None:
-        return Response(registered_out(owner, task), status_code=201)
+        return TaskAnswer(registered_out(owner, task), status_code=201)
     # The insert found it registered (tasks are never deleted): lock it and apply what changed.
     driver = await db.driver()
     async with driver.transaction():
         task = await register_again(driver.fetch, owner.client_id, registration)
-    return Response(registered_out(owner, task), status_code=200)
+    return TaskAnswer(registered_out(owner, task), status_code=200)
 
 
 @post("/api/v1/tasks/batch", status_code=200, summary="Start tracking up to 500 relay tasks at once")
@@ -183,14 +216,14 @@ _READ_TASK = repository.task_view_statement(TASK_VIEW_COLUMNS)
 @get("/api/v1/tasks/{task_id:str}", summary="One task with its clips and the time it spent in each status")
 async def read_task(
     request: Request[Any, Any, Any], task_id: TaskIdPath, client: ClientQuery = None
-) -> TaskOut:
+) -> Response[TaskOut]:
     """One statement by the driver, no session, no dependencies (docs/design.md, "GET a task in one
     statement", "Read figures")."""
     owner = await request_owner(request, client)
     row = await request_connection(request).fetchrow(_READ_TASK, task_id, owner.client_id)
     if row is None:
         raise not_tracked(task_id)
-    return task_view_out(row, shows_client=owner.shows_client)
+    return TaskAnswer(task_view_out(row, shows_client=owner.shows_client), status_code=200)
 
 
 TimeQuery = Annotated[
