@@ -79,7 +79,8 @@ async def test_serve_answers_whole_and_streams_without_holding_back() -> None:
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
     stop = asyncio.Event()
-    async with serving(Litestar([json_route, stream_route]), sock, stop):
+    # logging_config=None, as the app's: Litestar's default config would install root handlers.
+    async with serving(Litestar([json_route, stream_route], logging_config=None), sock, stop):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             for _ in range(2):  # one keep-alive connection, answered twice
