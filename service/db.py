@@ -16,8 +16,8 @@ import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
 import structlog
 from sqlalchemy import Column, LargeBinary, MetaData, Table, text
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.exc import DBAPIError, MissingGreenlet, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -27,7 +27,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import DeclarativeBase
-from sqlalchemy.pool import QueuePool
+from sqlalchemy.pool import PoolProxiedConnection, QueuePool
+from sqlalchemy.util import greenlet_spawn
 
 from service.config import ConfigError
 
@@ -98,14 +99,17 @@ async def transaction(sessions: SessionMaker) -> AsyncIterator[AsyncSession]:
 
 
 class RequestConnection:
-    """A request's one pooled connection: checked out at its first use (the auth guard's token lookup,
-    or the handler's session) and returned once the request's unit of work is over, so a request costs
-    one checkout whatever it does (docs/design.md, "One connection per request")."""
+    """A request's one pooled connection: checked out at its first use (the token check's lookup, or the
+    handler's session) and returned once the request's unit of work is over, so a request costs one
+    checkout whatever it does (docs/design.md, "One connection per request"). A request that only runs
+    driver statements (a GET of a task, a registration) holds the pool's connection alone, without
+    SQLAlchemy's Connection around it ("Read figures"); a session's request gets that one wrapped."""
 
-    __slots__ = ("_checkout", "_connection", "_engine")
+    __slots__ = ("_checkout", "_connection", "_engine", "_pooled")
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._pooled: PoolProxiedConnection | None = None
         self._connection: AsyncConnection | None = None
         # Litestar resolves a route's independent dependencies concurrently (the session, the owner):
         # the first to ask checks out, the others wait for that one connection.
@@ -115,12 +119,34 @@ class RequestConnection:
         if self._connection is None:
             async with self._checkout:
                 if self._connection is None:
-                    self._connection = await self._engine.connect()
+                    pooled = self._pooled or await self._check_out()
+                    self._connection = AsyncConnection(
+                        self._engine, Connection(self._engine.sync_engine, pooled)
+                    )
         return self._connection
 
     async def driver(self) -> asyncpg.Connection:
         """The connection's driver, for statements SQLAlchemy need not see (run outside any session)."""
-        return await _driver(await self.get())
+        if self._connection is not None:
+            return await _driver(self._connection)
+        if self._pooled is None:
+            async with self._checkout:
+                if self._pooled is None:
+                    self._pooled = await self._check_out()
+        driver: asyncpg.Connection = self._pooled.driver_connection
+        return driver
+
+    async def _check_out(self) -> PoolProxiedConnection:
+        pool = self._engine.pool
+        if isinstance(pool, QueuePool) and pool.checkedin():
+            try:
+                # An idle connection needs no await, so no greenlet (what the async engine spawns for
+                # each checkout and return).
+                return pool.connect()
+            except MissingGreenlet:
+                pass  # it must reconnect first (Postgres restarted, or the pool was invalidated)
+        pooled: PoolProxiedConnection = await greenlet_spawn(pool.connect)
+        return pooled
 
     async def fetchrow(self, query: str, *args: Any) -> Any:
         """One statement on its own (autocommit), on the driver: before the request's transaction
@@ -149,12 +175,25 @@ class RequestConnection:
 
     async def release(self) -> None:
         connection, self._connection = self._connection, None
-        if connection is None:
-            return
-        # A connection whose socket went (seen by the driver, out of SQLAlchemy's sight) is not pooled again.
-        if not connection.invalidated and (await _driver(connection)).is_closed():
-            await connection.invalidate()
-        await connection.close()
+        pooled, self._pooled = self._pooled, None
+        if connection is not None:
+            # A connection whose socket went (seen by the driver, out of SQLAlchemy's sight) is not
+            # pooled again.
+            if not connection.invalidated and (await _driver(connection)).is_closed():
+                await connection.invalidate()
+            await connection.close()
+        elif pooled is not None:
+            driver = pooled.driver_connection
+            if pooled.is_valid and driver is not None and not driver.is_closed():
+                # Nothing to roll back: SQLAlchemy's adapter began no transaction on it, so no await.
+                pooled.close()
+            else:
+                await greenlet_spawn(_discard, pooled)
+
+
+def _discard(pooled: PoolProxiedConnection) -> None:
+    pooled.invalidate()
+    pooled.close()
 
 
 async def _driver(connection: AsyncConnection) -> asyncpg.Connection:
