@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
 import structlog
-from sqlalchemy import Column, LargeBinary, MetaData, Table, text
+from sqlalchemy import Column, LargeBinary, MetaData, Table, event, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError, MissingGreenlet, SQLAlchemyError
@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.pool import PoolProxiedConnection, QueuePool
 from sqlalchemy.util import greenlet_spawn
+from sqlalchemy.util.concurrency import in_greenlet
 
 from service.config import ConfigError
 
@@ -75,7 +76,7 @@ def create_engine(database_url: str, *, pool_size: int, transaction_pooler: bool
     else:
         # JIT planning costs more than it saves on the short statements this service runs.
         server_settings["jit"] = "off"
-    return create_async_engine(
+    engine = create_async_engine(
         database_url,
         pool_size=pool_size,
         max_overflow=0,
@@ -85,6 +86,16 @@ def create_engine(database_url: str, *, pool_size: int, transaction_pooler: bool
         pool_pre_ping=False,
         connect_args=connect_args,
     )
+    event.listen(engine.sync_engine, "do_connect", _connect_in_greenlet)
+    return engine
+
+
+def _connect_in_greenlet(*_: Any) -> None:
+    """A connect outside a greenlet (RequestConnection's checkout of an idle connection that must
+    reconnect first) stops before the dialect makes the driver's connect coroutine: the dialect's own
+    MissingGreenlet comes after it, and that coroutine, never awaited, warns once collected."""
+    if not in_greenlet():
+        raise MissingGreenlet("a new connection needs greenlet_spawn")
 
 
 def create_session_maker(engine: AsyncEngine) -> SessionMaker:
