@@ -248,12 +248,22 @@ _TAKE_UP_TO = (
 
 @dataclass(slots=True)
 class _Lease:
-    """Registrations a process took from a client's bucket and has not spent yet."""
+    """Registrations a process took from a client's bucket and has not spent yet, spendable from its
+    take (`taken`) until `until`; `next` is the lease taken ahead of this one running out (spent after
+    it, each to its own deadline)."""
 
     caller: Caller
+    granted: int
     left: int
+    taken: float
     until: float
+    # What the registration that took it spent at once (0 for a lease taken ahead): the rest were
+    # spent by later calls.
     spent: int = 0
+    own: int = 0
+    # Whether a take for the lease after this one was started (once per lease, even if it got nothing).
+    topped: bool = False
+    next: _Lease | None = None
 
 
 class TokenCache:
@@ -270,7 +280,8 @@ class TokenCache:
         self._max_size = max_size
         self._found: dict[bytes, tuple[float, Caller]] = {}
         self._leases: dict[bytes, _Lease] = {}
-        # A take in flight per token: the process's other registrations by it wait for its lease.
+        # A take in flight per token: the process's other registrations by it that find no lease to
+        # spend wait for it.
         self._refills: dict[bytes, asyncio.Future[None]] = {}
 
     def get(self, digest: bytes) -> Caller | None:
@@ -303,22 +314,62 @@ class TokenCache:
             return 2 * count
         return min(LEASE_MAX, max(count, 2 * last.spent))
 
+    def _spendable(self, digest: bytes, count: int, now: float) -> _Lease | None:
+        """The token's lease to spend `count` from: the current one, else the one taken after it (which
+        becomes current); None when neither holds that many within its deadline."""
+        lease = self._leases.get(digest)
+        while lease is not None:
+            if lease.left >= count and lease.until > now:
+                return lease
+            if lease.next is None:
+                return None
+            lease = self._leases[digest] = lease.next
+        return None
+
+    def _store(self, digest: bytes, lease: _Lease) -> None:
+        if len(self._leases) >= self._max_size and digest not in self._leases:
+            self._leases.pop(next(iter(self._leases)))
+        self._leases[digest] = lease
+
+    def _lease(self, caller: Caller, granted: int, spent: int) -> _Lease:
+        now = time.monotonic()
+        until = now + min(LEASE_S, self._ttl_s)
+        return _Lease(caller, granted, granted - spent, now, until, spent=spent, own=spent)
+
+    def _top_up_due(self, digest: bytes, lease: _Lease, count: int, now: float) -> bool:
+        """Whether this registration takes the lease after `lease` now: it is down to half, calls after
+        its take spent from it (a trickle's take of two never tops up), and at the pace so far it runs
+        out before its deadline; one take per lease, none while another is in flight."""
+        return (
+            not lease.topped
+            and 2 * lease.left <= lease.granted
+            and lease.spent > lease.own
+            and 2 * (now - lease.taken) <= lease.until - lease.taken
+            and digest not in self._refills
+        )
+
     async def take(
         self, db: RequestConnection, digest: bytes, count: int, *, default_rate: float
     ) -> tuple[Caller, float | None] | None:
         """`count` registrations of the token's client: from the process's lease when it holds that
         many, else by one statement that takes them from the bucket with up to twice what the last
-        lease spent for later calls. As `authenticate` answers."""
+        lease spent for later calls. A registration that brings a busy token's lease down to half
+        takes the next lease before it answers, so the others keep spending meanwhile. As
+        `authenticate` answers."""
         while True:
-            lease = self._leases.get(digest)
-            if lease is not None and lease.left >= count and lease.until > time.monotonic():
+            now = time.monotonic()
+            lease = self._spendable(digest, count, now)
+            if lease is not None:
                 lease.left -= count
                 lease.spent += count
+                if self._top_up_due(digest, lease, count, now):
+                    return await self._top_up(db, digest, lease, default_rate)
                 return lease.caller, None
             refill = self._refills.get(digest)
             if refill is None:
                 break
             await asyncio.shield(refill)
+        lease = self._leases.get(digest)
         refill = asyncio.get_running_loop().create_future()
         self._refills[digest] = refill
         try:
@@ -331,11 +382,33 @@ class TokenCache:
             if granted < count:
                 return caller, float(row["wait_s"])
             if self._ttl_s > 0:
-                if len(self._leases) >= self._max_size and digest not in self._leases:
-                    self._leases.pop(next(iter(self._leases)))
-                until = time.monotonic() + min(LEASE_S, self._ttl_s)
-                self._leases[digest] = _Lease(caller, granted - count, until, spent=count)
+                self._store(digest, self._lease(caller, granted, spent=count))
             return caller, None
+        finally:
+            del self._refills[digest]
+            refill.set_result(None)
+
+    async def _top_up(
+        self, db: RequestConnection, digest: bytes, lease: _Lease, default_rate: float
+    ) -> tuple[Caller, None] | None:
+        """Take the lease after `lease` (count 0: nothing for this call, which spent from `lease`), up
+        to twice what `lease` granted. The token is checked again: revoked or unknown, its leases go and
+        this call is refused too."""
+        lease.topped = True
+        refill = asyncio.get_running_loop().create_future()
+        self._refills[digest] = refill
+        try:
+            want = min(LEASE_MAX, 2 * lease.granted)
+            row = await db.fetchrow(_LEASE, digest, 0, default_rate, want)
+            caller = _found_caller(row, digest)
+            if caller is None:
+                self._leases.pop(digest, None)
+                self._found.pop(digest, None)
+                return None
+            granted: int = row["granted"]
+            if granted > 0 and self._leases.get(digest) is lease:
+                lease.next = self._lease(caller, granted, spent=0)
+            return lease.caller, None
         finally:
             del self._refills[digest]
             refill.set_result(None)

@@ -13,6 +13,7 @@ import pytest
 
 from service.clients.service import (
     BURST_S,
+    LEASE_MAX,
     LEASE_S,
     TokenCache,
     authenticate,
@@ -100,17 +101,94 @@ async def test_leases_grant_no_more_than_the_bucket_across_processes(pool: async
 
 async def test_a_revoked_token_registers_from_its_lease_for_at_most_lease_s(pool: asyncpg.Pool) -> None:
     """Revoked through another process: this one spends what it took before, for at most LEASE_S after
-    the take (docs/design.md, "Leased registrations"), then its next take finds no token."""
+    the take (docs/design.md, "Leased registrations"), then its next take finds no token. Past half its
+    deadline a lease takes no next one, so nothing checks the token before that."""
     token, db, cache = await client(pool, rate=1000), Counted(pool), TokenCache(ttl_s=2.0)
     assert await register(db, token, cache)  # a take of two: one spent, one kept
     taken_at = time.monotonic()
     await pool.execute("UPDATE clients SET revoked_at = now() WHERE token_sha256 = $1", token_digest(token))
+    await asyncio.sleep(max(0.0, taken_at + LEASE_S / 2 - time.monotonic()))
 
     from_the_lease = await register(db, token, cache)
     await asyncio.sleep(max(0.0, taken_at + LEASE_S - time.monotonic()))
     after = await register(db, token, cache)
 
-    assert (from_the_lease, after) == (True, None)
+    assert (from_the_lease, after, db.statements) == (True, None, 2)
+
+
+async def test_a_revoked_token_is_refused_at_the_top_up(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registration that takes the next lease checks the token: revoked, it and the later ones are
+    refused though the current lease had registrations left (half a lease at most is spent after)."""
+    monkeypatch.setattr("service.clients.service.LEASE_S", 30.0)  # no lease expires on a slow box
+    token, db, cache = await client(pool, rate=1000), Counted(pool), TokenCache(ttl_s=60.0)
+    # Leases of 2, 4 ... 32, then one registration from the lease of LEASE_MAX.
+    assert [await register(db, token, cache) for _ in range(63)] == [True] * 63
+    await pool.execute("UPDATE clients SET revoked_at = now() WHERE token_sha256 = $1", token_digest(token))
+
+    answers = [await register(db, token, cache) for _ in range(LEASE_MAX - 1)]
+
+    assert None in answers[: LEASE_MAX // 2], answers
+    assert set(answers[answers.index(None) :]) == {None}, answers
+
+
+class Held(Counted):
+    """A pool whose statements wait while `hold` is clear, so a take can be kept in flight."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        super().__init__(pool)
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.waiting = asyncio.Event()
+        self.in_flight = 0
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        self.in_flight += 1
+        try:
+            if not self.hold.is_set():
+                self.waiting.set()
+                await self.hold.wait()
+            return await super().fetchrow(query, *args)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_a_busy_token_keeps_registering_while_its_next_lease_is_taken(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The take for the next lease starts while the current one has registrations left: the others
+    spend them meanwhile instead of all waiting for the take once it runs out."""
+    # Deadlines far enough that no lease expires on a slow box: only running out ends one here.
+    monkeypatch.setattr("service.clients.service.LEASE_S", 30.0)
+    token, db, cache = await client(pool, rate=1000), Held(pool), TokenCache(ttl_s=60.0)
+    assert [await register(db, token, cache) for _ in range(40)] == [True] * 40  # leases grown to 32
+    db.hold.clear()
+
+    started: list[asyncio.Task[bool | None]] = []
+    while not db.waiting.is_set():
+        assert len(started) <= 64, "no take started"
+        started.append(asyncio.create_task(register(db, token, cache)))
+        waiting = asyncio.create_task(db.waiting.wait())
+        await asyncio.wait([started[-1], waiting], timeout=5.0, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+    # A take is held; the next registrations come from what is left of the current lease.
+    during = [asyncio.create_task(register(db, token, cache)) for _ in range(4)]
+    done, _ = await asyncio.wait(during, timeout=5.0)
+
+    held_meanwhile = db.in_flight
+    db.hold.set()
+    answers = await asyncio.gather(*started, *during)
+    assert (len(done), held_meanwhile) == (4, 1)
+    assert answers == [True] * len(answers)
+
+
+async def test_a_trickle_under_10_per_s_takes_a_statement_per_registration(pool: asyncpg.Pool) -> None:
+    token, db, cache = await client(pool, rate=8), Counted(pool), TokenCache(ttl_s=2.0)
+
+    granted = [await register(db, token, cache) for _ in range(6)]
+
+    assert (granted, db.statements) == ([True] * 6, 6)
 
 
 async def test_without_a_token_cache_every_registration_takes_in_postgres(pool: asyncpg.Pool) -> None:
