@@ -257,9 +257,9 @@ class _Lease:
     left: int
     taken: float
     until: float
-    # What the registration that took it spent at once (0 for a lease taken ahead): the rest were
-    # spent by later calls.
     spent: int = 0
+    # What the registration that took it spent at once (0 for a lease taken ahead): the rest of
+    # `spent` went to later calls.
     own: int = 0
     # Whether a take for the lease after this one was started (once per lease, even if it got nothing).
     topped: bool = False
@@ -336,7 +336,7 @@ class TokenCache:
         until = now + min(LEASE_S, self._ttl_s)
         return _Lease(caller, granted, granted - spent, now, until, spent=spent, own=spent)
 
-    def _top_up_due(self, digest: bytes, lease: _Lease, count: int, now: float) -> bool:
+    def _top_up_due(self, digest: bytes, lease: _Lease, now: float) -> bool:
         """Whether this registration takes the lease after `lease` now: it is down to half, calls after
         its take spent from it (a trickle's take of two never tops up), and at the pace so far it runs
         out before its deadline; one take per lease, none while another is in flight."""
@@ -362,7 +362,7 @@ class TokenCache:
             if lease is not None:
                 lease.left -= count
                 lease.spent += count
-                if self._top_up_due(digest, lease, count, now):
+                if self._top_up_due(digest, lease, now):
                     return await self._top_up(db, digest, lease, default_rate)
                 return lease.caller, None
             refill = self._refills.get(digest)
