@@ -25,6 +25,7 @@ from service.db import (
     migrate,
     start_embedded_postgres,
 )
+from service.tracking.service import Registrar
 from service.upstream.client import RelayClient
 from service.vocabulary import DEFAULT_RELAY
 
@@ -89,6 +90,8 @@ class Runtime:
     instance_id: str
     # Clients' tokens looked up lately, for calls that take nothing from a bucket (api.auth).
     tokens: TokenCache
+    # Single registrations grouped into one statement per client (api.tasks).
+    registrar: Registrar
     # Relay callbacks' polls in flight in this process (api.callbacks): each holds a pooled connection.
     callback_polls: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(CALLBACK_POLLS))
 
@@ -114,6 +117,7 @@ async def open_runtime(settings: Settings, *, role: Role = "all") -> AsyncIterat
     # A connection pool of its own for each relay: a slow one cannot hold another's connections.
     https: list[aiohttp.ClientSession] = []
     scheduler = AsyncIOScheduler(timezone="UTC")
+    registrar = None
     try:
         await check_connection(engine, "DATABASE_URL" if embedded is None else "SUNOTRACK_DATA_DIR")
         await migrate(engine)
@@ -138,6 +142,7 @@ async def open_runtime(settings: Settings, *, role: Role = "all") -> AsyncIterat
                 name=relay.name,
             )
         scheduler.start()
+        registrar = Registrar(engine, settings)
         yield Runtime(
             settings=settings,
             engine=engine,
@@ -146,8 +151,11 @@ async def open_runtime(settings: Settings, *, role: Role = "all") -> AsyncIterat
             scheduler=scheduler,
             instance_id=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
             tokens=TokenCache(settings.token_cache_s),
+            registrar=registrar,
         )
     finally:
+        if registrar is not None:
+            await registrar.stop()
         if scheduler.running:
             scheduler.shutdown(wait=False)
         for http in https:

@@ -46,7 +46,6 @@ from service.tracking.service import (
     cancel_task,
     poll_task,
     register_again,
-    register_new,
     register_tasks,
 )
 from service.vocabulary import EventSource, TaskKind, TaskStatus
@@ -125,23 +124,21 @@ async def check_registration(runtime: Runtime, data: RegisterTask, owner: Owner)
 async def create_task(
     request: Request[Any, Any, Any], data: JSONBody[RegisterTask], owner: TaskOwner
 ) -> Response[TaskOut]:
-    """A new task is one statement by the driver, committed on its own (docs/design.md, "Registration
-    in one statement"); only a task registered before takes a transaction, its row locked while its
-    hook, format or metadata is replaced."""
+    """A new task is one statement by the driver, committed on its own, together with the other single
+    registrations of its client waiting at the same moment (docs/design.md, "Registration in one
+    statement", "Registrations grouped into one statement"); only a task registered before takes a
+    transaction, its row locked while its hook, format or metadata is replaced."""
     runtime = scope_runtime(request.scope)
     await check_registration(runtime, data, owner)
     registration = Registration(
         data.task_id, data.kind, data.notify_hook, data.notify_format, data.metadata, data.relay
     )
     db = request_connection(request)
-    new = await register_new(
-        db.fetch,
-        [registration],
-        client_id=owner.client_id,
-        default_relay=owner.relay,
-        settings=runtime.settings,
+    # The group's statement takes a pooled connection of its own: a request waiting for it holds none.
+    await db.release()
+    task = await runtime.registrar.register(
+        registration, client_id=owner.client_id, default_relay=owner.relay
     )
-    task = new.get(data.task_id)
     if task is not None:
         return TaskAnswer(registered_out(owner, task), status_code=201)
     # The insert found it registered (tasks are never deleted): lock it and apply what changed.

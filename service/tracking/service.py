@@ -13,17 +13,19 @@ import asyncio
 import hashlib
 import operator
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal, NamedTuple, cast
 
 import msgspec
 import structlog
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from service.config import Settings
-from service.errors import Conflict, NotFound, UpstreamUnavailable
+from service.db import RequestConnection, database_unavailable
+from service.errors import Conflict, DatabaseUnavailable, NotFound, UpstreamUnavailable
 from service.metrics import ANOMALIES, TRANSITIONS
 from service.models import Task
 from service.redact import mask_secret
@@ -873,6 +875,142 @@ async def register_new(
     else:
         rows = await fetch(_REGISTER, *columns, client_id, interval)
     return {row["task_id"]: row for row in rows}
+
+
+# Group statements in flight at once, each on a pooled connection of its own.
+REGISTER_STATEMENTS = 4
+# As many as the batch route takes in one call.
+REGISTER_GROUP_MAX = 500
+
+
+@dataclass(slots=True)
+class _Waiting:
+    registration: Registration
+    answer: asyncio.Future[TaskRow | None]
+
+
+class Registrar:
+    """Single new registrations that wait at the same moment go out as one statement per client, as
+    the batch route's do (docs/design.md, "Registrations grouped into one statement"): each statement's
+    fixed cost (round trip, executor start, commit, the counts trigger) is then paid once per group.
+    At most REGISTER_STATEMENTS run at once; one arriving while a slot is free goes at once, alone, so
+    grouping adds no wait, and groups form only while every slot is busy."""
+
+    def __init__(self, engine: AsyncEngine, settings: Settings, *, slots: int = REGISTER_STATEMENTS) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._slots = slots
+        # By client, oldest first: each group is one client's (the statement takes it as a scalar).
+        self._queues: dict[int | None, deque[_Waiting]] = {}
+        self._busy = 0
+        # A flusher started but not yet given its group takes whatever is queued when it runs.
+        self._starting = 0
+        self._flushers: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def register(
+        self, registration: Registration, *, client_id: int | None, default_relay: str
+    ) -> TaskRow | None:
+        """The task created with its registration event (committed), or None when the client had
+        registered it already (the caller goes on to register_again)."""
+        if self._closed:
+            raise _stopping()
+        answer: asyncio.Future[TaskRow | None] = asyncio.get_running_loop().create_future()
+        given = replace(registration, relay=registration.relay or default_relay)
+        self._queues.setdefault(client_id, deque()).append(_Waiting(given, answer))
+        self._start()
+        return await answer
+
+    def _start(self) -> None:
+        if self._queues and self._busy < self._slots and not self._starting and not self._closed:
+            self._busy += 1
+            self._starting += 1
+            flusher = asyncio.create_task(self._flush())
+            self._flushers.add(flusher)
+            flusher.add_done_callback(self._flushers.discard)
+
+    def _take(self) -> tuple[int | None, list[_Waiting]]:
+        """The oldest client's queue, up to REGISTER_GROUP_MAX, each task id once: ON CONFLICT would
+        create a repeated one once and answer both as created, so the later one waits for a later group
+        (where it finds the task and is answered None). Sorted by task id, so groups that overlap lock
+        their rows in one order and cannot deadlock."""
+        client_id = next(iter(self._queues))
+        queue = self._queues.pop(client_id)
+        group: dict[str, _Waiting] = {}
+        later: deque[_Waiting] = deque()
+        while queue and len(group) < REGISTER_GROUP_MAX:
+            waiting = queue.popleft()
+            if waiting.answer.done():  # its request went away before it was sent
+                continue
+            if waiting.registration.task_id in group:
+                later.append(waiting)
+            else:
+                group[waiting.registration.task_id] = waiting
+        later.extend(queue)
+        if later:
+            self._queues[client_id] = later  # behind the other clients' queues
+        return client_id, [group[task_id] for task_id in sorted(group)]
+
+    async def _flush(self) -> None:
+        try:
+            self._starting -= 1
+            if not self._queues:
+                return
+            client_id, group = self._take()
+            self._start()
+            if group:
+                await self._answer(client_id, group)
+        finally:
+            self._busy -= 1
+            self._start()
+
+    async def _answer(self, client_id: int | None, group: list[_Waiting]) -> None:
+        try:
+            created = await self._statement(client_id, [waiting.registration for waiting in group])
+        except Exception as exc:
+            if len(group) == 1 or database_unavailable(exc):
+                for waiting in group:
+                    _settle(waiting.answer, exc)
+                return
+            # One registration the statement refused must not fail the others: each alone.
+            log.warning("register.group_failed", size=len(group), error=type(exc).__name__)
+            for waiting in group:
+                await self._answer(client_id, [waiting])
+            return
+        for waiting in group:
+            _settle(waiting.answer, created.get(waiting.registration.task_id))
+
+    async def _statement(
+        self, client_id: int | None, registrations: Sequence[Registration]
+    ) -> dict[str, TaskRow]:
+        db = RequestConnection(self._engine)
+        try:
+            return await register_new(db.fetch, registrations, client_id=client_id, settings=self._settings)
+        finally:
+            await db.release()
+
+    async def stop(self) -> None:
+        """Refuse what is queued and what comes later; let the statements in flight finish."""
+        self._closed = True
+        queues, self._queues = self._queues, {}
+        for queue in queues.values():
+            for waiting in queue:
+                _settle(waiting.answer, _stopping())
+        if self._flushers:
+            await asyncio.gather(*self._flushers, return_exceptions=True)
+
+
+def _stopping() -> DatabaseUnavailable:
+    return DatabaseUnavailable("the service is stopping: retry shortly", headers={"Retry-After": "2"})
+
+
+def _settle(answer: asyncio.Future[TaskRow | None], outcome: TaskRow | BaseException | None) -> None:
+    if answer.done():  # its request went away
+        return
+    if isinstance(outcome, BaseException):
+        answer.set_exception(outcome)
+    else:
+        answer.set_result(outcome)
 
 
 async def register_tasks(
