@@ -254,7 +254,6 @@ class _Lease:
 
     caller: Caller
     granted: int
-    left: int
     taken: float
     until: float
     spent: int = 0
@@ -264,6 +263,10 @@ class _Lease:
     # Whether a take for the lease after this one was started (once per lease, even if it got nothing).
     topped: bool = False
     next: _Lease | None = None
+
+    @property
+    def left(self) -> int:
+        return self.granted - self.spent
 
 
 class TokenCache:
@@ -334,7 +337,7 @@ class TokenCache:
     def _lease(self, caller: Caller, granted: int, spent: int) -> _Lease:
         now = time.monotonic()
         until = now + min(LEASE_S, self._ttl_s)
-        return _Lease(caller, granted, granted - spent, now, until, spent=spent, own=spent)
+        return _Lease(caller, granted, now, until, spent=spent, own=spent)
 
     def _top_up_due(self, digest: bytes, lease: _Lease, now: float) -> bool:
         """Whether this registration takes the lease after `lease` now: it is down to half, calls after
@@ -360,7 +363,6 @@ class TokenCache:
             now = time.monotonic()
             lease = self._spendable(digest, count, now)
             if lease is not None:
-                lease.left -= count
                 lease.spent += count
                 if self._top_up_due(digest, lease, now):
                     return await self._top_up(db, digest, lease, default_rate)
