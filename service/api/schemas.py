@@ -17,6 +17,7 @@ from service.errors import InvalidInput
 from service.models import Client, Clip, Delivery, DeliveryAttempt, Task, TaskEvent
 from service.redact import mask_credentials, mask_json
 from service.tracking.repository import clip_view, timeline_seconds
+from service.tracking.service import REGISTER_GROUP_MAX
 from service.upstream.schemas import ClipView, Lyrics
 from service.vocabulary import DeliveryStatus, NotifyFormat, RelayHooks, TaskKind
 from service.webhooks.bodies import delivery_format
@@ -75,7 +76,7 @@ class RegisterTask(msgspec.Struct, forbid_unknown_fields=True):
     relay: RelayName | None = None
 
 
-BATCH_MAX = 500
+BATCH_MAX = REGISTER_GROUP_MAX
 
 
 class RegisterBatch(msgspec.Struct, forbid_unknown_fields=True):

@@ -879,7 +879,7 @@ async def register_new(
 
 # Group statements in flight at once, each on a pooled connection of its own.
 REGISTER_STATEMENTS = 4
-# As many as the batch route takes in one call.
+# One statement's registrations at most: a group's, and a call of the batch route's (api.schemas).
 REGISTER_GROUP_MAX = 500
 
 
