@@ -211,10 +211,14 @@ async def test_a_cancelled_waiter_does_not_stop_the_others_and_stop_refuses_the_
     registrar_ = registrar(slots=1)
     gate = Gate(registrar_)
     gate.install(monkeypatch)
-    first = asyncio.create_task(registrar_.register(registration(1), client_id=None, default_relay="default"))
+
+    def register(n: int) -> asyncio.Task[TaskRow | None]:
+        return asyncio.create_task(registrar_.register(registration(n), client_id=None, default_relay="default"))
+
+    first = register(1)
     await wait_until(lambda: asyncio.sleep(0, gate.held == 1), what="the first statement held")
-    gone = asyncio.create_task(registrar_.register(registration(2), client_id=None, default_relay="default"))
-    kept = asyncio.create_task(registrar_.register(registration(3), client_id=None, default_relay="default"))
+    gone = register(2)
+    kept = register(3)
     await wait_until(lambda: asyncio.sleep(0, gate.queued() == 2), what="two queued")
     gone.cancel()
     gate.opened.set()
@@ -226,17 +230,15 @@ async def test_a_cancelled_waiter_does_not_stop_the_others_and_stop_refuses_the_
         await gone
 
     gate.opened.clear()
-    held = asyncio.create_task(registrar_.register(registration(4), client_id=None, default_relay="default"))
+    held = register(4)
     await wait_until(lambda: asyncio.sleep(0, gate.held == 3), what="the third statement held")
-    queued = asyncio.create_task(
-        registrar_.register(registration(5), client_id=None, default_relay="default")
-    )
+    queued = register(5)
     await wait_until(lambda: asyncio.sleep(0, gate.queued() == 1), what="one queued")
     stopping = asyncio.create_task(registrar_.stop())
     with pytest.raises(DatabaseUnavailable):
         await queued
     with pytest.raises(DatabaseUnavailable):
-        await registrar_.register(registration(6), client_id=None, default_relay="default")
+        await register(6)
     gate.opened.set()
     await asyncio.wait_for(stopping, 10)
     assert (await held)["task_id"] == task_id(4)
