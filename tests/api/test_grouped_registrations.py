@@ -213,7 +213,8 @@ async def test_a_cancelled_waiter_does_not_stop_the_others_and_stop_refuses_the_
     gate.install(monkeypatch)
 
     def register(n: int) -> asyncio.Task[TaskRow | None]:
-        return asyncio.create_task(registrar_.register(registration(n), client_id=None, default_relay="default"))
+        waiting = registrar_.register(registration(n), client_id=None, default_relay="default")
+        return asyncio.create_task(waiting)
 
     first = register(1)
     await wait_until(lambda: asyncio.sleep(0, gate.held == 1), what="the first statement held")
