@@ -407,12 +407,14 @@ def _claim_sql(watched: str = "", scope: str = "") -> str:
     ),
     -- The other clients' records of a shared relay task among them, due or not: polled with it, so the
     -- relay is asked once per turn. Registration marks a new record shared when another client's
-    -- exists; the claim marks the others. Rarely any: an empty array costs nothing.
+    -- exists; the claim marks the others. Rarely any: an empty array costs nothing. Live as the CHECK
+    -- polled_while_live puts it, not as ix_tasks_live's predicate: a plan could then AND that index's
+    -- every entry of the relay into the task id lookup (docs/design.md, "The poller's claim").
     siblings AS MATERIALIZED (
         SELECT ctid, id, next_poll_at, poll_interval_s
         FROM tasks
-        WHERE task_id = ANY(ARRAY(SELECT task_id FROM due WHERE shared)) AND relay = :relay AND {LIVE}
-            AND id NOT IN (SELECT id FROM due)
+        WHERE task_id = ANY(ARRAY(SELECT task_id FROM due WHERE shared)) AND relay = :relay
+            AND next_poll_at IS NOT NULL AND id NOT IN (SELECT id FROM due)
         FOR UPDATE SKIP LOCKED
     ),
     claimed AS (
