@@ -117,11 +117,6 @@ class Task(Base):
     client_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB)
     # A lyrics task's words once written: {"title", "text"} (upstream.schemas.Lyrics).
     lyrics: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
-    # The relay's last answer for this task, as it sent it: the relay front serves it as text, which
-    # costs Postgres nothing to output (jsonb's output did: docs/design.md, "The relay front's fetch").
-    last_answer: Mapped[str | None] = mapped_column(Text)
-    # Before 0009 the answer was kept here; read only where `last_answer` is still NULL.
-    last_payload: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     # Highest event seq handed out for this task; bumping it in the same UPDATE allocates seqs without max().
     last_seq: Mapped[int] = mapped_column(Integer, server_default="0")
 
@@ -193,6 +188,18 @@ class Task(Base):
         # Room on each page for a polled row's next versions (docs/design.md, "The poller's claim").
         {"postgresql_with": {"fillfactor": 50}},
     )
+
+
+class TaskAnswer(Base):
+    """The relay's last answer for a task, as it sent it. A table of its own: the claim rewrites the
+    task's row on every poll, and inline the answer made it some 2 KB (docs/design.md, "Polls at
+    200,000 tasks: the row's width"). Text, which the relay front serves as it is: jsonb's output cost
+    Postgres CPU (docs/design.md, "The relay front's fetch")."""
+
+    __tablename__ = "task_answers"
+
+    task_pk: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True)
+    answer: Mapped[str] = mapped_column(Text)
 
 
 class Clip(Base):

@@ -84,7 +84,7 @@ async def test_downgrade_to_base_and_upgrade_again(empty_database_url: str) -> N
 
     assert tables == [
         "alembic_version", "clients", "clips", "deliveries", "delivery_attempts", "delivery_counts",
-        "hook_hosts", "task_counts", "task_events", "tasks",
+        "hook_hosts", "task_answers", "task_counts", "task_events", "tasks",
     ]  # fmt: skip
 
 
@@ -115,12 +115,16 @@ async def test_clients_migration_keeps_every_task_and_its_history_as_the_admins(
             ):
                 await connection.exec_driver_sql(statement)
             before = {
-                table: (await connection.exec_driver_sql(f"SELECT * FROM {table} ORDER BY 1, 2")).all()
+                table: (await connection.exec_driver_sql(f"SELECT * FROM {table} ORDER BY 1, 2"))
+                .mappings()
+                .all()
                 for table in tables
             }
             await connection.run_sync(alembic_steps, empty_database_url, ("upgrade", "head"))
             after = {
-                table: (await connection.exec_driver_sql(f"SELECT * FROM {table} ORDER BY 1, 2")).all()
+                table: (await connection.exec_driver_sql(f"SELECT * FROM {table} ORDER BY 1, 2"))
+                .mappings()
+                .all()
                 for table in tables
             }
             owners = (
@@ -133,8 +137,12 @@ async def test_clients_migration_keeps_every_task_and_its_history_as_the_admins(
 
     assert [len(before[table]) for table in tables] == [2, 2, 4, 1, 1]
     for table in tables:
-        # Later migrations may add columns (at the end); the rows keep every value they had.
-        assert [row[: len(before[table][0])] for row in after[table]] == before[table], table
+        # Later migrations add columns, and 0012 moves the answer columns (empty here) out of tasks; the
+        # rows keep every other value they had.
+        kept = [name for name in before[table][0] if name not in ("last_answer", "last_payload")]
+        assert [[row[name] for name in kept] for row in after[table]] == [
+            [row[name] for name in kept] for row in before[table]
+        ], table
     assert owners == [("t-live", None, "default", False), ("t-done", None, "default", False)]
 
 
@@ -216,3 +224,44 @@ async def test_stats_counts_migration_counts_the_rows_there_are(empty_database_u
     assert counts == [(True, "complete", "music", 0, 2), (False, "queued", "stems", 0, 1)]
     assert deliveries == [(True, 0, 2), (False, 0, 1)]
     assert left == [(0,), (0,)]
+
+
+async def test_answers_migration_moves_every_answer_and_a_downgrade_brings_them_back(
+    empty_database_url: str,
+) -> None:
+    """From 0011: each task's answer, as text or (before 0009) as jsonb only, is its row of task_answers,
+    and tasks keeps neither column; a downgrade puts every answer back as last_answer."""
+    engine = create_engine(empty_database_url, pool_size=1)
+
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(alembic_steps, empty_database_url, ("upgrade", "0011"))
+            await connection.exec_driver_sql(
+                "INSERT INTO tasks (task_id, kind, status, next_poll_at, last_answer, last_payload) VALUES "
+                """('text', 'music', 'queued', now(), '{"status": "IN_PROGRESS"}', NULL), """
+                """('jsonb', 'music', 'complete', NULL, NULL, '{"status": "SUCCESS"}'), """
+                "('none', 'music', 'queued', now(), NULL, NULL)"
+            )
+            await connection.run_sync(alembic_steps, empty_database_url, ("upgrade", "head"))
+            answers = (
+                await connection.exec_driver_sql(
+                    "SELECT t.task_id, a.answer::jsonb FROM task_answers AS a "
+                    "JOIN tasks AS t ON t.id = a.task_pk ORDER BY 1"
+                )
+            ).all()
+            columns = (
+                await connection.exec_driver_sql(
+                    "SELECT count(*) FROM information_schema.columns "
+                    "WHERE table_name = 'tasks' AND column_name IN ('last_answer', 'last_payload')"
+                )
+            ).scalar_one()
+            await connection.run_sync(alembic_steps, empty_database_url, ("downgrade", "0011"))
+            back = (
+                await connection.exec_driver_sql("SELECT task_id, last_answer::jsonb FROM tasks ORDER BY 1")
+            ).all()
+    finally:
+        await engine.dispose()
+
+    assert answers == [("jsonb", {"status": "SUCCESS"}), ("text", {"status": "IN_PROGRESS"})]
+    assert columns == 0
+    assert back == [("jsonb", {"status": "SUCCESS"}), ("none", None), ("text", {"status": "IN_PROGRESS"})]

@@ -26,7 +26,8 @@ def table(model: Any) -> Table:
 # or held beside the row)
 ROWS: list[tuple[type, tuple[Table, ...], frozenset[str]]] = [
     (ClipState, (table(Clip),), frozenset()),
-    (TaskState, (table(Task),), frozenset({"clips", "client_relay_hooks"})),
+    # last_answer: written to task_answers when there is one (NULL there is no row).
+    (TaskState, (table(Task),), frozenset({"clips", "client_relay_hooks", "last_answer"})),
     (EventRow, (table(TaskEvent),), frozenset()),
     (ClaimedTask, (table(Task),), frozenset({"quiet", "lag_s"})),
     # webhook_secret: a client's, NULL for the admin's tasks (an outer join).

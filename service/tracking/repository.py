@@ -269,7 +269,7 @@ class TaskState(TaskIdentity, kw_only=True):
     notify_hook_source: str | None
     relay_notify_hook: str | None
     lyrics: Lyrics | None
-    # Written when set (the relay's answer, as received), never read here.
+    # Written to task_answers when set (the relay's answer, as received), never read here.
     last_answer: msgspec.Raw | None = None
     clips: list[ClipState] = []
 
@@ -314,9 +314,10 @@ class PollClaim:
     tasks: list[ClaimedTask]
 
 
-_NOT_COLUMNS = ("clips", "client_relay_hooks")
-_TASK_READ = tuple(name for name in TaskState.__struct_fields__ if name not in (*_NOT_COLUMNS, "last_answer"))
-_TASK_WRITTEN = (
+# Not columns of tasks: the answer has a table of its own (task_answers).
+_NOT_COLUMNS = ("clips", "client_relay_hooks", "last_answer")
+_TASK_READ = tuple(name for name in TaskState.__struct_fields__ if name not in _NOT_COLUMNS)
+_TASK_COLUMNS_WRITTEN = (
     "id",
     *(
         name
@@ -324,6 +325,7 @@ _TASK_WRITTEN = (
         if name not in TaskIdentity.__struct_fields__ + _NOT_COLUMNS
     ),
 )
+_TASK_WRITTEN = (*_TASK_COLUMNS_WRITTEN, "last_answer")
 _task_written = operator.attrgetter(*_TASK_WRITTEN)
 _CLIP_COLUMNS = ClipState.__struct_fields__
 _clip_rows = msgspec.json.Decoder(list[ClipState])
@@ -529,12 +531,7 @@ async def claim_due_tasks(
 # One statement writes a page: the tasks' rows, their clips and events. Rows go in as JSON documents
 # read with json_to_recordset (docs/design.md, "Pages, not rows").
 _CLIP_KEYS = ("task_pk", "clip_id")
-_TASK_SET = ", ".join(
-    f"{name} = COALESCE(v.{name}, t.{name})"
-    if name == "last_answer"
-    else f"{name} = {recordset_value(_TASKS, name, 'v')}"
-    for name in _TASK_WRITTEN[1:]
-)
+_TASK_SET = ", ".join(f"{name} = {recordset_value(_TASKS, name, 'v')}" for name in _TASK_COLUMNS_WRITTEN[1:])
 _CLIP_SET = ", ".join(f"{name} = excluded.{name}" for name in _CLIP_COLUMNS if name not in _CLIP_KEYS)
 _CLIP_LIST = ", ".join(_CLIP_COLUMNS)
 _EVENT_LIST = ", ".join(EventRow.__struct_fields__)
@@ -542,8 +539,15 @@ _WRITE_PAGE = text(
     f"""
     WITH written AS (
         UPDATE tasks AS t SET {_TASK_SET}
-        FROM json_to_recordset(CAST(:tasks AS json)) AS v({recordset(_TASKS, _TASK_WRITTEN)})
+        FROM json_to_recordset(CAST(:tasks AS json))
+            AS v({recordset(_TASKS, _TASK_COLUMNS_WRITTEN)}, last_answer text)
         WHERE t.id = v.id
+        RETURNING t.id, v.last_answer
+    ),
+    answers_written AS (
+        INSERT INTO task_answers (task_pk, answer)
+        SELECT id, last_answer FROM written WHERE last_answer IS NOT NULL
+        ON CONFLICT (task_pk) DO UPDATE SET answer = excluded.answer
     ),
     clips_written AS (
         INSERT INTO clips ({_CLIP_LIST}, created_at)
@@ -630,15 +634,14 @@ _VIEW_TASK = ", ".join(
 )
 # A row per task: its small fields and clips as one JSON document, and the relay's answer as stored
 # text beside it, which Postgres sends as it is; through a JSON function it would be parsed and printed
-# again (docs/design.md, "The relay front's fetch"). Answers recorded before 0009 are only in the jsonb
-# `last_payload`.
+# again (docs/design.md, "The relay front's fetch").
 _RELAY_VIEWS = text(
     f"""
     SELECT json_build_object({_VIEW_TASK}, 'clips', (
         SELECT coalesce(json_agg(json_build_object({_VIEW_CLIP}) ORDER BY c.position), '[]')
         FROM clips AS c WHERE c.task_pk = t.id
-    ))::text AS view, coalesce(t.last_answer, t.last_payload::text) AS last_answer
-    FROM tasks AS t
+    ))::text AS view, a.answer AS last_answer
+    FROM tasks AS t LEFT JOIN task_answers AS a ON a.task_pk = t.id
     WHERE t.task_id = ANY(CAST(:task_ids AS text[])) AND t.client_id IS NOT DISTINCT FROM :client_id
     """  # noqa: S608
 )

@@ -88,7 +88,12 @@ class Tracking:
             return list((await session.execute(text(query), params)).all())
 
     async def task(self, task_id: str) -> Any:
-        rows = await self.fetch("SELECT * FROM tasks WHERE task_id = :task_id", task_id=task_id)
+        """The task's row, with the relay's last answer (task_answers) as `last_answer`."""
+        rows = await self.fetch(
+            "SELECT t.*, a.answer AS last_answer FROM tasks AS t LEFT JOIN task_answers AS a "
+            "ON a.task_pk = t.id WHERE t.task_id = :task_id",
+            task_id=task_id,
+        )
         return rows[0]
 
     async def clips(self, task_id: str) -> list[Any]:
