@@ -27,6 +27,11 @@ def alembic_steps(connection: Any, database_url: str, *steps: tuple[str, str]) -
         getattr(command, action)(config, target)
 
 
+async def rows(connection: Any, sql: str) -> list[Any]:
+    """The statement's rows, on the test's own connection."""
+    return list((await connection.exec_driver_sql(sql)).all())
+
+
 async def test_concurrent_start_ups_migrate_an_empty_database_once(empty_database_url: str) -> None:
     engines = [create_engine(empty_database_url, pool_size=1) for _ in range(4)]
     try:
@@ -127,11 +132,7 @@ async def test_clients_migration_keeps_every_task_and_its_history_as_the_admins(
                 .all()
                 for table in tables
             }
-            owners = (
-                await connection.exec_driver_sql(
-                    "SELECT task_id, client_id, relay, shared FROM tasks ORDER BY id"
-                )
-            ).all()
+            owners = await rows(connection, "SELECT task_id, client_id, relay, shared FROM tasks ORDER BY id")
     finally:
         await engine.dispose()
 
@@ -165,11 +166,7 @@ async def test_fair_delivery_migration_gives_each_delivery_its_lane(empty_databa
             ):
                 await connection.exec_driver_sql(statement)
             await connection.run_sync(alembic_steps, empty_database_url, ("upgrade", "head"))
-            lanes = (
-                await connection.exec_driver_sql(
-                    "SELECT webhook_id, client_key, host FROM deliveries ORDER BY id"
-                )
-            ).all()
+            lanes = await rows(connection, "SELECT webhook_id, client_key, host FROM deliveries ORDER BY id")
             streaks = (await connection.exec_driver_sql("SELECT count(*) FROM hook_hosts")).scalar_one()
     finally:
         await engine.dispose()
@@ -200,24 +197,20 @@ async def test_stats_counts_migration_counts_the_rows_there_are(empty_database_u
             ):
                 await connection.exec_driver_sql(statement)
             await connection.run_sync(alembic_steps, empty_database_url, ("upgrade", "head"))
-            counts = (
-                await connection.exec_driver_sql(
-                    "SELECT c.name IS NULL, status, kind, shard, n FROM task_counts "
-                    "LEFT JOIN clients AS c ON c.id = client_key ORDER BY 1 DESC, 2"
-                )
-            ).all()
-            deliveries = (
-                await connection.exec_driver_sql(
-                    "SELECT client_key = 0, shard, n FROM delivery_counts ORDER BY 1 DESC"
-                )
-            ).all()
+            counts = await rows(
+                connection,
+                "SELECT c.name IS NULL, status, kind, shard, n FROM task_counts "
+                "LEFT JOIN clients AS c ON c.id = client_key ORDER BY 1 DESC, 2",
+            )
+            deliveries = await rows(
+                connection, "SELECT client_key = 0, shard, n FROM delivery_counts ORDER BY 1 DESC"
+            )
             await connection.run_sync(alembic_steps, empty_database_url, ("downgrade", "0009"))
-            left = (
-                await connection.exec_driver_sql(
-                    "SELECT count(*) FROM pg_class WHERE relname IN ('task_counts', 'delivery_counts') "
-                    "UNION ALL SELECT count(*) FROM pg_trigger WHERE tgname LIKE '%_counts_%'"
-                )
-            ).all()
+            left = await rows(
+                connection,
+                "SELECT count(*) FROM pg_class WHERE relname IN ('task_counts', 'delivery_counts') "
+                "UNION ALL SELECT count(*) FROM pg_trigger WHERE tgname LIKE '%_counts_%'",
+            )
     finally:
         await engine.dispose()
 
@@ -243,25 +236,21 @@ async def test_answers_migration_moves_every_answer_and_a_downgrade_brings_them_
                 "('none', 'music', 'queued', now(), NULL, NULL)"
             )
             await connection.run_sync(alembic_steps, empty_database_url, ("upgrade", "head"))
-            answers = (
-                await connection.exec_driver_sql(
-                    "SELECT t.task_id, a.answer::jsonb FROM task_answers AS a "
-                    "JOIN tasks AS t ON t.id = a.task_pk ORDER BY 1"
-                )
-            ).all()
-            columns = (
-                await connection.exec_driver_sql(
-                    "SELECT count(*) FROM information_schema.columns "
-                    "WHERE table_name = 'tasks' AND column_name IN ('last_answer', 'last_payload')"
-                )
-            ).scalar_one()
+            answers = await rows(
+                connection,
+                "SELECT t.task_id, a.answer::jsonb FROM task_answers AS a "
+                "JOIN tasks AS t ON t.id = a.task_pk ORDER BY 1",
+            )
+            columns = await rows(
+                connection,
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_name = 'tasks' AND column_name IN ('last_answer', 'last_payload')",
+            )
             await connection.run_sync(alembic_steps, empty_database_url, ("downgrade", "0011"))
-            back = (
-                await connection.exec_driver_sql("SELECT task_id, last_answer::jsonb FROM tasks ORDER BY 1")
-            ).all()
+            back = await rows(connection, "SELECT task_id, last_answer::jsonb FROM tasks ORDER BY 1")
     finally:
         await engine.dispose()
 
     assert answers == [("jsonb", {"status": "SUCCESS"}), ("text", {"status": "IN_PROGRESS"})]
-    assert columns == 0
+    assert columns == []
     assert back == [("jsonb", {"status": "SUCCESS"}), ("none", None), ("text", {"status": "IN_PROGRESS"})]
