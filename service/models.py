@@ -192,9 +192,9 @@ class Task(Base):
 
 class TaskAnswer(Base):
     """The relay's last answer for a task, as it sent it. A table of its own: the claim rewrites the
-    task's row on every poll, and inline the answer made it some 2 KB (docs/design.md, "Polls at
-    200,000 tasks: the row's width"). Text, which the relay front serves as it is: jsonb's output cost
-    Postgres CPU (docs/design.md, "The relay front's fetch")."""
+    task's row on every poll, which the answer made wide (docs/design.md, "Polls at 200,000 tasks: the
+    row's width"). Text, which the relay front serves as it is: jsonb's output cost Postgres CPU
+    (docs/design.md, "The relay front's fetch")."""
 
     __tablename__ = "task_answers"
 
