@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -493,6 +493,13 @@ class UnchangedSchedule:
     deadline_s: float
 
 
+def claim_parameters(
+    *, relay: str, after: int, limit: int, schedule: UnchangedSchedule, since: int | None = None
+) -> dict[str, Any]:
+    """The claim statement's parameters, by name (claim_due_tasks)."""
+    return {"since": since, "relay": relay, "after": after, "limit": limit, **asdict(schedule)}
+
+
 async def claim_due_tasks(
     db: AsyncSession | AsyncConnection,
     *,
@@ -508,17 +515,7 @@ async def claim_due_tasks(
     the tasks registered after it (and the other records of the same relay tasks)."""
     result = await db.execute(
         _CLAIM if since is None else _CLAIM_WATCHED,
-        {
-            "since": since,
-            "relay": relay,
-            "after": after,
-            "limit": limit,
-            "min_s": schedule.min_s,
-            "max_s": schedule.max_s,
-            "factor": schedule.factor,
-            "jitter": schedule.jitter,
-            "deadline_s": schedule.deadline_s,
-        },
+        claim_parameters(relay=relay, after=after, limit=limit, schedule=schedule, since=since),
     )
     rows = result.all()
     # Epoch seconds: the driver builds one float per row faster than one datetime.
