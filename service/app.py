@@ -31,7 +31,7 @@ from service.api.stats import STATS_ROUTES
 from service.api.tasks import TASK_ROUTES
 from service.config import Role, Settings
 from service.db import database_unavailable, driver_dsn
-from service.errors import DatabaseUnavailable, ServiceError
+from service.errors import ServiceError, retry_shortly
 from service.feed.sequencer import Sequencer
 from service.feed.watcher import FeedWatcher
 from service.redact import mask_credentials, mask_json
@@ -43,8 +43,6 @@ from service.webhooks.jobs import Dispatcher, start_dispatcher
 log = structlog.get_logger()
 
 REQUEST_MAX_BODY_BYTES = 1024 * 1024
-# What a 503 for an unreachable database tells the client to wait: a restart takes seconds.
-DATABASE_RETRY_AFTER_S = 2
 RELAY_FRONT_PREFIX = "/suno/"
 
 
@@ -55,10 +53,7 @@ def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[
     if database_unavailable(exc):
         # Says which error without its message: a connection error may quote the host and user.
         log.warning("http.database_unavailable", path=request.scope.get("path"), error=type(exc).__name__)
-        exc = DatabaseUnavailable(
-            "the database is unavailable: retry shortly",
-            headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
-        )
+        exc = retry_shortly("the database is unavailable: retry shortly")
     if isinstance(exc, ServiceError):
         status, detail, extra = exc.status_code, exc.detail, {"code": exc.code, **exc.extra}
         headers.update(exc.headers)

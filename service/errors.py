@@ -51,3 +51,12 @@ class UpstreamUnavailable(ServiceError):
 class DatabaseUnavailable(ServiceError):
     status_code = 503
     code = "database_unavailable"
+
+
+# What a 503 for an unreachable or stopping database tells the client to wait: a restart takes seconds.
+DATABASE_RETRY_AFTER_S = 2
+
+
+def retry_shortly(detail: str) -> DatabaseUnavailable:
+    """A 503 whose client should retry after DATABASE_RETRY_AFTER_S."""
+    return DatabaseUnavailable(detail, headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from service.config import Settings
 from service.db import RequestConnection, database_unavailable
-from service.errors import Conflict, DatabaseUnavailable, NotFound, UpstreamUnavailable
+from service.errors import Conflict, DatabaseUnavailable, NotFound, UpstreamUnavailable, retry_shortly
 from service.metrics import ANOMALIES, TRANSITIONS
 from service.models import Task
 from service.redact import mask_secret
@@ -1001,7 +1001,7 @@ class Registrar:
 
 
 def _stopping() -> DatabaseUnavailable:
-    return DatabaseUnavailable("the service is stopping: retry shortly", headers={"Retry-After": "2"})
+    return retry_shortly("the service is stopping: retry shortly")
 
 
 def _settle(answer: asyncio.Future[TaskRow | None], outcome: TaskRow | BaseException | None) -> None:
