@@ -13,6 +13,8 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -372,9 +374,7 @@ class TokenCache:
                 break
             await asyncio.shield(refill)
         lease = self._leases.get(digest)
-        refill = asyncio.get_running_loop().create_future()
-        self._refills[digest] = refill
-        try:
+        with self._refilling(digest):
             row = await db.fetchrow(_LEASE, digest, count, default_rate, self._want(lease, count))
             caller = _found_caller(row, digest)
             if caller is None:
@@ -386,9 +386,6 @@ class TokenCache:
             if self._ttl_s > 0:
                 self._store(digest, self._lease(caller, granted, spent=count))
             return caller, None
-        finally:
-            del self._refills[digest]
-            refill.set_result(None)
 
     async def _top_up(
         self, db: RequestConnection, digest: bytes, lease: _Lease, default_rate: float
@@ -397,9 +394,7 @@ class TokenCache:
         to twice what `lease` granted. The token is checked again: revoked or unknown, its leases go and
         this call is refused too."""
         lease.topped = True
-        refill = asyncio.get_running_loop().create_future()
-        self._refills[digest] = refill
-        try:
+        with self._refilling(digest):
             want = min(LEASE_MAX, 2 * lease.granted)
             row = await db.fetchrow(_LEASE, digest, 0, default_rate, want)
             caller = _found_caller(row, digest)
@@ -411,6 +406,14 @@ class TokenCache:
             if granted > 0 and self._leases.get(digest) is lease:
                 lease.next = self._lease(caller, granted, spent=0)
             return lease.caller, None
+
+    @contextmanager
+    def _refilling(self, digest: bytes) -> Iterator[None]:
+        """A take in flight for the token: the registrations that find no lease to spend wait for it."""
+        refill = asyncio.get_running_loop().create_future()
+        self._refills[digest] = refill
+        try:
+            yield
         finally:
             del self._refills[digest]
             refill.set_result(None)
