@@ -45,6 +45,14 @@ class Gate:
     def queued(self) -> int:
         return sum(len(queue) for queue in list(self.registrar._queues.values()))
 
+    async def reached(self, *, held: int, queued: int) -> None:
+        """`held` statements held so far, and `queued` registrations waiting behind them."""
+
+        async def there() -> bool:
+            return (self.held, self.queued()) == (held, queued)
+
+        await wait_until(there, what=f"{held} statements held, {queued} queued")
+
     async def arrived(self, count: int) -> None:
         """`count` registrations in held statements or queued behind them."""
 
@@ -217,10 +225,10 @@ async def test_a_cancelled_waiter_does_not_stop_the_others_and_stop_refuses_the_
         return asyncio.create_task(waiting)
 
     first = register(1)
-    await wait_until(lambda: asyncio.sleep(0, gate.held == 1), what="the first statement held")
+    await gate.reached(held=1, queued=0)
     gone = register(2)
     kept = register(3)
-    await wait_until(lambda: asyncio.sleep(0, gate.queued() == 2), what="two queued")
+    await gate.reached(held=1, queued=2)
     gone.cancel()
     gate.opened.set()
 
@@ -232,9 +240,9 @@ async def test_a_cancelled_waiter_does_not_stop_the_others_and_stop_refuses_the_
 
     gate.opened.clear()
     held = register(4)
-    await wait_until(lambda: asyncio.sleep(0, gate.held == 3), what="the third statement held")
+    await gate.reached(held=3, queued=0)
     queued = register(5)
-    await wait_until(lambda: asyncio.sleep(0, gate.queued() == 1), what="one queued")
+    await gate.reached(held=3, queued=1)
     stopping = asyncio.create_task(registrar_.stop())
     with pytest.raises(DatabaseUnavailable):
         await queued
