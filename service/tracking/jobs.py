@@ -71,14 +71,13 @@ class _Connections:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """The same unit of work as service.db.transaction: commit at the end, roll back on error."""
-        if self._idle:
-            connection = self._idle.pop()
-        else:
-            connection = await self._engine.connect()
-            await connection.exec_driver_sql(f"SET idle_in_transaction_session_timeout = {self._idle_ms}")
-            await connection.exec_driver_sql("SET synchronous_commit = off")
-            await connection.commit()
+        fresh = not self._idle
+        connection = await self._engine.connect() if fresh else self._idle.pop()
         try:
+            if fresh:
+                await connection.exec_driver_sql(f"SET idle_in_transaction_session_timeout = {self._idle_ms}")
+                await connection.exec_driver_sql("SET synchronous_commit = off")
+                await connection.commit()
             async with AsyncSession(connection, expire_on_commit=False) as session, session.begin():
                 yield session
         except BaseException:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from service.db import transaction
-from service.tracking.jobs import Poller
+from service.tracking.jobs import Poller, _Connections
 from service.upstream.fake import FakeRelay, FaultKind, Lifecycle
 from tests.conftest import wait_until
 from tests.tracking.conftest import Tracking
@@ -59,3 +61,14 @@ async def test_stop_lets_quick_work_finish(tracking: Tracking, fake_relay: FakeR
     assert not poller.draining
     assert fake_relay.requests["fetch_batch"] == requests
     assert len(task_ids) == 10
+
+
+async def test_a_connection_whose_set_up_fails_goes_back_to_the_pool(tracking: Tracking) -> None:
+    """A worker's new connection is set up before its first page; should that fail (or a stop cancel
+    it), the connection is returned, not left checked out until the garbage collector finds it."""
+    # Postgres refuses an idle timeout over 2^31 - 1 ms: the set-up's first statement fails.
+    connections = _Connections(tracking.engine, idle_s=3e6)
+    with pytest.raises(DBAPIError, match="idle_in_transaction_session_timeout"):
+        async with connections.transaction():
+            pass
+    assert tracking.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
