@@ -378,7 +378,7 @@ class TokenCache:
             row = await db.fetchrow(_LEASE, digest, count, default_rate, self._want(lease, count))
             caller = _found_caller(row, digest)
             if caller is None:
-                self._leases.pop(digest, None)
+                self._forget(digest)
                 return None
             granted: int = row["granted"]
             if granted < count:
@@ -399,13 +399,18 @@ class TokenCache:
             row = await db.fetchrow(_LEASE, digest, 0, default_rate, want)
             caller = _found_caller(row, digest)
             if caller is None:
-                self._leases.pop(digest, None)
-                self._found.pop(digest, None)
+                self._forget(digest)
                 return None
             granted: int = row["granted"]
             if granted > 0 and self._leases.get(digest) is lease:
                 lease.next = self._lease(caller, granted, spent=0)
             return lease.caller, None
+
+    def _forget(self, digest: bytes) -> None:
+        """A take found the token revoked (or unknown): its lookups stop being answered from the cache
+        too, not only its registrations."""
+        self._leases.pop(digest, None)
+        self._found.pop(digest, None)
 
     @contextmanager
     def _refilling(self, digest: bytes) -> Iterator[None]:

@@ -133,6 +133,23 @@ async def test_a_revoked_token_is_refused_at_the_top_up(
     assert set(answers[answers.index(None) :]) == {None}, answers
 
 
+async def test_a_take_that_finds_the_token_revoked_stops_its_cached_lookups_too(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Revoked through another process: the first take after it refuses the registration, and the
+    token's reads, which a lookup kept in the cache would otherwise let through for `ttl_s`, stop with
+    it."""
+    monkeypatch.setattr("service.clients.service.LEASE_S", 0.0)  # every registration takes
+    token, db, cache = await client(pool, rate=1000), Counted(pool), TokenCache(ttl_s=60.0)
+    assert await authenticate(cast("RequestConnection", db), token, default_rate=100.0, cache=cache)
+    await pool.execute("UPDATE clients SET revoked_at = now() WHERE token_sha256 = $1", token_digest(token))
+
+    refused = await register(db, token, cache)
+    read = await authenticate(cast("RequestConnection", db), token, default_rate=100.0, cache=cache)
+
+    assert (refused, read, db.statements) == (None, None, 3)
+
+
 class Held(Counted):
     """A pool whose statements wait while `hold` is clear, so a take can be kept in flight."""
 
