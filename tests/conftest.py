@@ -219,6 +219,7 @@ class LiveServer:
             self.app, host="127.0.0.1", port=0, log_config=None, lifespan="on", timeout_graceful_shutdown=5
         )
         self.server = uvicorn.Server(config)
+        self._pool: Any = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -235,6 +236,7 @@ class LiveServer:
             time.sleep(0.01)
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.base_url = f"http://127.0.0.1:{port}"
+        self._pool = self.runtime.engine.pool
         return self.base_url
 
     def stop(self, timeout: float = 15) -> None:
@@ -243,6 +245,9 @@ class LiveServer:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 raise RuntimeError("the app did not stop in time")
+            # Every connection is back once the app has stopped: one left out would be found later by
+            # the garbage collector, in whichever test it happens to run.
+            assert self._pool.checkedout() == 0, f"{self._pool.checkedout()} connections not returned"
 
 
 @pytest.fixture

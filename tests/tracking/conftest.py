@@ -173,7 +173,9 @@ async def tracking_factory(
         async def cleanup() -> None:
             await poller.stop()
             await http.close()
+            leaked = engine.pool.checkedout()  # type: ignore[attr-defined]
             await engine.dispose()
+            assert leaked == 0, f"{leaked} connections not returned"
 
         cleanups.append(cleanup)
         return Tracking(settings, engine, sessions, relay, fake_relay, poller)
