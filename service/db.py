@@ -181,7 +181,11 @@ class RequestConnection:
             except (asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.exceptions.InterfaceError):
                 if tried == tries or not driver.is_closed():
                     raise
-                await self.release()
+            except asyncpg.exceptions.InternalClientError as exc:
+                if tried == tries or not _ended_by_the_server(exc):
+                    raise
+                driver.terminate()  # closed, so that release() drops it rather than pool it again
+            await self.release()
         raise AssertionError("unreachable")
 
     async def release(self) -> None:
@@ -200,6 +204,13 @@ class RequestConnection:
                 pooled.close()
             else:
                 await greenlet_spawn(_discard, pooled)
+
+
+def _ended_by_the_server(exc: Exception) -> bool:
+    """Postgres ended the session (a restart, pg_terminate_backend) and the driver has read its last
+    message but not yet the end of the socket: that message, arriving while idle, left the protocol
+    refusing every statement, each before anything is sent (so none ran)."""
+    return str(exc).startswith("cannot switch to state")
 
 
 def _discard(pooled: PoolProxiedConnection) -> None:
