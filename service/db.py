@@ -178,14 +178,11 @@ class RequestConnection:
             driver = await self.driver()
             try:
                 return await getattr(driver, method)(query, *args)
-            except (asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.exceptions.InterfaceError):
-                if tried == tries or not driver.is_closed():
-                    raise
-            except asyncpg.exceptions.InternalClientError as exc:
-                if tried == tries or not _ended_by_the_server(exc):
+            except _CONNECTION_ERRORS as exc:
+                if tried == tries or not (driver.is_closed() or _ended_by_the_server(exc)):
                     raise
                 driver.terminate()  # closed, so that release() drops it rather than pool it again
-            await self.release()
+                await self.release()
         raise AssertionError("unreachable")
 
     async def release(self) -> None:
@@ -206,11 +203,21 @@ class RequestConnection:
                 await greenlet_spawn(_discard, pooled)
 
 
+# What a statement on a connection Postgres dropped raises: the driver's own errors, not Postgres's.
+_CONNECTION_ERRORS = (
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
+
+
 def _ended_by_the_server(exc: Exception) -> bool:
     """Postgres ended the session (a restart, pg_terminate_backend) and the driver has read its last
     message but not yet the end of the socket: that message, arriving while idle, left the protocol
     refusing every statement, each before anything is sent (so none ran)."""
-    return str(exc).startswith("cannot switch to state")
+    return isinstance(exc, asyncpg.exceptions.InternalClientError) and str(exc).startswith(
+        "cannot switch to state"
+    )
 
 
 def _discard(pooled: PoolProxiedConnection) -> None:
