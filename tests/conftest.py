@@ -245,9 +245,14 @@ class LiveServer:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 raise RuntimeError("the app did not stop in time")
-            # Every connection is back once the app has stopped: one left out would be found later by
-            # the garbage collector, in whichever test it happens to run.
-            assert self._pool.checkedout() == 0, f"{self._pool.checkedout()} connections not returned"
+            assert_every_connection_returned(self._pool)
+
+
+def assert_every_connection_returned(pool: Any) -> None:
+    """Once its users have stopped, no connection of `pool` is still checked out: one left out would be
+    found later by the garbage collector, in whichever test it happens to run."""
+    checked_out = pool.checkedout()
+    assert checked_out == 0, f"{checked_out} connections not returned to the pool"
 
 
 @pytest.fixture

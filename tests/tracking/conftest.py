@@ -17,7 +17,7 @@ from service.tracking.jobs import Poller
 from service.tracking.service import register_task
 from service.upstream.client import RelayClient
 from service.upstream.fake import FakeRelay
-from tests.conftest import wait_until
+from tests.conftest import assert_every_connection_returned, wait_until
 
 RELAY_KEY = "test-relay-key"
 
@@ -173,9 +173,10 @@ async def tracking_factory(
         async def cleanup() -> None:
             await poller.stop()
             await http.close()
-            leaked = engine.pool.checkedout()  # type: ignore[attr-defined]
-            await engine.dispose()
-            assert leaked == 0, f"{leaked} connections not returned"
+            try:
+                assert_every_connection_returned(engine.pool)
+            finally:
+                await engine.dispose()
 
         cleanups.append(cleanup)
         return Tracking(settings, engine, sessions, relay, fake_relay, poller)

@@ -11,7 +11,7 @@ from sqlalchemy.exc import DBAPIError
 from service.db import transaction
 from service.tracking.jobs import Poller, _Connections
 from service.upstream.fake import FakeRelay, FaultKind, Lifecycle
-from tests.conftest import wait_until
+from tests.conftest import assert_every_connection_returned, wait_until
 from tests.tracking.conftest import Tracking
 
 
@@ -71,4 +71,4 @@ async def test_a_connection_whose_set_up_fails_goes_back_to_the_pool(tracking: T
     with pytest.raises(DBAPIError, match="idle_in_transaction_session_timeout"):
         async with connections.transaction():
             pass
-    assert tracking.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert_every_connection_returned(tracking.engine.pool)
